@@ -1,0 +1,1 @@
+"""Analysis of hpcnoise run directories: tables, figures and the report."""
