@@ -86,21 +86,22 @@ PY
   gpu=${HPCNOISE_GPU:-$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)}
   site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   torch_cuda=$("$py" -c "import torch; print(torch.version.cuda or '')")
-  if [ -n "$torch_cuda" ]; then
-    # A CUDA build of torch makes Horovod's CMake look for a CUDA toolkit. Without a system one,
-    # point it at the toolkit pieces that pip installed next to torch (headers and libraries).
-    if [ -z "${CUDAToolkit_ROOT:-}" ] && [ ! -d /usr/local/cuda ]; then
-      for d in "$site"/nvidia/cu1[0-9] "$site"/nvidia/cuda_runtime; do
-        [ -d "$d/include" ] && export CUDAToolkit_ROOT=$d && break
-      done
-    fi
-    if [ -n "${CUDAToolkit_ROOT:-}" ]; then
-      libdir=$(mktemp -d)
-      cudart=$(find "$CUDAToolkit_ROOT" -name 'libcudart.so.*' | head -n 1)
-      [ -n "$cudart" ] && ln -sf "$cudart" "$libdir/libcudart.so"
-      export CMAKE_LIBRARY_PATH="$libdir${CMAKE_LIBRARY_PATH:+:$CMAKE_LIBRARY_PATH}"
-      log "CUDA toolkit for the build: $CUDAToolkit_ROOT"
-    fi
+  if [ -n "$torch_cuda" ] && [ -z "${CUDAToolkit_ROOT:-}" ]; then
+    # A CUDA build of torch makes Horovod's CMake look for a CUDA toolkit (headers + cudart), and
+    # its search starts from nvcc's location. Point it at the first complete one: $CUDA_HOME,
+    # /usr/local/cuda, or the toolkit pieces pip installed next to torch; cudart may live in lib/
+    # rather than lib64/, so a directory with a libcudart.so link goes on CMAKE_LIBRARY_PATH.
+    for d in ${CUDA_HOME:+"$CUDA_HOME"} /usr/local/cuda "$site"/nvidia/cu1[0-9]; do
+      cudart=$(find "$d/" -name 'libcudart.so*' 2>/dev/null | sort | head -n 1)
+      if [ -f "$d/include/cuda_runtime.h" ] && [ -n "$cudart" ]; then
+        export CUDAToolkit_ROOT=$d
+        libdir=$(mktemp -d)
+        ln -sf "$cudart" "$libdir/libcudart.so"
+        export CMAKE_LIBRARY_PATH="$libdir${CMAKE_LIBRARY_PATH:+:$CMAKE_LIBRARY_PATH}"
+        log "CUDA toolkit for the build: $d"
+        break
+      fi
+    done
   fi
   if [ "$gpu" = 1 ]; then
     export HOROVOD_GPU_OPERATIONS=NCCL

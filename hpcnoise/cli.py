@@ -1,0 +1,112 @@
+"""The ``hpcnoise`` command line.
+
+    hpcnoise train [PRESET] [--smoke] [--key=value ...]   train one configuration (any launcher)
+    hpcnoise presets                                      list presets and registries
+    hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
+    hpcnoise bench fisher [--batch N]                     cost of the diagonal Fisher per step
+
+Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from hpcnoise.config import DEFAULT_PRESET, PRESETS, ConfigError, apply_overrides, get_preset
+
+
+def _error(msg: str, rank0: bool = True) -> int:
+    if rank0:
+        print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def cmd_train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hpcnoise train",
+        description="Train one configuration. Overrides are --key=value with any field of "
+        "hpcnoise.config.Config (see `hpcnoise presets --fields`).",
+    )
+    parser.add_argument("preset", nargs="?", default=DEFAULT_PRESET, help=f"preset name (default {DEFAULT_PRESET})")
+    parser.add_argument("--smoke", action="store_true", help="the preset's seconds-long smoke variant")
+    args, overrides = parser.parse_known_args(argv)
+    from hpcnoise.comm import init, launcher_rank
+    from hpcnoise.train import train
+
+    try:
+        cfg = apply_overrides(get_preset(args.preset, args.smoke), overrides)
+        train(cfg, init(cfg.device))
+    except ConfigError as e:
+        return _error(str(e), rank0=launcher_rank() == 0)
+    return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpcnoise presets", description="List presets and registries.")
+    parser.add_argument("--fields", action="store_true", help="also list every config field and its default")
+    args = parser.parse_args(argv)
+    from dataclasses import fields
+
+    from hpcnoise.config import Config
+    from hpcnoise.data import DATASETS
+    from hpcnoise.models import MODELS
+    from hpcnoise.regimes import REGIMES
+
+    print("presets (hpcnoise train PRESET [--smoke]):")
+    for name in sorted(PRESETS):
+        c = get_preset(name)
+        print(f"  {name:24s} {c.dataset}/{c.model} {c.regime}{'+gbn' if c.ghost_bn else ''} "
+              f"batch {c.batch_size if c.regime != 'sb' else c.small_batch} lr {c.lr:g} epochs {c.epochs}")
+    for title, registry in (("regimes", REGIMES), ("models", MODELS), ("datasets", DATASETS)):
+        print(f"{title}:")
+        for name, spec in sorted(registry.items()):
+            print(f"  {name:24s} {spec.description}")
+    if args.fields:
+        print("config fields (--key=value):")
+        for f in fields(Config):
+            print(f"  {f.name:24s} {f.default!r}")
+    return 0
+
+
+def cmd_toy(argv: list[str]) -> int:
+    from hpcnoise import toy
+
+    return toy.main(argv)
+
+
+def cmd_bench(argv: list[str]) -> int:
+    benches: dict[str, Callable[[list[str]], int]] = {}
+
+    def fisher(rest: list[str]) -> int:
+        from hpcnoise.benchmarks import fisher_cost
+
+        return fisher_cost.main(rest)
+
+    benches["fisher"] = fisher
+    if not argv or argv[0] not in benches:
+        return _error(f"hpcnoise bench needs one of: {', '.join(benches)}")
+    return benches[argv[0]](argv[1:])
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "presets": cmd_presets,
+    "toy": cmd_toy,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        return _error(f"unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}")
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

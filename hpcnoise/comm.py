@@ -1,0 +1,120 @@
+"""The only code that knows about launchers, Horovod and MPI.
+
+``init()`` returns a ``Comm``: rank, world size, local rank, the launcher that started us and the
+device to use, plus the two collectives the suite needs (an in-place sum-allreduce of one flat tensor,
+and a broadcast of a small Python object from rank 0). A plain ``hpcnoise train`` is one process with
+no MPI at all; under horovodrun, mpirun or srun the process joins Horovod.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Environment variables through which launchers announce the world size.
+_SIZE_VARS = {
+    "horovodrun": "HOROVOD_SIZE",
+    "mpirun": "OMPI_COMM_WORLD_SIZE",
+    "mpiexec (MPICH/Hydra)": "PMI_SIZE",
+    "srun (PMIx)": "PMIX_SIZE",
+}
+
+
+def detect_launcher() -> tuple[str, int]:
+    """(launcher name, world size announced by it); ("none", 1) for a plain process."""
+    for name, var in _SIZE_VARS.items():
+        if var in os.environ:
+            return name, int(os.environ[var])
+    if "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "srun", int(os.environ["SLURM_NTASKS"])
+    return "none", 1
+
+
+_RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def launcher_rank() -> int:
+    """This process's rank as announced by the launcher (0 for a plain process); needs no collective."""
+    for var in _RANK_VARS:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+@dataclass
+class Comm:
+    rank: int
+    size: int
+    local_rank: int
+    launcher: str
+    device: torch.device
+    hvd: Any = None  # horovod.torch when running distributed
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, draws progress bars and writes files."""
+        return self.rank == 0
+
+    def allreduce_sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum ``flat`` over all workers, in place, in one collective. A no-op on one worker."""
+        if self.hvd is not None and self.size > 1:
+            self.hvd.allreduce_(flat, op=self.hvd.Sum, name="hpcnoise.fused")
+        return flat
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (for small things: run directory names, error messages)."""
+        if self.hvd is not None and self.size > 1:
+            return self.hvd.broadcast_object(obj, root_rank=0)
+        return obj
+
+    def versions(self) -> dict[str, str]:
+        """Software and host facts recorded in every run's config.json."""
+        out = {"torch": torch.__version__, "python": platform.python_version(), "host": socket.gethostname()}
+        if self.hvd is not None:
+            import horovod
+
+            out["horovod"] = horovod.__version__
+            out["horovod_controller"] = "mpi" if self.hvd.mpi_enabled() else "gloo"
+        try:
+            import mpi4py
+
+            mpi4py.rc.initialize = False  # ask for the library version without initialising MPI
+            from mpi4py import MPI
+
+            out["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+        except Exception:  # MPI is optional for a single process
+            out["mpi"] = "unavailable"
+        if torch.cuda.is_available():
+            out["cuda"] = str(torch.version.cuda)
+            out["gpu"] = torch.cuda.get_device_name(self.device)
+        return out
+
+
+def init(device: str = "auto") -> Comm:
+    """Join the launcher's world (Horovod) when there is one, and pick this worker's device."""
+    launcher, size = detect_launcher()
+    hvd = None
+    rank, local_rank = 0, 0
+    if size > 1 or launcher == "horovodrun":
+        try:
+            import horovod.torch as hvd_mod
+        except ImportError as e:
+            raise RuntimeError(
+                f"started by {launcher} with {size} processes, but Horovod is not importable ({e}); "
+                "run jobs/install.sh or use a single process"
+            ) from e
+        hvd_mod.init()
+        hvd = hvd_mod
+        rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # one rank per GPU
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return Comm(rank=rank, size=size, local_rank=local_rank, launcher=launcher, device=dev, hvd=hvd)

@@ -1,0 +1,218 @@
+"""The one frozen config, its type-checked overrides, and presets as Python functions.
+
+A run is fully described by a ``Config``. The CLI builds one from a preset function and
+``--key=value`` overrides (type-checked; unknown keys are errors); ``validate`` checks it against the
+registries and the world size before anything is written. The config is written to config.json and
+copied into every result row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """Bad input: the message names the field, what is wrong and what is valid."""
+
+
+NOISE_PLACEMENTS = ("gradient", "parameter")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what is trained -------------------------------------------------------------------------
+    dataset: str = "mnist1d"
+    model: str = "mlp"
+    train_samples: int = 60_000  # MNIST-1D: samples generated for training
+    test_samples: int = 10_000  # MNIST-1D: samples generated for testing
+    data_seed: int = 42  # MNIST-1D generation seed (the dataset itself, not the run)
+    # --- how it is trained -----------------------------------------------------------------------
+    regime: str = "diagf"  # see hpcnoise.regimes.REGIMES
+    batch_size: int = 4096  # M_L: global large batch, samples per step over all workers
+    small_batch: int = 128  # M_S: the small batch whose noise the regimes imitate; `sb` trains with it
+    ghost_bn: bool = False  # batch-norm statistics over ghost batches of ghost_size samples
+    ghost_size: int = 128  # samples per ghost batch (Hoffer et al. 2017)
+    bn_momentum: float = 0.1  # running-statistics momentum, applied once per step (see GhostBatchNorm)
+    epochs: int = 60
+    lr: float = 0.1  # peak learning rate actually used (presets derive it from a scaling rule)
+    warmup_epochs: float = 0.0  # linear warmup to lr over this many epochs (Goyal et al. 2017)
+    lr_decay_epochs: tuple[int, ...] = ()  # multiply the lr by lr_decay_factor at each of these epochs
+    lr_decay_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    noise_epochs: int = 50  # noise on for epochs [0, noise_epochs), then off (the paper's cut-off)
+    noise_placement: str = "gradient"  # "gradient": added to g before momentum and weight decay;
+    # "parameter": theta -= lr * noise after the optimiser step (see hpcnoise.regimes)
+    seed: int = 0  # init, data order, noise: each its own stream (hpcnoise.seeding)
+    # --- where and how it runs -------------------------------------------------------------------
+    out_dir: str = "runs"
+    run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    progress: bool = True  # progress bar on rank 0 when attached to a terminal
+    preset: str = ""  # the preset this config came from (informational)
+
+    @property
+    def noise_scale(self) -> float:
+        """s = sqrt((M_L - M_S) / (M_L M_S)): g_SB - g_LB ~ N(0, s^2 F). 0.0870 for 4096/128."""
+        return math.sqrt((self.batch_size - self.small_batch) / (self.batch_size * self.small_batch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """Convert the text of ``--key=raw`` to the field's type, or raise a ConfigError naming both."""
+    hint = _HINTS[key]
+    try:
+        if hint is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        if hint is str:
+            return raw
+        if typing.get_origin(hint) is tuple:
+            (item, _) = typing.get_args(hint)
+            return tuple(item(v) for v in raw.split(",") if v.strip())
+    except ValueError:
+        pass
+    else:
+        raise TypeError(f"field {key!r} has an unsupported type {hint!r}")
+    name = getattr(hint, "__name__", str(hint))
+    if typing.get_origin(hint) is tuple:
+        name = "comma-separated list of " + typing.get_args(hint)[0].__name__
+    raise ConfigError(f"field {key!r} expects {name}, got {raw!r}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` (or ``--key=value``) strings to a config; unknown keys are errors."""
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        key, sep, raw = text.partition("=")
+        key = key.replace("-", "_")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form --key=value")
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(_FIELDS)}")
+        changes[key] = _parse_value(key, raw)
+    return replace(cfg, **changes)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check a config against the registries and the world size; raise one ConfigError on the first problem."""
+    from hpcnoise.data import DATASETS
+    from hpcnoise.models import MODELS
+    from hpcnoise.regimes import REGIMES
+
+    for key, registry in (("dataset", DATASETS), ("model", MODELS), ("regime", REGIMES)):
+        value = getattr(cfg, key)
+        if value not in registry:
+            raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(sorted(registry))}")
+    for key in ("batch_size", "small_batch", "epochs", "train_samples", "test_samples"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
+    for key in ("lr",):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("momentum", "weight_decay", "warmup_epochs", "noise_epochs", "lr_decay_factor", "threads"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.small_batch > cfg.batch_size:
+        raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
+    if cfg.noise_placement not in NOISE_PLACEMENTS:
+        raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be one of auto, cpu, cuda, got {cfg.device!r}")
+    for batch_key in REGIMES[cfg.regime].batch_keys:
+        batch = getattr(cfg, batch_key)
+        if batch % world_size:
+            raise ConfigError(
+                f"{batch_key}={batch} is not divisible by the world size {world_size}; "
+                f"use a multiple of {world_size}"
+            )
+        local = batch // world_size
+        if cfg.ghost_bn and (cfg.ghost_size <= 0 or local % cfg.ghost_size):
+            raise ConfigError(
+                f"ghost_size={cfg.ghost_size} must be positive and divide the local batch of {local} samples "
+                f"({batch_key}={batch} over {world_size} workers)"
+            )
+        if batch > cfg.train_samples:
+            raise ConfigError(f"{batch_key}={batch} exceeds train_samples={cfg.train_samples}")
+
+
+# --- presets ---------------------------------------------------------------------------------------
+PresetFn = Callable[[bool], Config]
+PRESETS: dict[str, PresetFn] = {}
+
+
+def preset(name: str) -> Callable[[PresetFn], PresetFn]:
+    def wrap(fn: PresetFn) -> PresetFn:
+        PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_preset(name: str, smoke: bool = False) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
+    return replace(PRESETS[name](smoke), preset=name + ("-smoke" if smoke else ""))
+
+
+def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
+    """MNIST-1D (the embedded default): the paper's SB/LB protocol at a CPU-friendly scale.
+
+    SB trains with M_S = 128 at lr 0.05 (a tuned small-batch rate). LB regimes use M_L = 4096 and the
+    linear scaling rule (Goyal et al. 2017): lr_LB = lr_SB * M_L / M_S = 1.6, reached by a linear warmup
+    over 5 epochs. Every regime trains for the same number of epochs (the paper's rule), with noise for
+    the first 2/3 of them and a 10x decay at 2/3 and 5/6. ``smoke`` shrinks data and epochs to seconds.
+    """
+    epochs = 3 if smoke else 30
+    sb_lr = 0.05  # per 128 samples
+    large, small = (512, 64) if smoke else (4096, 128)
+    lr = sb_lr if regime == "sb" else sb_lr * large / small  # linear scaling rule
+    return Config(
+        dataset="mnist1d",
+        model="mlp",
+        train_samples=4096 if smoke else 60_000,
+        test_samples=1024 if smoke else 10_000,
+        regime=regime,
+        batch_size=large,
+        small_batch=small,
+        ghost_bn=ghost_bn,
+        ghost_size=small,
+        epochs=epochs,
+        lr=lr,
+        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
+        lr_decay_epochs=(epochs * 2 // 3, epochs * 5 // 6),
+        noise_epochs=epochs * 2 // 3,
+    )
+
+
+for _regime, _gbn in (("sb", False), ("lb", False), ("lb", True), ("diagf", False), ("diagf", True)):
+    _name = f"mnist1d-{_regime}" + ("-gbn" if _gbn else "")
+    PRESETS[_name] = (lambda r, g: lambda smoke: mnist1d(r, g, smoke))(_regime, _gbn)
+
+DEFAULT_PRESET = "mnist1d-diagf-gbn"
+
+# keep module namespace tidy
+del _regime, _gbn, _name

@@ -1,0 +1,126 @@
+"""Run directories: what rank 0 writes, written so that nothing half-written is ever seen.
+
+A run directory holds config.json (the config plus git hash, world size, versions, host),
+metrics.jsonl (one JSON line per epoch, appended and flushed), and summary.json (written once at the
+end; its presence marks a finished run). JSON files are written to a temporary file in the same
+directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcnoise.config import ConfigError
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` atomically: a temporary file in the same directory, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_writable(out_dir: Path) -> None:
+    """Raise ConfigError unless ``out_dir`` exists as a writable directory or could be created.
+
+    Creates nothing that stays: it probes the nearest existing ancestor with a temporary file.
+    """
+    probe = out_dir.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"out_dir {str(out_dir)!r} is not usable: {str(probe)!r} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hpcnoise-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"out_dir {str(out_dir)!r} is not writable: {e.strerror} ({str(probe)!r})") from e
+
+
+def git_hash() -> str:
+    """The source tree's commit (with '-dirty' if it has local changes), or 'unknown'."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src, capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_run_name(cfg: Any) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.preset or cfg.regime}-{cfg.model}-{cfg.dataset}-s{cfg.seed}-{stamp}"
+
+
+class RunDir:
+    """Rank 0's view of one run directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def is_finished(self) -> bool:
+        return self.summary_path.exists()
+
+    def create(self, config_record: dict[str, Any]) -> None:
+        """Make the directory and write config.json; the directory appears only with its config in it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+        try:
+            write_json_atomic(tmp / "config.json", config_record)
+            os.rename(tmp, self.path)
+        except BaseException:
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()
+            raise
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, row)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text())
