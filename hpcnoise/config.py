@@ -186,7 +186,7 @@ def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
     over 5 epochs. Every regime trains for the same number of epochs (the paper's rule), with noise for
     the first 2/3 of them and a 10x decay at 2/3 and 5/6. ``smoke`` shrinks data and epochs to seconds.
     """
-    epochs = 3 if smoke else 30
+    epochs = 4 if smoke else 30
     sb_lr = 0.05  # per 128 samples
     large, small = (512, 64) if smoke else (4096, 128)
     lr = sb_lr if regime == "sb" else sb_lr * large / small  # linear scaling rule

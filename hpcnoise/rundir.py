@@ -79,7 +79,8 @@ def git_hash() -> str:
 
 def default_run_name(cfg: Any) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.preset or cfg.regime}-{cfg.model}-{cfg.dataset}-s{cfg.seed}-{stamp}"
+    what = cfg.preset or f"{cfg.dataset}-{cfg.regime}"
+    return f"{what}-{cfg.model}-s{cfg.seed}-{stamp}"
 
 
 class RunDir:

@@ -15,11 +15,12 @@ trajectory does not depend on W (up to float rounding of the sums).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +137,27 @@ def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[s
     return cfg, run, outcome.get("finished")
 
 
-def train(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
-    """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank."""
+@dataclass(frozen=True)
+class StepInfo:
+    """What one finished step exposes to a ``step_hook`` (tests and measurements; read-only use)."""
+
+    step: int
+    epoch: int
+    lr: float
+    grads: list[torch.Tensor]  # g_LB (before noise) as reduced over all workers
+    diag_fisher: list[torch.Tensor] | None  # diag F of the global batch, when the regime needs it
+    noise: list[torch.Tensor] | None  # the noise drawn at this step, None when off
+    model: nn.Module  # after the optimiser step
+
+
+StepHook = Callable[[StepInfo], None]
+
+
+def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
+    """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
+
+    ``step_hook``, if given, is called on every rank after every step with a ``StepInfo``.
+    """
     comm = comm or init(cfg.device)
     validate(cfg, comm.size)
     if cfg.threads:
@@ -175,11 +195,17 @@ def train(cfg: Config, comm: Comm | None = None) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         run.create(record)
-    return _train_loop(cfg, comm, regime, data, model, run)
+    return _train_loop(cfg, comm, regime, data, model, run, step_hook)
 
 
 def _train_loop(
-    cfg: Config, comm: Comm, regime: Regime, data: Data, model: nn.Module, run: RunDir | None
+    cfg: Config,
+    comm: Comm,
+    regime: Regime,
+    data: Data,
+    model: nn.Module,
+    run: RunDir | None,
+    step_hook: StepHook | None,
 ) -> dict[str, Any]:
     params = list(model.parameters())
     norms = ghost_norms(model)
@@ -196,7 +222,7 @@ def _train_loop(
         ghosts_per_step = global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch)
         batches = epoch_batches(n_train, global_batch, epoch, cfg.seed)
         noise_on = regime.noise is not None and epoch < cfg.noise_epochs
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=comm.device)  # loss sum, error count
         t_epoch = time.perf_counter()
         for i, batch in enumerate(batches):
             lr = lr_at(cfg, epoch, i, len(batches))
@@ -207,23 +233,18 @@ def _train_loop(
             if data.augment is not None:
                 x = data.augment(x, generator(cfg.seed, "augment", step, comm.rank, device=comm.device))
             opt.zero_grad(set_to_none=True)  # unpack left p.grad as views of the last fused buffer
-            if fisher is not None:
-                with fisher.recording(local_batch):
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
-                    loss.backward()
-                sq_sums = fisher.result()
-            else:
+            with fisher.recording(local_batch) if fisher is not None else nullcontext():
                 out = model(x)
                 loss = F.cross_entropy(out, y)
                 loss.backward()
-                sq_sums = None
+            sq_sums = fisher.result() if fisher is not None else None
             errors = (out.detach().argmax(1) != y).sum()
             flat = fused.pack(sq_sums, loss.detach() * local_batch, errors)
             comm.allreduce_sum_(flat)
             grads, diag_f, counts = fused.unpack(flat, comm.size, global_batch, ghosts_per_step)
-            sums += counts.detach().double().cpu()
+            sums += counts.double()
             noise = None
+            g_lb = [g.clone() for g in grads] if step_hook is not None else grads  # before noise
             if noise_on:
                 stats = {"diag_fisher": diag_f} if diag_f is not None else {}
                 gen = generator(cfg.seed, "noise", step, device=comm.device)
@@ -236,6 +257,8 @@ def _train_loop(
                 with torch.no_grad():
                     for p, z in zip(params, noise):
                         p.add_(z, alpha=-lr)
+            if step_hook is not None:
+                step_hook(StepInfo(step, epoch, lr, g_lb, diag_f, noise, model))
             step += 1
         train_time = time.perf_counter() - t_epoch
         n_seen = len(batches) * global_batch

@@ -1,0 +1,99 @@
+"""Distributed semantics under the REAL launchers (horovodrun and mpirun, 2 ranks on CPU).
+
+The acceptance test of the suite: with the same seed, 1 worker x 256 and 2 workers x 128 see the same
+global batch, so they must produce the same diag F, the same noise and the same parameters after
+several steps (to float tolerance: only the order of the sums differs). Within one run, the replicas
+must stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import overrides, run_launched, small_config
+
+WORKER = str(Path(__file__).with_name("dist_worker.py"))
+
+
+def run_worker(launcher: str, np: int, out: Path, **changes: object) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = small_config(out_dir=str(out / "runs"), run_name="r", **changes)
+    proc = run_launched(launcher, np, [WORKER, str(out), *overrides(cfg)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(np)]
+
+
+def assert_close_lists(a: list[torch.Tensor], b: list[torch.Tensor], what: str, rtol: float, atol: float) -> None:
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+# 5 steps: 1280 training samples at a global batch of 256, one epoch.
+FIVE_STEPS = dict(train_samples=1280, epochs=1, batch_size=256, small_batch=64)
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+@pytest.mark.parametrize("model", ["mlp", "cnn1d"])
+def test_world_size_invariance(tmp_path: Path, launcher: str, model: str) -> None:
+    cfg = dict(FIVE_STEPS, model=model, regime="diagf", ghost_bn=True, ghost_size=64)
+    one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
+    two = run_worker(launcher, 2, tmp_path / "w2", **cfg)
+    assert len(one["steps"]) == 5 and len(two[0]["steps"]) == 5
+    for s1, s2 in zip(one["steps"], two[0]["steps"]):
+        assert_close_lists(s1["diag_fisher"], s2["diag_fisher"], "diag F", rtol=1e-4, atol=1e-9)
+        assert_close_lists(s1["grads"], s2["grads"], "g_LB", rtol=1e-4, atol=1e-7)
+        assert_close_lists(s1["noise"], s2["noise"], "noise", rtol=1e-4, atol=1e-7)
+        assert s1["state"].keys() == s2["state"].keys()
+        assert_close_lists(list(s1["state"].values()), list(s2["state"].values()), "state", rtol=1e-4, atol=1e-6)
+    # The noise is real: non-zero and of the size s * sqrt(diag F) predicts.
+    f = torch.cat([t.flatten() for t in one["steps"][0]["diag_fisher"]])
+    z = torch.cat([t.flatten() for t in one["steps"][0]["noise"]])
+    assert f.min() >= 0 and f.max() > 0
+    s = small_config(**cfg).noise_scale
+    ratio = (z**2).sum() / (s**2 * f.sum())  # E ||z||^2 = s^2 Tr diag F
+    assert 0.8 < ratio.item() < 1.2
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
+def test_ranks_bit_identical(tmp_path: Path, launcher: str) -> None:
+    ranks = run_worker(launcher, 2, tmp_path, **FIVE_STEPS, regime="diagf", ghost_bn=True, ghost_size=64)
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        for key in s0["state"]:
+            assert torch.equal(s0["state"][key], s1["state"][key]), key
+        for a, b in zip(s0["noise"], s1["noise"]):
+            assert torch.equal(a, b)
+    for key in ("final_test_error", "final_test_loss", "final_train_loss"):
+        assert ranks[0]["summary"][key] == ranks[1]["summary"][key], key
+
+
+def test_cli_under_horovodrun_writes_run_directory(tmp_path: Path) -> None:
+    proc = run_launched(
+        "horovodrun",
+        2,
+        ["-m", "hpcnoise.cli", "train", "mnist1d-diagf-gbn", "--smoke", f"--out_dir={tmp_path}", "--run_name=r"],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "r"
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    import json
+
+    record = json.loads((run / "config.json").read_text())
+    assert record["world_size"] == 2 and record["launcher"] == "horovodrun"
+    assert record["versions"]["horovod"] == "0.28.1"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == record["config"]["epochs"]
+
+
+def test_batch_not_divisible_by_world_size(tmp_path: Path) -> None:
+    proc = run_launched(
+        "mpirun", 2, ["-m", "hpcnoise.cli", "train", "--smoke", "--batch_size=511", f"--out_dir={tmp_path}"]
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpcnoise: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "batch_size=511" in errors[0] and "world size 2" in errors[0]
+    assert not any(tmp_path.iterdir())
