@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-# Environment variables through which launchers announce the world size.
+# Environment variables through which launchers announce the world size. horovodrun starts its
+# ranks through mpirun when Horovod was built with MPI, so such runs are recorded as "mpirun".
 _SIZE_VARS = {
     "horovodrun": "HOROVOD_SIZE",
     "mpirun": "OMPI_COMM_WORLD_SIZE",

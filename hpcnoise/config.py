@@ -52,6 +52,7 @@ class Config:
     out_dir: str = "runs"
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
     preset: str = ""  # the preset this config came from (informational)
@@ -140,6 +141,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.noise_placement not in NOISE_PLACEMENTS:
         raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ConfigError(f"dtype must be one of float32, float64, got {cfg.dtype!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda, got {cfg.device!r}")
     for batch_key in REGIMES[cfg.regime].batch_keys:

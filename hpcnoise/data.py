@@ -84,26 +84,28 @@ def mnist1d(cfg: object, device: torch.device) -> Data:
     ``cache_dir()`` and shared by all ranks and runs.
     """
     n_train, n_test, seed = cfg.train_samples, cfg.test_samples, cfg.data_seed  # type: ignore[attr-defined]
-    path = cache_dir() / f"mnist1d-{n_train}-{n_test}-seed{seed}.pt"
+    path = cache_dir() / f"mnist1d-v2-{n_train}-{n_test}-seed{seed}.pt"
     if path.exists():
         blob = torch.load(path)
     else:
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
-        args.num_samples = n_train + n_test
-        args.train_split = n_train / (n_train + n_test)
+        args.num_samples = -(-(n_train + n_test) // 10) * 10  # mnist1d makes num_samples // 10 per class
+        args.train_split = 1.0  # split here, to get exactly n_train and n_test samples
         args.seed = seed
         state = np.random.get_state()  # mnist1d seeds numpy's global generator; leave it as it was
         try:
             d = make_dataset(args)
         finally:
             np.random.set_state(state)
+        x = torch.tensor(d["x"], dtype=torch.float32)
+        y = torch.tensor(d["y"], dtype=torch.int64)
         blob = {
-            "x": torch.tensor(d["x"], dtype=torch.float32),
-            "y": torch.tensor(d["y"], dtype=torch.int64),
-            "x_test": torch.tensor(d["x_test"], dtype=torch.float32),
-            "y_test": torch.tensor(d["y_test"], dtype=torch.int64),
+            "x": x[:n_train].clone(),
+            "y": y[:n_train].clone(),
+            "x_test": x[n_train : n_train + n_test].clone(),
+            "y_test": y[n_train : n_train + n_test].clone(),
         }
         save_atomic(blob, path)
     return Data(

@@ -173,6 +173,8 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
     comm.broadcast_object("data ready")
     data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
+    dtype = getattr(torch, cfg.dtype)
+    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
     model = build_model(
         cfg.model,
         data.in_shape,
@@ -180,7 +182,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
         bn_momentum=cfg.bn_momentum,
         seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device)
+    ).to(comm.device, dtype)
     if run is not None:
         record = {
             "config": cfg.to_dict(),

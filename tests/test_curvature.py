@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def brute_force(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> list
     for i in range(x.shape[0]):
         loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for s, g in zip(sums, grads):
+        for s, g in zip(sums, grads, strict=True):
             if g is not None:
                 s += g.square()
     return sums
@@ -53,7 +54,7 @@ def hooked(
 
 def assert_rel_close(actual: list[Tensor], expected: list[Tensor], tol: float = TOL) -> None:
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype
         scale = e.abs().max().clamp_min(1e-30)
         err = ((a - e).abs().max() / scale).item()
@@ -61,7 +62,7 @@ def assert_rel_close(actual: list[Tensor], expected: list[Tensor], tol: float = 
 
 
 def rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b))
+    return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b, strict=True))
 
 
 def data(
@@ -85,8 +86,8 @@ def randomise_running_stats(model: nn.Module, seed: int = 1) -> None:
         for bn in model.modules():
             if isinstance(bn, GhostBatchNorm):
                 c = bn.num_features
-                bn.running_mean.copy_(torch.randn(c, generator=gen))
-                bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                cast(Tensor, bn.running_mean).copy_(torch.randn(c, generator=gen))
+                cast(Tensor, bn.running_var).copy_(torch.rand(c, generator=gen) + 0.5)
                 bn.weight.copy_(torch.randn(c, generator=gen))
                 bn.bias.copy_(torch.randn(c, generator=gen))
 
@@ -140,7 +141,7 @@ def spatial_reference(layer: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
             mask = torch.zeros_like(flat)
             mask[:, :, t] = flat[:, :, t]
             grads = torch.autograd.grad(out, params, mask.view_as(delta), retain_graph=True)
-            for s, g in zip(sums, grads):
+            for s, g in zip(sums, grads, strict=True):
                 s += g.square()
     return sums
 
@@ -232,14 +233,14 @@ def per_sample_contributions(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Lo
             g_w = torch.einsum("no,ni->noi", delta, a)
             g_b = delta
         elif isinstance(mod, nn.Conv1d):
-            (p,) = mod.padding
-            patches = F.pad(a, (p, p)).unfold(2, mod.kernel_size[0], mod.stride[0])  # (N, C, T, k)
+            pad = cast(tuple[int], mod.padding)[0]
+            patches = F.pad(a, (pad, pad)).unfold(2, mod.kernel_size[0], mod.stride[0])  # (N, C, T, k)
             g_w = torch.einsum("not,nctk->nock", delta, patches)
             g_b = delta.sum(2)
         else:
             assert isinstance(mod, GhostBatchNorm)
-            g = mod.ghost_size or m
-            ag = a.reshape(m // g, g, *a.shape[1:])
+            ghost = mod.ghost_size or m
+            ag = a.reshape(m // ghost, ghost, *a.shape[1:])
             dims = [1] + list(range(3, ag.dim()))
             mean = ag.mean(dims, keepdim=True)
             var = ag.var(dims, correction=0, keepdim=True)
@@ -247,10 +248,10 @@ def per_sample_contributions(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Lo
             spatial = tuple(range(2, a.dim()))
             g_w = (delta * xhat).sum(spatial) if spatial else delta * xhat
             g_b = delta.sum(spatial) if spatial else delta
-        for p, g in zip((mod.weight, mod.bias), (g_w, g_b)):
-            assert p.grad is not None
-            torch.testing.assert_close(g.sum(0) / m, p.grad)  # the contributions add up to the gradient
-            sums[id(p)] = g.square().sum(0)
+        for param, g in zip((mod.weight, mod.bias), (g_w, g_b), strict=True):
+            assert param is not None and param.grad is not None
+            torch.testing.assert_close(g.sum(0) / m, param.grad)  # the contributions add up to the gradient
+            sums[id(param)] = g.square().sum(0)
     model.zero_grad(set_to_none=True)
     return [sums[id(p)] for p in model.parameters()]
 
@@ -374,7 +375,7 @@ def test_hooks_inactive_outside_recording() -> None:
         not bn.save_xhat and bn.saved_xhat is None for bn in model.modules() if isinstance(bn, GhostBatchNorm)
     )
     F.cross_entropy(model(2 * x), y).backward()  # outside: the last result stays as it was
-    assert all(torch.equal(a, b) for a, b in zip(first, sgs.result()))
+    assert all(torch.equal(a, b) for a, b in zip(first, sgs.result(), strict=True))
 
     for p in probes:
         p.remove()

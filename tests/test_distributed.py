@@ -36,19 +36,26 @@ def assert_close_lists(a: list[torch.Tensor], b: list[torch.Tensor], what: str, 
 FIVE_STEPS = dict(train_samples=1280, epochs=1, batch_size=256, small_batch=64)
 
 
+# Tolerances per dtype. In float32 a conv layer followed by batch norm has weight gradients that are
+# small differences of large terms, so the order of the sums (one worker vs two) alone moves them by
+# up to ~1e-3 relative; the CNN is therefore compared in float64, where only true differences show.
+TOLERANCE = {"float32": dict(rtol=1e-4, atol=1e-6), "float64": dict(rtol=1e-9, atol=1e-12)}
+
+
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
-@pytest.mark.parametrize("model", ["mlp", "cnn1d"])
-def test_world_size_invariance(tmp_path: Path, launcher: str, model: str) -> None:
-    cfg = dict(FIVE_STEPS, model=model, regime="diagf", ghost_bn=True, ghost_size=64)
+@pytest.mark.parametrize("model,dtype", [("mlp", "float32"), ("mlp", "float64"), ("cnn1d", "float64")])
+def test_world_size_invariance(tmp_path: Path, launcher: str, model: str, dtype: str) -> None:
+    cfg = dict(FIVE_STEPS, model=model, dtype=dtype, regime="diagf", ghost_bn=True, ghost_size=64)
     one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
     two = run_worker(launcher, 2, tmp_path / "w2", **cfg)
     assert len(one["steps"]) == 5 and len(two[0]["steps"]) == 5
+    tol = TOLERANCE[dtype]
     for s1, s2 in zip(one["steps"], two[0]["steps"]):
-        assert_close_lists(s1["diag_fisher"], s2["diag_fisher"], "diag F", rtol=1e-4, atol=1e-9)
-        assert_close_lists(s1["grads"], s2["grads"], "g_LB", rtol=1e-4, atol=1e-7)
-        assert_close_lists(s1["noise"], s2["noise"], "noise", rtol=1e-4, atol=1e-7)
+        assert_close_lists(s1["diag_fisher"], s2["diag_fisher"], "diag F", **tol)
+        assert_close_lists(s1["grads"], s2["grads"], "g_LB", **tol)
+        assert_close_lists(s1["noise"], s2["noise"], "noise", **tol)
         assert s1["state"].keys() == s2["state"].keys()
-        assert_close_lists(list(s1["state"].values()), list(s2["state"].values()), "state", rtol=1e-4, atol=1e-6)
+        assert_close_lists(list(s1["state"].values()), list(s2["state"].values()), "state", **tol)
     # The noise is real: non-zero and of the size s * sqrt(diag F) predicts.
     f = torch.cat([t.flatten() for t in one["steps"][0]["diag_fisher"]])
     z = torch.cat([t.flatten() for t in one["steps"][0]["noise"]])
@@ -82,7 +89,8 @@ def test_cli_under_horovodrun_writes_run_directory(tmp_path: Path) -> None:
     import json
 
     record = json.loads((run / "config.json").read_text())
-    assert record["world_size"] == 2 and record["launcher"] == "horovodrun"
+    # horovodrun starts ranks through mpirun when Horovod has MPI (as here), through Gloo otherwise.
+    assert record["world_size"] == 2 and record["launcher"] in ("mpirun", "horovodrun")
     assert record["versions"]["horovod"] == "0.28.1"
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == record["config"]["epochs"]
