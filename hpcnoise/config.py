@@ -30,6 +30,7 @@ class Config:
     train_samples: int = 60_000  # MNIST-1D: samples generated for training
     test_samples: int = 10_000  # MNIST-1D: samples generated for testing
     data_seed: int = 42  # MNIST-1D generation seed (the dataset itself, not the run)
+    data_root: str = ""  # prepared datasets (`hpcnoise data prepare`); "" = $HPCNOISE_DATA or ~/.cache/hpcnoise
     # --- how it is trained -----------------------------------------------------------------------
     regime: str = "diagf"  # see hpcnoise.regimes.REGIMES
     batch_size: int = 4096  # M_L: global large batch, samples per step over all workers
@@ -216,6 +217,28 @@ for _regime, _gbn in (("sb", False), ("lb", False), ("lb", True), ("diagf", Fals
     PRESETS[_name] = (lambda r, g: lambda smoke: mnist1d(r, g, smoke))(_regime, _gbn)
 
 DEFAULT_PRESET = "mnist1d-diagf-gbn"
+
+# --- tables: the cells (one Config each) that a sweep runs -------------------------------------------
+TableFn = Callable[[bool], list[Config]]  # smoke -> cells
+TABLES: dict[str, TableFn] = {}
+
+
+def table(name: str) -> Callable[[TableFn], TableFn]:
+    def wrap(fn: TableFn) -> TableFn:
+        TABLES[name] = fn
+        return fn
+
+    return wrap
+
+
+@table("mnist1d")
+def mnist1d_table(smoke: bool) -> list[Config]:
+    """The embedded-default study: SB, LB+GBN and diagF+GBN on MNIST-1D, 3 seeds each."""
+    cells = []
+    for name in ("mnist1d-sb", "mnist1d-lb-gbn", "mnist1d-diagf-gbn"):
+        for seed in range(3):
+            cells.append(replace(get_preset(name, smoke), seed=seed))
+    return cells
 
 # keep module namespace tidy
 del _regime, _gbn, _name

@@ -1,9 +1,14 @@
 """Run directories: what rank 0 writes, written so that nothing half-written is ever seen.
 
-A run directory holds config.json (the config plus git hash, world size, versions, host),
-metrics.jsonl (one JSON line per epoch, appended and flushed), and summary.json (written once at the
-end; its presence marks a finished run). JSON files are written to a temporary file in the same
-directory and renamed into place.
+A run directory holds:
+- config.json: {"config": the Config as a dict, "git", "world_size", "launcher", "device", "versions", ...}
+- metrics.jsonl: one JSON line per epoch (appended and flushed): epoch, step, train_loss, train_error,
+  test_loss, test_error, lr, noise, batch_size, epoch_time_s, wall_time_s, samples_per_s, ...
+- model.pt: the final model's state_dict (written before summary.json).
+- summary.json: written once at the end; its presence marks a finished run.
+- sharpness.json (optional, `hpcnoise sharpness`): {"max_eigenvalue", "temperature", "samples", ...}.
+- diagnostics.jsonl (optional): Fisher norms and gradient variances logged during training.
+JSON and model files are written to a temporary file in the same directory and renamed into place.
 """
 
 from __future__ import annotations
@@ -119,6 +124,15 @@ class RunDir:
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, row)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+    def save_model(self, model: Any) -> None:
+        from hpcnoise.data import save_atomic
+
+        save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)
 
     def finish(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.summary_path, summary)

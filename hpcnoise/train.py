@@ -233,7 +233,7 @@ def _train_loop(
             idx = local_share(batch, comm.rank, comm.size).to(comm.device)
             x, y = data.x_train[idx], data.y_train[idx]
             if data.augment is not None:
-                x = data.augment(x, generator(cfg.seed, "augment", step, comm.rank, device=comm.device))
+                x = data.augment(x, generator(cfg.seed, "augment", step, device=comm.device), comm.rank * local_batch, global_batch)
             opt.zero_grad(set_to_none=True)  # unpack left p.grad as views of the last fused buffer
             with fisher.recording(local_batch) if fisher is not None else nullcontext():
                 out = model(x)
@@ -314,6 +314,7 @@ def _train_loop(
         "mean_samples_per_s": sum(r["samples_per_s"] for r in history) / len(history),
     }
     if run is not None:
+        run.save_model(model)
         run.finish(summary)
         print(f"hpcnoise: finished; results in {run.path}", flush=True)
     return summary

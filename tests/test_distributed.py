@@ -85,7 +85,7 @@ def test_cli_under_horovodrun_writes_run_directory(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "model.pt", "summary.json"]
     import json
 
     record = json.loads((run / "config.json").read_text())

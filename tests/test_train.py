@@ -30,7 +30,7 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     cfg = small_config(out_dir=str(tmp_path), run_name="r", regime="diagf")
     summary = train(cfg, init("cpu"))
     run = tmp_path / "r"
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "model.pt", "summary.json"]
     record = json.loads((run / "config.json").read_text())
     assert record["config"] == json.loads(json.dumps(cfg.to_dict()))
     assert record["config"]["regime"] == "diagf" and record["world_size"] == 1
