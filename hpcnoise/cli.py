@@ -17,6 +17,9 @@ from typing import Callable
 from hpcnoise.config import DEFAULT_PRESET, PRESETS, ConfigError, apply_overrides, get_preset
 
 
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+
+
 def _error(msg: str, rank0: bool = True) -> int:
     if rank0:
         print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
@@ -33,13 +36,17 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true", help="the preset's seconds-long smoke variant")
     args, overrides = parser.parse_known_args(argv)
     from hpcnoise.comm import init, launcher_rank
-    from hpcnoise.train import train
+    from hpcnoise.train import Preempted, train
 
     try:
         cfg = apply_overrides(get_preset(args.preset, args.smoke), overrides)
         train(cfg, init(cfg.device))
     except ConfigError as e:
         return _error(str(e), rank0=launcher_rank() == 0)
+    except Preempted as e:
+        if launcher_rank() == 0:
+            print(f"hpcnoise: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -48,9 +48,17 @@ class Config:
     noise_epochs: int = 50  # noise on for epochs [0, noise_epochs), then off (the paper's cut-off)
     noise_placement: str = "gradient"  # "gradient": added to g before momentum and weight decay;
     # "parameter": theta -= lr * noise after the optimiser step (see hpcnoise.regimes)
+    multiplicative_sigma: float = 0.5  # `multiplicative`: g * (1 + sigma xi); the paper gives no value
+    batchchange_epochs: int = 50  # `batchchange`: epochs at M_S before switching to M_L
+    fisher_every: int = 1  # recompute diag F every k steps, reusing the last one in between
+    kfac_every: int = 10  # `kfac`: refresh the K-FAC factors (and their square roots) every k steps
+    conv_mode: str = "exact"  # per-sample squared conv gradients: exact | spatial (Appendix C)
+    lr_scaling: str = "linear"  # the rule the preset used to derive lr: linear | sqrt | none (recorded)
+    decay_bn_and_bias: bool = True  # apply weight_decay to batch-norm and bias parameters too
     seed: int = 0  # init, data order, noise: each its own stream (hpcnoise.seeding)
     # --- where and how it runs -------------------------------------------------------------------
     out_dir: str = "runs"
+    checkpoint_every: int = 1  # epochs between checkpoints (0: only on SIGTERM/SIGUSR1)
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
@@ -135,13 +143,21 @@ def validate(cfg: Config, world_size: int) -> None:
     for key in ("lr",):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("momentum", "weight_decay", "warmup_epochs", "noise_epochs", "lr_decay_factor", "threads"):
+    for key in ("momentum", "weight_decay", "warmup_epochs", "noise_epochs", "lr_decay_factor", "threads",
+                "checkpoint_every",
+                "multiplicative_sigma", "batchchange_epochs"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.small_batch > cfg.batch_size:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.noise_placement not in NOISE_PLACEMENTS:
         raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
+    for key, valid in (("conv_mode", ("exact", "spatial")), ("lr_scaling", ("linear", "sqrt", "none"))):
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
+    for key in ("fisher_every", "kfac_every"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be one of float32, float64, got {cfg.dtype!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):

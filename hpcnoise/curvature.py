@@ -73,6 +73,28 @@ class LayerHandler:
     ) -> None:
         raise NotImplementedError
 
+    def signed_sum(
+        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions, signs: Tensor
+    ) -> None:
+        """sums += sum_i sigma_i g_i (up to the 1/m the recording undoes): full-Fisher noise samples."""
+        raise NotImplementedError
+
+    def kfac(self, module: nn.Module, saved: Tensor, delta: Tensor, factors: list[Tensor], opts: HookOptions) -> None:
+        """factors[0] += sum_i (1/T) sum_t a a^T (input, with a 1 for the bias); factors[1] += sum_{i,t} delta delta^T.
+
+        Layers without a Kronecker factorisation (batch norm) do not implement it.
+        """
+        raise NotImplementedError
+
+    def kfac_shapes(self, module: nn.Module) -> tuple[int, int] | None:
+        """(input size incl. bias column, output size) of the K-FAC factors, or None if not factored."""
+        return None
+
+
+def _homogeneous(a: Tensor, bias: bool) -> Tensor:
+    """Append a column of ones (the bias's input) to rows a: (R, K) -> (R, K + 1)."""
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], 1) if bias else a
+
 
 def _sum_sq_per_sample(a: Tensor, delta: Tensor, out: Tensor, chunk: int) -> None:
     """out += sum_i (delta_i^T a_i)^2 for a: (N, T, K), delta: (N, T, O), out: (O, K).
@@ -107,6 +129,26 @@ class LinearHandler(LayerHandler):
         _sum_sq_per_sample(a, d, sums["weight"], opts.chunk_size)
         if "bias" in sums:
             sums["bias"] += d.sum(1).square_().sum(0)
+
+    def signed_sum(
+        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions, signs: Tensor
+    ) -> None:
+        sd = delta * signs.view(-1, *[1] * (delta.dim() - 1))
+        sums["weight"].addmm_(sd.reshape(-1, sd.shape[-1]).t(), saved.reshape(-1, saved.shape[-1]))
+        if "bias" in sums:
+            sums["bias"] += sd.reshape(-1, sd.shape[-1]).sum(0)
+
+    def kfac(self, module: nn.Module, saved: Tensor, delta: Tensor, factors: list[Tensor], opts: HookOptions) -> None:
+        assert isinstance(module, nn.Linear)
+        positions = saved[0].numel() // saved.shape[-1]  # T: shared-weight positions per sample
+        a = _homogeneous(saved.reshape(-1, saved.shape[-1]), module.bias is not None)
+        factors[0].addmm_(a.t(), a, alpha=1.0 / positions)
+        d = delta.reshape(-1, delta.shape[-1])
+        factors[1].addmm_(d.t(), d)
+
+    def kfac_shapes(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, nn.Linear)
+        return module.in_features + (module.bias is not None), module.out_features
 
 
 _ConvNd = nn.Conv1d | nn.Conv2d
@@ -175,15 +217,46 @@ class ConvHandler(LayerHandler):
             if "bias" in sums:
                 sums["bias"] += d2.sum((0, *range(2, d2.dim())))
             return
-        d = delta.reshape(n, out_ch, -1).transpose(1, 2)  # (N, T, out), a view
         w = sums["weight"].view(out_ch, -1)  # (out, C*k)
-        chunk = opts.chunk_size
-        for start in range(0, n, chunk):  # pad and unfold per chunk: patches are k times the input
+        for a, d in self._chunks(module, saved, delta, opts.chunk_size):
+            _sum_sq_per_sample(a, d, w, opts.chunk_size)
+            if "bias" in sums:
+                sums["bias"] += d.sum(1).square_().sum(0)
+
+    def _chunks(self, module: _ConvNd, saved: Tensor, delta: Tensor, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(patches (c, T, C*k), delta (c, T, out)) chunk by chunk: patches are k times the input's size."""
+        n, out_ch = delta.shape[:2]
+        pad, mode = self._pad_amounts(module)
+        d = delta.reshape(n, out_ch, -1).transpose(1, 2)
+        for start in range(0, n, chunk):
             x = saved[start : start + chunk]
-            a = self._patches(module, F.pad(x, pad, mode=mode) if any(pad) else x)
-            _sum_sq_per_sample(a, d[start : start + chunk], w, chunk)
-        if "bias" in sums:
-            sums["bias"] += d.sum(1).square_().sum(0)
+            yield self._patches(module, F.pad(x, pad, mode=mode) if any(pad) else x), d[start : start + chunk]
+
+    def signed_sum(
+        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions, signs: Tensor
+    ) -> None:
+        assert isinstance(module, _ConvNd)
+        w = sums["weight"].view(delta.shape[1], -1)
+        start = 0
+        for a, d in self._chunks(module, saved, delta, opts.chunk_size):
+            sd = d * signs[start : start + d.shape[0]].view(-1, 1, 1)  # (c, T, out)
+            w.addmm_(sd.reshape(-1, sd.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
+            if "bias" in sums:
+                sums["bias"] += sd.sum((0, 1))
+            start += d.shape[0]
+
+    def kfac(self, module: nn.Module, saved: Tensor, delta: Tensor, factors: list[Tensor], opts: HookOptions) -> None:
+        """KFC (Grosse & Martens 2016): A over patches averaged over positions, G summed over positions."""
+        assert isinstance(module, _ConvNd)
+        for a, d in self._chunks(module, saved, delta, opts.chunk_size):
+            rows = _homogeneous(a.reshape(-1, a.shape[-1]), module.bias is not None)
+            factors[0].addmm_(rows.t(), rows, alpha=1.0 / a.shape[1])
+            dr = d.reshape(-1, d.shape[-1])
+            factors[1].addmm_(dr.t(), dr)
+
+    def kfac_shapes(self, module: nn.Module) -> tuple[int, int]:
+        assert isinstance(module, _ConvNd)
+        return module.weight[0].numel() + (module.bias is not None), module.out_channels
 
 
 class GhostBatchNormHandler(LayerHandler):
@@ -218,6 +291,15 @@ class GhostBatchNormHandler(LayerHandler):
         sums["weight"] += (delta * saved).sum(dims).square_().sum(0)
         sums["bias"] += delta.sum(dims).square_().sum(0)
 
+    def signed_sum(
+        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions, signs: Tensor
+    ) -> None:
+        dims = tuple(range(2, delta.dim()))
+        per_w = (delta * saved).sum(dims) if dims else delta * saved  # (N, C)
+        per_b = delta.sum(dims) if dims else delta
+        sums["weight"] += signs @ per_w
+        sums["bias"] += signs @ per_b
+
 
 HANDLERS: dict[type[nn.Module], LayerHandler] = {
     nn.Linear: LinearHandler(),
@@ -227,20 +309,39 @@ HANDLERS: dict[type[nn.Module], LayerHandler] = {
 }
 
 
-class SumGradSquared:
-    """Raw sums over the batch of squared per-sample gradients, S = sum_i g_i^2, for every parameter.
+QUANTITIES = ("sum_grad_squared", "signed_sum", "kfac")
+
+
+@dataclass
+class KFactors:
+    """One layer's K-FAC factors over a batch, and where its parameters sit in ``params``."""
+
+    A: Tensor  # (K, K): sum_i (1/T) sum_t a a^T, a with a trailing 1 when the layer has a bias
+    G: Tensor  # (O, O): sum_{i,t} g g^T of the per-sample output gradients g (mean-loss 1/m undone)
+    weight: int  # index of the weight in params
+    bias: int | None  # index of the bias in params, or None
+
+
+class CurvatureHooks:
+    """Per-sample curvature quantities of one batch, from module hooks in its single backward pass.
+
+    Quantities (any subset, chosen at construction; each recording may use fewer):
+    - ``sum_grad_squared``: S = sum_i g_i^2 per parameter (diagonal Fisher times the batch size);
+    - ``signed_sum``: r = sum_i sigma_i g_i per parameter for given signs sigma (full-Fisher noise:
+      Cov_sigma(r) = sum_i g_i g_i^T when sigma is Rademacher);
+    - ``kfac``: per Linear/Conv layer, the K-FAC factors A and G as sums over the batch (``KFactors``).
 
     Usage, once per training step (``m`` samples whose MEAN loss is backpropagated)::
 
-        with sgs.recording(m):
+        with hooks.recording(m, signs=sigma):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
-        sums = sgs.result()  # aligned with sgs.params == list(model.parameters())
+        sums = hooks.result()  # aligned with hooks.params == list(model.parameters())
 
     Hooks cost nothing outside ``recording()``, and inside it they skip modules in eval mode (as K-FAC
     hooks do), leaving zeros, unless ``record_eval`` is set (frozen-network measurements, tests). Each
     module may run once per recorded forward, and one backward follows it. Float32 parameters give
-    float32 arithmetic throughout; the m^2 that undoes the mean is applied once, when the recording ends.
+    float32 arithmetic throughout; the 1/m of the mean is undone once, when the recording ends.
     """
 
     def __init__(
@@ -249,9 +350,14 @@ class SumGradSquared:
         conv_mode: str | ConvMode = "exact",
         chunk_size: int = 256,
         record_eval: bool = False,
+        quantities: tuple[str, ...] = ("sum_grad_squared",),
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        unknown = set(quantities) - set(QUANTITIES)
+        if unknown:
+            raise ValueError(f"unknown curvature quantities {sorted(unknown)}; valid: {', '.join(QUANTITIES)}")
+        self.quantities = tuple(quantities)
         self.opts = HookOptions(ConvMode(conv_mode), chunk_size)
         self.record_eval = record_eval
         self.params: list[nn.Parameter] = list(model.parameters())
@@ -274,15 +380,29 @@ class SumGradSquared:
                     raise ValueError(f"parameter {name} of {type(module).__name__} is shared between modules")
                 self._owner[id(p)] = (module, name)
             self._handlers[module] = handler
+        index = {id(p): i for i, p in enumerate(self.params)}
+        # Layers with K-FAC factors, in module order: (module, (K, O), weight index, bias index).
+        self.kfac_layers: list[tuple[nn.Module, tuple[int, int], int, int | None]] = []
+        for module, handler in self._handlers.items():
+            shapes = handler.kfac_shapes(module)
+            if shapes is not None:
+                bias = getattr(module, "bias", None)
+                self.kfac_layers.append(
+                    (module, shapes, index[id(module.weight)], None if bias is None else index[id(bias)])
+                )
         self._hooks: list[RemovableHandle] = [
             m.register_forward_hook(self._forward_hook) for m in self._handlers
         ]
         self._recording = 0  # id of the recording in progress; 0 when none
         self._count = 0  # recordings so far
-        self._sums: dict[nn.Module, Sums] = {}
+        self._active: tuple[str, ...] = ()
+        self._signs: Tensor | None = None
+        self._sums: dict[str, dict[nn.Module, Sums]] = {}
+        self._factors: dict[nn.Module, list[Tensor]] = {}
         self._seen: set[nn.Module] = set()
         self._pending: dict[nn.Module, list[Tensor]] = {}  # saved forward tensors awaiting the backward
-        self._results: list[Tensor] | None = None
+        self._results: dict[str, list[Tensor]] | None = None
+        self._kfac_results: list[KFactors] | None = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self._recording or not (module.training or self.record_eval):
@@ -298,8 +418,9 @@ class SumGradSquared:
         handler = self._handlers[module]
         holder = [handler.save(module, inputs[0])]
         self._pending[module] = holder
-        sums = self._sums[module]
-        recording = self._recording
+        recording, active, signs = self._recording, self._active, self._signs
+        sums = {q: self._sums[q][module] for q in active if q != "kfac"}
+        factors = self._factors.get(module)
 
         def on_grad(delta: Tensor) -> None:
             if self._recording != recording:
@@ -308,28 +429,54 @@ class SumGradSquared:
                 raise RuntimeError("a second backward through one recorded forward")
             saved = holder.pop()  # dropped once used
             with torch.no_grad():
-                handler.sum_grad_squared(module, saved, delta, sums, self.opts)
+                if "sum_grad_squared" in sums:
+                    handler.sum_grad_squared(module, saved, delta, sums["sum_grad_squared"], self.opts)
+                if "signed_sum" in sums:
+                    handler.signed_sum(module, saved, delta, sums["signed_sum"], self.opts, signs)  # type: ignore[arg-type]
+                if factors is not None:
+                    handler.kfac(module, saved, delta, factors, self.opts)
 
         output.register_hook(on_grad)
 
     @contextmanager
-    def recording(self, batch_size: int) -> Iterator[None]:
-        """Activate the hooks for one step: its forward and backward of the mean loss over batch_size."""
+    def recording(
+        self, batch_size: int, signs: Tensor | None = None, quantities: tuple[str, ...] | None = None
+    ) -> Iterator[None]:
+        """Activate the hooks for one step: its forward and backward of the mean loss over batch_size.
+
+        ``signs`` (batch_size values, +-1) are needed for ``signed_sum``; ``quantities`` restricts this
+        recording to a subset of the constructed ones (e.g. K-FAC factors only on refresh steps).
+        """
         if not self._hooks:
             raise RuntimeError("hooks were removed")
         if self._recording:
             raise RuntimeError("recording() is not re-entrant")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        active = self.quantities if quantities is None else tuple(quantities)
+        if set(active) - set(self.quantities):
+            raise ValueError(f"quantities {active} not among those constructed: {self.quantities}")
+        if "signed_sum" in active and (signs is None or signs.shape != (batch_size,)):
+            raise ValueError(f"signed_sum needs signs of shape ({batch_size},)")
         self._count += 1
+        self._active, self._signs = active, signs
         self._sums = {
-            module: {
-                name: torch.zeros_like(p, memory_format=torch.contiguous_format)
-                for name, p in module.named_parameters(recurse=False)
+            q: {
+                module: {
+                    name: torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    for name, p in module.named_parameters(recurse=False)
+                }
+                for module in self._handlers
             }
-            for module in self._handlers
+            for q in active
+            if q != "kfac"
         }
-        self._results = None
+        self._factors = {}
+        if "kfac" in active:
+            for module, (k, o), w, _ in self.kfac_layers:
+                p = self.params[w]
+                self._factors[module] = [p.new_zeros(k, k), p.new_zeros(o, o)]
+        self._results, self._kfac_results = None, None
         norms = [m for m in self._handlers if isinstance(m, GhostBatchNorm)]
         for bn in norms:
             bn.save_xhat = True
@@ -338,6 +485,7 @@ class SumGradSquared:
             yield
         finally:
             self._recording = 0
+            self._signs = None
             for bn in norms:
                 bn.save_xhat = False
                 bn.saved_xhat = None
@@ -345,21 +493,39 @@ class SumGradSquared:
                 holder.clear()  # forwards whose backward never came: drop their inputs
             self._pending.clear()
             self._seen.clear()
-        scale = float(batch_size) ** 2  # undo the mean's 1/m, squared
-        for sums in self._sums.values():
-            for s in sums.values():
-                s.mul_(scale)
-        self._results = [self._sums[self._owner[id(p)][0]][self._owner[id(p)][1]] for p in self.params]
-        self._sums = {}
+        # Undo the mean's 1/m: g_i = m * (what autograd delivers), so squares scale by m^2, sums by m.
+        scale = {"sum_grad_squared": float(batch_size) ** 2, "signed_sum": float(batch_size)}
+        self._results = {}
+        for q, per_module in self._sums.items():
+            for sums in per_module.values():
+                for t in sums.values():
+                    t.mul_(scale[q])
+            self._results[q] = [per_module[self._owner[id(p)][0]][self._owner[id(p)][1]] for p in self.params]
+        self._kfac_results = []
+        for module, _, w, b in self.kfac_layers:
+            if module in self._factors:
+                a_factor, g_factor = self._factors[module]
+                self._kfac_results.append(KFactors(a_factor, g_factor.mul_(float(batch_size) ** 2), w, b))
+        self._sums, self._factors = {}, {}
 
-    def result(self) -> list[Tensor]:
-        """sum_i g_i^2 of the last recording, one tensor per parameter of ``params``, same shapes."""
-        if self._results is None:
-            raise RuntimeError("no completed recording")
-        return self._results
+    def result(self, quantity: str = "sum_grad_squared") -> list[Tensor]:
+        """A per-parameter quantity of the last recording, one tensor per parameter of ``params``."""
+        if self._results is None or quantity not in self._results:
+            raise RuntimeError(f"no completed recording of {quantity}")
+        return self._results[quantity]
+
+    def kfac_result(self) -> list[KFactors]:
+        """The K-FAC factor sums of the last recording, one entry per factored layer (``kfac_layers``)."""
+        if self._kfac_results is None or (self.kfac_layers and not self._kfac_results):
+            raise RuntimeError("no completed recording of kfac")
+        return self._kfac_results
 
     def remove(self) -> None:
         """Remove all hooks; the object cannot record afterwards."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+class SumGradSquared(CurvatureHooks):
+    """``CurvatureHooks`` computing only S = sum_i g_i^2 per parameter (the diagonal Fisher's sums)."""

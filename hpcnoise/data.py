@@ -8,19 +8,42 @@ optional batched ``augment`` function.
 The batch order is a function of (seed, epoch) alone: every rank draws the same permutation of the
 training set, cuts it into global batches of M_L samples, and takes its own contiguous 1/W share of
 each. The global batch is therefore the same whatever the world size W.
+
+Image datasets (MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100) are read from files that
+``hpcnoise data prepare NAME --root DIR`` (hpcnoise.prepare) writes once, on a machine with internet or
+with the raw upstream files at hand: one file per split, ``DIR/NAME-train.pt`` and ``DIR/NAME-test.pt``,
+each a ``torch.save``d dict
+
+    format       "hpcnoise-images-v1"
+    name, split  e.g. "cifar10", "train"
+    shape        [N, C, H, W]
+    num_classes  int
+    source       the torchvision class the raw files were read with
+    sha256       hex digest of the images' bytes followed by the labels' bytes
+    images       uint8 tensor (N, C, H, W), pixel values 0..255 as published
+    labels       int64 tensor (N,)
+
+A training job reads each split in one ``torch.load``, verifies it, moves the uint8 tensor to the device
+and normalises it there. A missing or damaged file raises ``DataFileError`` (a ConfigError: the CLI
+prints one line and exits 2) naming the file and the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import shlex
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from hpcnoise.config import ConfigError
 from hpcnoise.seeding import generator
 
 if TYPE_CHECKING:
@@ -64,7 +87,7 @@ def register(name: str, description: str) -> Callable:
 
 
 def cache_dir(data_root: str = "") -> Path:
-    """Where generated or prepared data lives: ``data_root`` if set, else $HPCNOISE_DATA, else ~/.cache/hpcnoise."""
+    """Where generated or prepared data lives: ``data_root``, else $HPCNOISE_DATA, else ~/.cache/hpcnoise."""
     if data_root:
         return Path(data_root)
     return Path(os.environ.get("HPCNOISE_DATA", Path.home() / ".cache" / "hpcnoise"))
@@ -97,7 +120,7 @@ def mnist1d(cfg: Config, device: torch.device) -> Data:
     if path.exists():
         blob = torch.load(path)
     else:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
 
         args = get_dataset_args()
         args.num_samples = -(-(n_train + n_test) // 10) * 10  # mnist1d makes num_samples // 10 per class
@@ -124,6 +147,240 @@ def mnist1d(cfg: Config, device: torch.device) -> Data:
         y_test=blob["y_test"].to(device),
         num_classes=10,
     )
+
+
+# --- prepared image datasets -------------------------------------------------------------------------
+FORMAT = "hpcnoise-images-v1"  # the ``format`` field of a prepared split file
+
+
+class DataFileError(ConfigError):
+    """A prepared dataset file is missing, unreadable or fails its checks; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """What a prepared image dataset holds and how its loader normalises and augments it."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of one image
+    num_classes: int
+    # Published per-channel mean and std of pixel / 255 over the training split; x -> (x / 255 - mean) / std.
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # train-time random 32x32 crop of the image padded by 4 black pixels, horizontal flip
+    raw: str  # what `prepare` needs in --root when there is no internet
+    description: str
+
+
+IMAGE_SETS: dict[str, ImageSet] = {
+    # The values used by the PyTorch MNIST example.
+    "mnist": ImageSet(
+        shape=(1, 28, 28),
+        num_classes=10,
+        mean=(0.1307,),
+        std=(0.3081,),
+        augment=False,
+        raw="MNIST/raw/*-ubyte.gz",
+        description="MNIST (LeCun et al. 1998): 28x28 grey digits, 60k train / 10k test; prepared",
+    ),
+    # Training-split statistics of Fashion-MNIST (Xiao et al. 2017).
+    "fashion_mnist": ImageSet(
+        shape=(1, 28, 28),
+        num_classes=10,
+        mean=(0.2860,),
+        std=(0.3530,),
+        augment=False,
+        raw="FashionMNIST/raw/*-ubyte.gz",
+        description="Fashion-MNIST (Xiao et al. 2017): 28x28 grey clothes, 60k train / 10k test; prepared",
+    ),
+    # CIFAR: per-channel population std of the training pixels, not the widespread (0.2023, 0.1994, 0.2010),
+    # which is not the std of the pixels.
+    "cifar10": ImageSet(
+        shape=(3, 32, 32),
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        augment=True,
+        raw="cifar-10-python.tar.gz or cifar-10-batches-py/",
+        description="CIFAR-10 (Krizhevsky 2009): 32x32 colour, 50k train / 10k test, crop+flip; prepared",
+    ),
+    "cifar100": ImageSet(
+        shape=(3, 32, 32),
+        num_classes=100,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        augment=True,
+        raw="cifar-100-python.tar.gz or cifar-100-python/",
+        description="CIFAR-100 (Krizhevsky 2009): 32x32 colour, 100 classes, 50k / 10k, crop+flip; prepared",
+    ),
+}
+
+
+def split_path(root: Path, name: str, split: str) -> Path:
+    """The prepared file of one split: ``root/NAME-SPLIT.pt``."""
+    return Path(root) / f"{name}-{split}.pt"
+
+
+def prepare_command(name: str, root: Path) -> str:
+    """The shell command that (re)builds the prepared files of ``name`` in ``root``."""
+    return f"hpcnoise data prepare {name} --root {shlex.quote(str(root))}"
+
+
+def payload_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 of the images' bytes followed by the labels' bytes (CPU tensors, native byte order)."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        h.update(t.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def make_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor, source: str) -> dict:
+    """The dict that ``prepare`` saves for one split: header fields plus the uint8 images and int64 labels."""
+    return {
+        "format": FORMAT,
+        "name": name,
+        "split": split,
+        "shape": list(images.shape),
+        "num_classes": IMAGE_SETS[name].num_classes,
+        "source": source,
+        "sha256": payload_sha256(images, labels),
+        "images": images,
+        "labels": labels,
+    }
+
+
+# What torch.load raises on truncated, overwritten or foreign files (zip reader, weights-only unpickler).
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError)
+
+
+def read_split(name: str, split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one prepared split (one file read) and verify it; returns (uint8 images, int64 labels) on the CPU.
+
+    Raises DataFileError naming the file and the command that rebuilds it when the file is missing,
+    unreadable, of another dataset or format, or its payload does not match its sha256.
+    """
+    spec = IMAGE_SETS[name]
+    path = split_path(root, name, split)
+    fix = prepare_command(name, Path(root))
+    if not path.is_file():
+        raise DataFileError(f"prepared data file {path} is missing; create it with: {fix}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as e:  # a damaged file: whichever way torch.load fails, the fix is to rebuild it
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = f"prepared data file {path} is unreadable ({reason}); rebuild it with: {fix}"
+        raise DataFileError(msg) from e
+
+    def bad(what: str) -> DataFileError:
+        return DataFileError(f"prepared data file {path} is corrupt ({what}); rebuild it with: {fix}")
+
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise bad(f"not an {FORMAT} file")
+    if (blob.get("name"), blob.get("split")) != (name, split):
+        raise bad(f"holds {blob.get('name')!r} split {blob.get('split')!r}")
+    images, labels = blob.get("images"), blob.get("labels")
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise bad("images or labels missing")
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != spec.shape:
+        expected = ", ".join(map(str, spec.shape))
+        raise bad(f"images are {images.dtype} {tuple(images.shape)}, expected uint8 (N, {expected})")
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (images.shape[0],):
+        raise bad(f"labels are {labels.dtype} {tuple(labels.shape)}, expected int64 ({images.shape[0]},)")
+    if list(images.shape) != blob.get("shape"):
+        raise bad(f"header shape {blob.get('shape')} but images {list(images.shape)}")
+    if payload_sha256(images, labels) != blob.get("sha256"):
+        raise bad("sha256 of the payload does not match the header")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
+        raise bad(f"labels outside 0..{spec.num_classes - 1}")
+    return images, labels
+
+
+def normalise(images: torch.Tensor, spec: ImageSet) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 (x / 255 - mean) / std per channel, on the images' device."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
+    return images.float().div_(255.0).sub_(mean).div_(std)
+
+
+def crop_flip_choices(
+    gen: torch.Generator, n: int, pad: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (dy, dx, flip) for n samples on the generator's device: offsets in 0..2*pad (pixels), flip bool.
+
+    The crop of sample i is rows dy..dy+H-1, columns dx..dx+W-1 of the image padded by ``pad`` on each side.
+    """
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen, device=gen.device)
+    flip = torch.randint(0, 2, (n,), generator=gen, device=gen.device).bool()
+    return offsets[:, 0], offsets[:, 1], flip
+
+
+def crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, fill: torch.Tensor, pad: int = 4
+) -> torch.Tensor:
+    """Batched crop of x (N, C, H, W) padded by ``pad``, then horizontal flip: one gather, no Python loop.
+
+    Output pixel (i, j) of sample n is padded pixel (i + dy, j' + dx), j' = W - 1 - j if flip else j, i.e.
+    torchvision's RandomCrop(padding=pad) followed by RandomHorizontalFlip. Padded pixels take the
+    per-channel value ``fill`` (C,).
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
+    rows = torch.arange(h, device=dev).view(1, h) + (dy - pad).view(n, 1)  # source row in x, (n, h)
+    cols = torch.arange(w, device=dev).view(1, w)
+    cols = torch.where(flip.view(n, 1), w - 1 - cols, cols) + (dx - pad).view(n, 1)  # source column, (n, w)
+    inside = ((rows >= 0) & (rows < h)).view(n, h, 1) & ((cols >= 0) & (cols < w)).view(n, 1, w)
+    src = rows.clamp(0, h - 1).view(n, h, 1) * w + cols.clamp(0, w - 1).view(n, 1, w)  # flat index, (n, h, w)
+    out = x.reshape(n, c, h * w).gather(2, src.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
+    return torch.where(inside.view(n, 1, h, w), out, fill.to(dev, x.dtype).view(1, c, 1, 1))
+
+
+def crop_flip_augment(
+    fill: torch.Tensor, pad: int = 4
+) -> Callable[[torch.Tensor, torch.Generator, int, int], torch.Tensor]:
+    """A ``Data.augment``: draws crops and flips for the whole global batch and applies this rank's rows."""
+
+    def augment(x_local: torch.Tensor, gen: torch.Generator, offset: int, global_batch: int) -> torch.Tensor:
+        if offset < 0 or offset + x_local.shape[0] > global_batch:
+            end = offset + x_local.shape[0]
+            raise ValueError(f"rows [{offset}, {end}) lie outside a global batch of {global_batch} samples")
+        dy, dx, flip = crop_flip_choices(gen, global_batch, pad)
+        rows = slice(offset, offset + x_local.shape[0])
+        return crop_flip(x_local, dy[rows], dx[rows], flip[rows], fill, pad)
+
+    return augment
+
+
+def load_images(name: str, cfg: Config, device: torch.device) -> Data:
+    """Load a prepared image dataset: both splits normalised on the device, with crop+flip where standard.
+
+    Padding is black in pixel space, as torchvision's RandomCrop(padding=4) pads before Normalize; after
+    normalisation that is -mean/std per channel.
+    """
+    spec = IMAGE_SETS[name]
+    root = cache_dir(cfg.data_root)
+    x_train, y_train = read_split(name, "train", root)
+    x_test, y_test = read_split(name, "test", root)
+    black = -torch.tensor(spec.mean) / torch.tensor(spec.std)  # normalised value of pixel 0, per channel
+    return Data(
+        x_train=normalise(x_train.to(device), spec),
+        y_train=y_train.to(device),
+        x_test=normalise(x_test.to(device), spec),
+        y_test=y_test.to(device),
+        num_classes=spec.num_classes,
+        augment=crop_flip_augment(black.to(device)) if spec.augment else None,
+    )
+
+
+def _image_loader(name: str) -> Callable[..., Data]:
+    def load(cfg: Config, device: torch.device) -> Data:
+        return load_images(name, cfg, device)
+
+    return load
+
+
+for _name, _spec in IMAGE_SETS.items():
+    register(_name, _spec.description)(_image_loader(_name))
+del _name, _spec
 
 
 def epoch_batches(n_samples: int, global_batch: int, epoch: int, seed: int) -> torch.Tensor:

@@ -16,16 +16,32 @@ Noise placement (``Config.noise_placement``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from hpcnoise.config import Config
 
 # Curvature statistics a regime can ask the step for. The step computes each requested one on every
-# worker, sums it over workers in the fused allreduce and hands the normalised result to ``noise``:
-#   "diag_fisher": diag F = (1/M_L) sum_i g_i^2 over the global batch, one tensor per parameter.
-STATISTICS = ("diag_fisher",)
+# worker in the same backward pass (hpcnoise.curvature hooks), sums it over workers in the one fused
+# allreduce and hands the normalised result to ``noise``:
+#   "diag_fisher": diag F = (1/M_L) sum_i g_i^2 over the global batch, one tensor per parameter;
+#                  refreshed every ``fisher_every`` steps and reused in between.
+#   "signed_sum":  r = sum_i sigma_i g_i over the global batch with Rademacher sigma_i (distinct per
+#                  sample, drawn for the global batch from the (seed, step) stream), per parameter.
+#   "kfac":        per Linear/Conv layer, A = (1/M_L) sum_i (1/T) sum_t a a^T and
+#                  G = (1/M_L) sum_{i,t} g g^T; refreshed every ``kfac_every`` steps.
+STATISTICS = ("diag_fisher", "signed_sum", "kfac")
+
+
+@dataclass(frozen=True)
+class KFacLayer:
+    """A layer's normalised K-FAC factors and where its parameters sit in the parameter list."""
+
+    A: torch.Tensor
+    G: torch.Tensor
+    weight: int
+    bias: int | None
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,10 @@ class NoiseInput:
 
     cfg: Config
     grads: list[torch.Tensor]  # the global mean gradient g_LB, one tensor per parameter
-    stats: dict[str, list[torch.Tensor]]  # the requested curvature statistics (see STATISTICS)
+    stats: dict[str, list[Any]]  # the requested curvature statistics (see STATISTICS)
     generator: torch.Generator  # the (seed, step) noise stream: identical on all ranks
+    state: dict[str, Any]  # per-run state a regime keeps between steps (e.g. K-FAC square roots)
+    refreshed: frozenset[str]  # statistics recomputed at this step
 
 
 NoiseFn = Callable[[NoiseInput], list[torch.Tensor]]
@@ -69,6 +87,64 @@ def diag_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
     return [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
 
 
+def trace_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
+    """Isotropic noise s * sqrt(Tr(F) / d) * xi.
+
+    The paper writes the noise's scale as sqrt(Tr F). Taken literally (per-coordinate standard
+    deviation s sqrt(Tr F)) the total variance would be d times that of diag-F noise; we read it as
+    the isotropic noise with the SAME total variance as diag-F noise, s^2 Tr F, spread evenly over the
+    d coordinates: per-coordinate variance s^2 Tr(F) / d. Only the covariance's shape differs.
+    """
+    diag = x.stats["diag_fisher"]
+    d = sum(f.numel() for f in diag)
+    scale = x.cfg.noise_scale * torch.sqrt(sum(f.sum() for f in diag) / d)
+    return [z.mul_(scale) for z in standard_normal_like(x.grads, x.generator)]
+
+
+def multiplicative_noise(x: NoiseInput) -> list[torch.Tensor]:
+    """g * (1 + sigma * xi) with constant sigma (Hoffer et al. 2017): the noise term is sigma * g * xi."""
+    xi = standard_normal_like(x.grads, x.generator)
+    return [z.mul_(g).mul_(x.cfg.multiplicative_sigma) for z, g in zip(xi, x.grads)]
+
+
+def full_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
+    """s / sqrt(M_L) * r, r = sum_i sigma_i g_i with Rademacher sigma (Section 3.3 of the paper).
+
+    Cov(r) = sum_i g_i g_i^T = M_L F, so the noise has covariance s^2 F without forming F; it costs
+    one extra weight-gradient-sized product per layer in the same backward pass.
+    """
+    c = x.cfg.noise_scale / x.cfg.batch_size**0.5
+    return [r * c for r in x.stats["signed_sum"]]
+
+
+def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix (eigenvalues clamped at 0 against rounding)."""
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:
+    """K-FAC noise: for each Linear/Conv layer s * G^1/2 Z A^1/2 (covariance s^2 A (x) G), bias as
+    the last input column; parameters outside the factored layers (batch norm) get diag-F noise.
+
+    The square roots are recomputed only when the factors were refreshed (``kfac_every``).
+    """
+    s = x.cfg.noise_scale
+    if "kfac" in x.refreshed or "kfac_sqrt" not in x.state:
+        x.state["kfac_sqrt"] = [(_psd_sqrt(layer.A), _psd_sqrt(layer.G), layer) for layer in x.stats["kfac"]]
+    xi = standard_normal_like(x.grads, x.generator)
+    noise = [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
+    z_gen = x.generator
+    for a_half, g_half, layer in x.state["kfac_sqrt"]:
+        z = torch.randn(g_half.shape[0], a_half.shape[0], generator=z_gen, device=z_gen.device, dtype=a_half.dtype)
+        n = s * (g_half @ z.to(a_half.device) @ a_half)  # (out, in [+ 1])
+        w = noise[layer.weight]
+        w.copy_(n[:, : w[0].numel()].reshape_as(w))
+        if layer.bias is not None:
+            noise[layer.bias].copy_(n[:, -1])
+    return noise
+
+
 def _large(cfg: Config, epoch: int) -> int:
     return cfg.batch_size
 
@@ -77,14 +153,34 @@ def _small(cfg: Config, epoch: int) -> int:
     return cfg.small_batch
 
 
+def _batch_change(cfg: Config, epoch: int) -> int:
+    return cfg.small_batch if epoch < cfg.batchchange_epochs else cfg.batch_size
+
+
+_DIAG = frozenset({"diag_fisher"})
 REGIMES: dict[str, Regime] = {
     "sb": Regime("small batch M_S, no noise", ("small_batch",), _small),
     "lb": Regime("large batch M_L, no noise", ("batch_size",), _large),
-    "diagf": Regime(
-        "large batch + diagonal-Fisher noise (Algorithm 1)",
+    "diagf": Regime("large batch + diagonal-Fisher noise (Algorithm 1)", ("batch_size",), _large, diag_fisher_noise, _DIAG),
+    "trace": Regime("large batch + isotropic noise scaled by Tr(F)", ("batch_size",), _large, trace_fisher_noise, _DIAG),
+    "multiplicative": Regime(
+        "large batch, gradient times (1 + sigma xi) (Hoffer et al.)", ("batch_size",), _large, multiplicative_noise
+    ),
+    "fullf": Regime(
+        "large batch + full-Fisher noise from Rademacher signed sums",
         ("batch_size",),
         _large,
-        noise=diag_fisher_noise,
-        needs=frozenset({"diag_fisher"}),
+        full_fisher_noise,
+        frozenset({"signed_sum"}),
+    ),
+    "kfac": Regime(
+        "large batch + K-FAC-covariance noise (diag F for batch norm)",
+        ("batch_size",),
+        _large,
+        kfac_noise,
+        frozenset({"kfac", "diag_fisher"}),
+    ),
+    "batchchange": Regime(
+        "small batch for batchchange_epochs, then large batch", ("small_batch", "batch_size"), _batch_change
     ),
 }

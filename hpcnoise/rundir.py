@@ -4,6 +4,9 @@ A run directory holds:
 - config.json: {"config": the Config as a dict, "git", "world_size", "launcher", "device", "versions", ...}
 - metrics.jsonl: one JSON line per epoch (appended and flushed): epoch, step, train_loss, train_error,
   test_loss, test_error, lr, noise, batch_size, epoch_time_s, wall_time_s, samples_per_s, ...
+- checkpoint.pt: model, optimiser and training position (rank 0, atomically, every checkpoint_every
+  epochs and on SIGTERM/SIGUSR1); a run restarted in the same directory resumes from it. Removed
+  when the run finishes.
 - model.pt: the final model's state_dict (written before summary.json).
 - summary.json: written once at the end; its presence marks a finished run.
 - sharpness.json (optional, `hpcnoise sharpness`): {"max_eigenvalue", "temperature", "samples", ...}.
@@ -106,8 +109,38 @@ class RunDir:
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
     def is_finished(self) -> bool:
         return self.summary_path.exists()
+
+    @staticmethod
+    def jsonable(obj: Any) -> Any:
+        """``obj`` as it reads back from JSON (tuples become lists), for comparisons with stored files."""
+        return json.loads(json.dumps(obj))
+
+    def read_config(self) -> dict[str, Any] | None:
+        """The stored config.json record, or None when missing or unreadable."""
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def restart(self, config_record: dict[str, Any]) -> None:
+        """Start an unfinished run with no checkpoint over: new config.json, no metrics."""
+        write_json_atomic(self.config_path, config_record)
+        self.metrics_path.unlink(missing_ok=True)
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with the rows a checkpoint holds (drops lines logged after it)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.metrics_path)
 
     def create(self, config_record: dict[str, Any]) -> None:
         """Make the directory and write config.json; the directory appears only with its config in it."""
@@ -135,7 +168,9 @@ class RunDir:
         save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)
 
     def finish(self, summary: dict[str, Any]) -> None:
+        """Mark the run finished; its checkpoint is superseded by model.pt and removed."""
         write_json_atomic(self.summary_path, summary)
+        self.checkpoint_path.unlink(missing_ok=True)
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text())

@@ -1,24 +1,32 @@
 """``train(cfg) -> summary``: the one training loop that the CLI, tests and sweeps all call.
 
 One step on each of W workers (global batch M, local batch m = M / W):
-1. forward + backward of the local MEAN loss; when the regime needs it, curvature hooks compute the
-   local raw sum S_w = sum_i g_i^2 of squared per-sample gradients in the same backward pass;
-2. ONE fused sum-allreduce of a flat buffer holding [local mean gradients | S_w | ghost-batch-norm
-   statistic sums | loss and error counts]; then g_LB = sum / W, diag F = sum / M, and the batch-norm
-   running statistics move towards the average over all ghost batches of the global batch;
+1. forward + backward of the local MEAN loss; when the regime needs curvature statistics, module hooks
+   compute the local sums (squared per-sample gradients, Rademacher-signed sums, K-FAC factors) in the
+   same backward pass;
+2. ONE fused sum-allreduce of a flat buffer holding the local mean gradients, those sums, the
+   ghost-batch-norm statistic sums, the loss/error counts and the stop flag; then g_LB = sum / W,
+   diag F = sum / M, and batch-norm running statistics move towards the average over all ghost
+   batches of the global batch;
 3. the regime's noise, drawn from the (seed, step) stream: identical on every rank, no communication;
 4. the optimiser step (SGD with momentum and weight decay), identical on every rank.
 Parameters and buffers therefore stay bit-identical across ranks, and for a fixed global batch the
 trajectory does not depend on W (up to float rounding of the sums).
+
+Every random stream is a function of (seed, stream, step or epoch) (hpcnoise.seeding), so a checkpoint
+holding the model, optimiser, position and regime state resumes bit-identically on CPU. Rank 0 writes
+one every ``checkpoint_every`` epochs and after the step during which any rank got SIGTERM or SIGUSR1
+(the flag travels in the fused allreduce, so all ranks stop after the same step).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,12 +37,19 @@ from tqdm import tqdm
 
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config, ConfigError, validate
-from hpcnoise.curvature import SumGradSquared
-from hpcnoise.data import DATASETS, Data, epoch_batches, local_share
-from hpcnoise.models import GhostBatchNorm, build_model, ghost_norms
-from hpcnoise.regimes import REGIMES, NoiseInput, Regime
+from hpcnoise.curvature import CurvatureHooks
+from hpcnoise.data import DATASETS, Data, epoch_batches, local_share, save_atomic
+from hpcnoise.models import build_model, ghost_norms
+from hpcnoise.regimes import REGIMES, KFacLayer, NoiseInput, Regime
 from hpcnoise.rundir import RunDir, check_writable, default_run_name, git_hash
 from hpcnoise.seeding import generator, stream_seed
+
+# Curvature statistic (hpcnoise.regimes.STATISTICS) -> the hook quantity that computes its local sums.
+HOOK_QUANTITY = {"diag_fisher": "sum_grad_squared", "signed_sum": "signed_sum", "kfac": "kfac"}
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun the same command to resume."""
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -49,46 +64,19 @@ def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> 
     return lr
 
 
-class FusedStep:
-    """Packs everything a step must sum over workers into one flat buffer and unpacks the result.
-
-    Layout: [local mean grads (all params) | S_w (all params, if needed) | per batch norm: summed ghost
-    means and variances (2C) | local loss sum, local error count].
-    """
-
-    def __init__(self, params: list[nn.Parameter], norms: list[GhostBatchNorm], with_fisher: bool):
-        self.params = params
-        self.norms = norms
-        self.with_fisher = with_fisher
-        self.sizes = [p.numel() for p in params] * (2 if with_fisher else 1)
-        self.sizes += [2 * bn.num_features for bn in norms] + [2]
-
-    def pack(self, sq_sums: list[torch.Tensor] | None, loss_sum: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
-        parts = [p.grad.reshape(-1) for p in self.params]  # type: ignore[union-attr]
-        if self.with_fisher:
-            parts += [s.reshape(-1) for s in sq_sums]  # type: ignore[union-attr]
-        parts += [bn.stat_sums.reshape(-1) for bn in self.norms]  # type: ignore[union-attr]
-        parts.append(torch.stack([loss_sum.detach(), errors.to(loss_sum.dtype)]))
-        return torch.cat(parts)
-
-    def unpack(
-        self, flat: torch.Tensor, world: int, global_batch: int, ghosts: int
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
-        """Set p.grad to g_LB, update batch-norm running stats; return (grads, diag F or None, [loss, err] sums)."""
-        chunks = list(torch.split(flat, self.sizes))
-        n = len(self.params)
-        grads = []
-        for p, c in zip(self.params, chunks[:n]):
-            p.grad = c.view_as(p).div_(world)  # average of the W local means = the global mean
-            grads.append(p.grad)
-        diag_f = None
-        if self.with_fisher:
-            diag_f = [c.view_as(p).div_(global_batch) for p, c in zip(self.params, chunks[n : 2 * n])]
-        offset = 2 * n if self.with_fisher else n
-        for bn, c in zip(self.norms, chunks[offset : offset + len(self.norms)]):
-            stats = c.view(2, -1).div(ghosts)  # averages over all ghost batches of the global batch
-            bn.update_running_stats(stats[0], stats[1])
-        return grads, diag_f, chunks[-1]
+def fused_allreduce(comm: Comm, groups: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
+    tensors = [t for ts in groups.values() for t in ts]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    comm.allreduce_sum_(flat)
+    out: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for name, ts in groups.items():
+        out[name] = []
+        for t in ts:
+            out[name].append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return out
 
 
 @torch.no_grad()
@@ -108,10 +96,61 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Comm, chu
     return sums[0].item() / n, sums[1].item() / n
 
 
-def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, Any] | None]:
+@dataclass(frozen=True)
+class StepInfo:
+    """What one finished step exposes to a ``step_hook`` (tests and measurements; read-only use)."""
+
+    step: int
+    epoch: int
+    lr: float
+    grads: list[torch.Tensor]  # g_LB (before noise) as reduced over all workers
+    diag_fisher: list[torch.Tensor] | None  # diag F of the global batch, when the regime uses it
+    noise: list[torch.Tensor] | None  # the noise drawn at this step, None when off
+    model: nn.Module  # after the optimiser step
+
+
+StepHook = Callable[[StepInfo], None]
+
+
+@dataclass
+class Position:
+    """Where training stands: everything besides model and optimiser that a checkpoint must restore."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # next batch index within the epoch
+    step: int = 0  # steps taken so far
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # this epoch's loss sum, error count
+    epoch_time_s: float = 0.0  # training time spent in this epoch so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' metrics rows
+    regime_state: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC roots)
+    elapsed_s: float = 0.0  # wall time of earlier sessions of this run
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, Any]]:
     """Check the output location and pick the run directory on rank 0; agree on the outcome everywhere.
 
-    Returns (cfg with run_name set, run directory on rank 0 else None, summary if already finished).
+    Returns (cfg with run_name set, run directory on rank 0 else None, outcome) where outcome may hold
+    "finished" (the summary of a finished run) or "resume" (True when a checkpoint exists).
     """
     outcome: dict[str, Any] = {}
     if comm.is_main:
@@ -123,10 +162,14 @@ def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[s
             if run.is_finished():
                 outcome["finished"] = run.read_summary()
             elif run.path.exists():
-                raise ConfigError(
-                    f"run directory {str(run.path)!r} exists but is unfinished (no summary.json); "
-                    "remove it or choose another run_name"
-                )
+                previous = run.read_config()
+                if previous is not None and previous["config"] != run.jsonable(cfg.to_dict() | {"run_name": name}):
+                    raise ConfigError(
+                        f"run directory {str(run.path)!r} holds a different configuration; "
+                        "choose another run_name or remove it"
+                    )
+                outcome["resume"] = run.checkpoint_path.exists()
+                outcome["exists"] = True
         except ConfigError as e:
             outcome = {"error": str(e)}
     outcome = comm.broadcast_object(outcome)
@@ -134,39 +177,24 @@ def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[s
         raise ConfigError(outcome["error"])
     cfg = replace(cfg, run_name=outcome["name"])
     run = RunDir(Path(cfg.out_dir) / cfg.run_name) if comm.is_main else None
-    return cfg, run, outcome.get("finished")
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one finished step exposes to a ``step_hook`` (tests and measurements; read-only use)."""
-
-    step: int
-    epoch: int
-    lr: float
-    grads: list[torch.Tensor]  # g_LB (before noise) as reduced over all workers
-    diag_fisher: list[torch.Tensor] | None  # diag F of the global batch, when the regime needs it
-    noise: list[torch.Tensor] | None  # the noise drawn at this step, None when off
-    model: nn.Module  # after the optimiser step
-
-
-StepHook = Callable[[StepInfo], None]
+    return cfg, run, outcome
 
 
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
+    A run directory that holds a checkpoint is resumed; a finished one is returned as it is.
     ``step_hook``, if given, is called on every rank after every step with a ``StepInfo``.
     """
     comm = comm or init(cfg.device)
     validate(cfg, comm.size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, run, finished = _prepare_run(cfg, comm)
-    if finished is not None:
-        if comm.is_main:
-            print(f"hpcnoise: {run.path} is already finished; nothing to do")  # type: ignore[union-attr]
-        return finished
+    cfg, run, outcome = _prepare_run(cfg, comm)
+    if "finished" in outcome:
+        if run is not None:
+            print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
+        return outcome["finished"]
 
     regime = REGIMES[cfg.regime]
     # Rank 0 loads first so that a dataset generated or cached on first use is built only once.
@@ -183,7 +211,18 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         bn_momentum=cfg.bn_momentum,
         seed=stream_seed(cfg.seed, "init"),
     ).to(comm.device, dtype)
-    if run is not None:
+    opt = make_optimizer(cfg, model)
+    position = Position()
+    if outcome.get("resume"):
+        # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
+        ckpt = torch.load(Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt", map_location=comm.device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        position = ckpt["position"]
+        if run is not None:
+            run.rewrite_metrics(position.history)
+            print(f"hpcnoise: resuming {run.path} at epoch {position.epoch + 1}, step {position.step}", flush=True)
+    elif run is not None:
         record = {
             "config": cfg.to_dict(),
             "git": git_hash(),
@@ -196,8 +235,43 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
             "versions": comm.versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        run.create(record)
-    return _train_loop(cfg, comm, regime, data, model, run, step_hook)
+        if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
+            run.restart(record)
+        else:
+            run.create(record)
+    return _train_loop(cfg, comm, regime, data, model, opt, position, run, step_hook)
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional."""
+    params = list(model.parameters())
+    if cfg.decay_bn_and_bias:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+class PhaseTimer:
+    """Seconds per phase of a step, summed over an epoch (synchronising the GPU at phase ends)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
 
 
 def _train_loop(
@@ -206,95 +280,162 @@ def _train_loop(
     regime: Regime,
     data: Data,
     model: nn.Module,
+    opt: torch.optim.SGD,
+    pos: Position,
     run: RunDir | None,
     step_hook: StepHook | None,
 ) -> dict[str, Any]:
     params = list(model.parameters())
     norms = ghost_norms(model)
-    fisher = SumGradSquared(model) if "diag_fisher" in regime.needs else None
-    fused = FusedStep(params, norms, with_fisher=fisher is not None)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    quantities = tuple(HOOK_QUANTITY[s] for s in sorted(regime.needs))
+    hooks = CurvatureHooks(model, conv_mode=cfg.conv_mode, quantities=quantities) if quantities else None
     n_train = data.x_train.shape[0]
     show_bar = comm.is_main and cfg.progress and sys.stderr.isatty()
-    bar = tqdm(total=cfg.epochs, desc=cfg.run_name, unit="epoch", disable=not show_bar, leave=True)
-    step, history, t_start = 0, [], time.perf_counter()
-    for epoch in range(cfg.epochs):
-        global_batch = regime.batch(cfg, epoch)
-        local_batch = global_batch // comm.size
-        ghosts_per_step = global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch)
-        batches = epoch_batches(n_train, global_batch, epoch, cfg.seed)
-        noise_on = regime.noise is not None and epoch < cfg.noise_epochs
-        sums = torch.zeros(2, dtype=torch.float64, device=comm.device)  # loss sum, error count
-        t_epoch = time.perf_counter()
-        for i, batch in enumerate(batches):
-            lr = lr_at(cfg, epoch, i, len(batches))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = local_share(batch, comm.rank, comm.size).to(comm.device)
-            x, y = data.x_train[idx], data.y_train[idx]
-            if data.augment is not None:
-                x = data.augment(x, generator(cfg.seed, "augment", step, device=comm.device), comm.rank * local_batch, global_batch)
-            opt.zero_grad(set_to_none=True)  # unpack left p.grad as views of the last fused buffer
-            with fisher.recording(local_batch) if fisher is not None else nullcontext():
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-            sq_sums = fisher.result() if fisher is not None else None
-            errors = (out.detach().argmax(1) != y).sum()
-            flat = fused.pack(sq_sums, loss.detach() * local_batch, errors)
-            comm.allreduce_sum_(flat)
-            grads, diag_f, counts = fused.unpack(flat, comm.size, global_batch, ghosts_per_step)
-            sums += counts.double()
-            noise = None
-            g_lb = [g.clone() for g in grads] if step_hook is not None else grads  # before noise
-            if noise_on:
-                stats = {"diag_fisher": diag_f} if diag_f is not None else {}
-                gen = generator(cfg.seed, "noise", step, device=comm.device)
-                noise = regime.noise(NoiseInput(cfg, grads, stats, gen))  # type: ignore[misc]
-                if cfg.noise_placement == "gradient":
-                    for g, z in zip(grads, noise):
-                        g.add_(z)
-            opt.step()
-            if noise is not None and cfg.noise_placement == "parameter":
-                with torch.no_grad():
-                    for p, z in zip(params, noise):
-                        p.add_(z, alpha=-lr)
-            if step_hook is not None:
-                step_hook(StepInfo(step, epoch, lr, g_lb, diag_f, noise, model))
-            step += 1
-        train_time = time.perf_counter() - t_epoch
-        n_seen = len(batches) * global_batch
-        test_loss, test_err = evaluate(model, data.x_test, data.y_test, comm)
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": sums[0].item() / n_seen,
-            "train_error": sums[1].item() / n_seen,
-            "test_loss": test_loss,
-            "test_error": test_err,
-            "lr": lr,
-            "noise": noise_on,
-            "batch_size": global_batch,
-            "epoch_time_s": train_time,
-            "wall_time_s": time.perf_counter() - t_start,
-            "samples_per_s": n_seen / train_time,
-            "samples_per_s_per_worker": n_seen / train_time / comm.size,
-        }
-        if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
-            raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower lr")
-        history.append(row)
-        if run is not None:
-            run.log_epoch(row)
-            msg = (
-                f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}"
-                f"  test loss {test_loss:.4f} err {test_err:.4f}  lr {lr:.4g}  noise {'on ' if noise_on else 'off'}"
-                f"  {row['samples_per_s']:.0f} samples/s"
-            )
-            bar.write(msg) if show_bar else print(msg, flush=True)
-        bar.update(1)
+    bar = tqdm(total=cfg.epochs, initial=pos.epoch, desc=cfg.run_name, unit="epoch", disable=not show_bar)
+    t_session = time.perf_counter()
+    stats = pos.regime_state  # cached statistics, reused between refreshes
+    with StopFlag() as stop:
+        while pos.epoch < cfg.epochs:
+            epoch = pos.epoch
+            global_batch = regime.batch(cfg, epoch)
+            local_batch = global_batch // comm.size
+            ghosts_per_step = global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch)
+            batches = epoch_batches(n_train, global_batch, epoch, cfg.seed)
+            noise_on = regime.noise is not None and epoch < cfg.noise_epochs
+            timer = PhaseTimer(comm.device)
+            t_epoch = time.perf_counter()
+            while pos.batch < len(batches):
+                i, step = pos.batch, pos.step
+                timer.start()
+                lr = lr_at(cfg, epoch, i, len(batches))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = local_share(batches[i], comm.rank, comm.size).to(comm.device)
+                x, y = data.x_train[idx], data.y_train[idx]
+                if data.augment is not None:
+                    gen = generator(cfg.seed, "augment", step, device=comm.device)
+                    x = data.augment(x, gen, comm.rank * local_batch, global_batch)
+                # Which statistics this step recomputes (only while the noise is on).
+                refresh = set()
+                if noise_on:
+                    refresh = {s for s in regime.needs if s == "signed_sum" or s not in stats}
+                    if "diag_fisher" in regime.needs and step % cfg.fisher_every == 0:
+                        refresh.add("diag_fisher")
+                    if "kfac" in regime.needs and step % cfg.kfac_every == 0:
+                        refresh.add("kfac")
+                signs = None
+                if "signed_sum" in refresh:  # Rademacher signs for the global batch, this rank's share
+                    gen = generator(cfg.seed, "rademacher", step)
+                    signs = (torch.randint(0, 2, (global_batch,), generator=gen) * 2 - 1).to(comm.device, data.x_train.dtype)
+                    signs = signs[comm.rank * local_batch : (comm.rank + 1) * local_batch]
+                opt.zero_grad(set_to_none=True)  # the last step left p.grad as views of its fused buffer
+                active = tuple(HOOK_QUANTITY[s] for s in sorted(refresh))
+                with hooks.recording(local_batch, signs, active) if hooks and active else nullcontext():
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                    loss.backward()
+                timer.lap("forward_backward")
+                groups: dict[str, list[torch.Tensor]] = {
+                    "grad": [p.grad for p in params],  # type: ignore[misc]
+                    "bn": [bn.stat_sums for bn in norms],  # type: ignore[misc]
+                    "counts": [
+                        torch.stack([loss.detach() * local_batch, (out.detach().argmax(1) != y).sum().to(loss.dtype),
+                                     torch.tensor(float(stop.raised), dtype=loss.dtype, device=loss.device)])
+                    ],
+                }
+                if "diag_fisher" in refresh:
+                    groups["diag_fisher"] = hooks.result("sum_grad_squared")  # type: ignore[union-attr]
+                if "signed_sum" in refresh:
+                    groups["signed_sum"] = hooks.result("signed_sum")  # type: ignore[union-attr]
+                if "kfac" in refresh:
+                    factors = hooks.kfac_result()  # type: ignore[union-attr]
+                    groups["kfac_A"] = [f.A for f in factors]
+                    groups["kfac_G"] = [f.G for f in factors]
+                red = fused_allreduce(comm, groups)
+                timer.lap("allreduce")
+                grads = [g.div_(comm.size) for g in red["grad"]]  # average of the W local means
+                for p, g in zip(params, grads):
+                    p.grad = g
+                for bn, c in zip(norms, red["bn"]):
+                    mean_var = c.view(2, -1).div(ghosts_per_step)  # averages over all ghost batches
+                    bn.update_running_stats(mean_var[0], mean_var[1])
+                if "diag_fisher" in refresh:
+                    stats["diag_fisher"] = [s.div_(global_batch) for s in red["diag_fisher"]]
+                if "signed_sum" in refresh:
+                    stats["signed_sum"] = red["signed_sum"]
+                if "kfac" in refresh:
+                    stats["kfac"] = [
+                        KFacLayer(a.div_(global_batch), g.div_(global_batch), f.weight, f.bias)
+                        for a, g, f in zip(red["kfac_A"], red["kfac_G"], factors)
+                    ]
+                counts = red["counts"][0]
+                pos.sums[0] += counts[0].item()
+                pos.sums[1] += counts[1].item()
+                noise = None
+                g_lb = [g.clone() for g in grads] if step_hook is not None else grads  # before noise
+                if noise_on:
+                    gen = generator(cfg.seed, "noise", step, device=comm.device)
+                    noise = regime.noise(NoiseInput(cfg, grads, stats, gen, stats, frozenset(refresh)))  # type: ignore[misc]
+                    if cfg.noise_placement == "gradient":
+                        for g, z in zip(grads, noise):
+                            g.add_(z)
+                timer.lap("noise")
+                opt.step()
+                if noise is not None and cfg.noise_placement == "parameter":
+                    with torch.no_grad():
+                        for p, z in zip(params, noise):
+                            p.add_(z, alpha=-lr)
+                timer.lap("optimizer")
+                if step_hook is not None:
+                    step_hook(StepInfo(step, epoch, lr, g_lb, stats.get("diag_fisher"), noise, model))
+                pos.batch, pos.step = i + 1, step + 1
+                if counts[2].item() > 0:  # some rank was asked to stop: all stop after this same step
+                    pos.epoch_time_s += time.perf_counter() - t_epoch
+                    pos.elapsed_s += time.perf_counter() - t_session
+                    _checkpoint(run, model, opt, pos)
+                    raise Preempted(f"stopped by signal at epoch {epoch + 1}, step {pos.step}; checkpoint written")
+            train_time = pos.epoch_time_s + time.perf_counter() - t_epoch
+            n_seen = len(batches) * global_batch
+            test_loss, test_err = evaluate(model, data.x_test, data.y_test, comm)
+            row = {
+                "epoch": epoch + 1,
+                "step": pos.step,
+                "train_loss": pos.sums[0] / n_seen,
+                "train_error": pos.sums[1] / n_seen,
+                "test_loss": test_loss,
+                "test_error": test_err,
+                "lr": lr_at(cfg, epoch, len(batches) - 1, len(batches)),
+                "noise": noise_on,
+                "batch_size": global_batch,
+                "world_size": comm.size,
+                "epoch_time_s": train_time,
+                "wall_time_s": pos.elapsed_s + time.perf_counter() - t_session,
+                "samples_per_s": n_seen / train_time,
+                "samples_per_s_per_worker": n_seen / train_time / comm.size,
+                # seconds per phase this epoch, this session (hook work is inside forward_backward)
+                **{f"time_{k}_s": v for k, v in timer.seconds.items()},
+            }
+            if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
+                raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower lr")
+            pos.history.append(row)
+            pos.epoch, pos.batch, pos.sums, pos.epoch_time_s = epoch + 1, 0, [0.0, 0.0], 0.0
+            if run is not None:
+                run.log_epoch(row)
+                msg = (
+                    f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}"
+                    f"  test loss {test_loss:.4f} err {test_err:.4f}  lr {row['lr']:.4g}  noise {'on ' if noise_on else 'off'}"
+                    f"  {row['samples_per_s']:.0f} samples/s"
+                )
+                bar.write(msg) if show_bar else print(msg, flush=True)
+            bar.update(1)
+            if cfg.checkpoint_every and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs:
+                pos.elapsed_s += time.perf_counter() - t_session
+                t_session = time.perf_counter()
+                _checkpoint(run, model, opt, pos)
     bar.close()
-    if fisher is not None:
-        fisher.remove()
+    if hooks is not None:
+        hooks.remove()
+    history = pos.history
     last = history[-1]
     summary = {
         "run_name": cfg.run_name,
@@ -304,13 +445,13 @@ def _train_loop(
         "seed": cfg.seed,
         "world_size": comm.size,
         "epochs": cfg.epochs,
-        "steps": step,
+        "steps": pos.step,
         "final_test_error": last["test_error"],
         "final_test_loss": last["test_loss"],
         "final_train_error": last["train_error"],
         "final_train_loss": last["train_loss"],
         "best_test_error": min(r["test_error"] for r in history),
-        "total_time_s": time.perf_counter() - t_start,
+        "total_time_s": pos.elapsed_s + time.perf_counter() - t_session,
         "mean_samples_per_s": sum(r["samples_per_s"] for r in history) / len(history),
     }
     if run is not None:
@@ -318,3 +459,9 @@ def _train_loop(
         run.finish(summary)
         print(f"hpcnoise: finished; results in {run.path}", flush=True)
     return summary
+
+
+def _checkpoint(run: RunDir | None, model: nn.Module, opt: torch.optim.SGD, pos: Position) -> None:
+    """Rank 0 writes model, optimiser and position atomically (the random streams are keyed by step)."""
+    if run is not None:
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "position": pos}, run.checkpoint_path)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpcnoise.curvature import SumGradSquared
+from hpcnoise.curvature import CurvatureHooks, SumGradSquared
 from hpcnoise.models import GhostBatchNorm, build_model
 
 TOL = 1e-5  # relative error allowed against brute force (float64 reaches ~1e-15)
@@ -400,3 +400,90 @@ def test_module_reused_in_one_forward_raises() -> None:
     sgs = SumGradSquared(layer)
     with pytest.raises(RuntimeError, match="twice"), sgs.recording(2):
         layer(layer(torch.randn(2, 3))).sum().backward()
+
+
+# --- signed sums (full-Fisher noise) and K-FAC factors ----------------------------------------------
+def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[list[Tensor]]:
+    """g_i for every sample, one autograd call each (samples independent: eval mode or no batch norm)."""
+    params = list(model.parameters())
+    out = []
+    for i in range(x.shape[0]):
+        loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
+        out.append([g if g is not None else torch.zeros_like(p) for g, p in zip(
+            torch.autograd.grad(loss, params, allow_unused=True), params, strict=True)])
+    return out
+
+
+def conv_and_linear_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding=1, stride=2), GhostBatchNorm(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4, 4)
+    ).double()
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_signed_sum_matches_per_sample_gradients(train_mode: bool) -> None:
+    model = conv_and_linear_net()
+    model.train(train_mode)
+    x, y = data((2, 8), (4,), n=6)
+    signs = torch.tensor([1.0, -1, -1, 1, 1, -1], dtype=torch.float64)
+    hooks = CurvatureHooks(model, quantities=("signed_sum", "sum_grad_squared"), record_eval=True)
+    with hooks.recording(6, signs=signs):
+        squared_error(model(x), y).mean().backward()
+    if train_mode:  # samples coupled by batch norm: the contributions, with all signs +1, add up to m * grad
+        model.zero_grad(set_to_none=True)
+        assert_rel_close(hooks.result("sum_grad_squared"), per_sample_contributions(model, x, y, squared_error))
+        with hooks.recording(6, signs=torch.ones(6, dtype=torch.float64), quantities=("signed_sum",)):
+            squared_error(model(x), y).mean().backward()
+        assert_rel_close(hooks.result("signed_sum"), [p.grad * 6 for p in model.parameters()])  # type: ignore[operator]
+        return
+    grads = per_sample_grads(model, x, y, squared_error)
+    expected = [sum(s * g[j] for s, g in zip(signs, grads)) for j in range(len(grads[0]))]
+    assert_rel_close(hooks.result("signed_sum"), expected)  # type: ignore[arg-type]
+    # with all signs +1 the signed sum is the batch gradient times m
+    with hooks.recording(6, signs=torch.ones(6, dtype=torch.float64), quantities=("signed_sum",)):
+        squared_error(model(x), y).mean().backward()
+    total = [sum(g[j] for g in grads) for j in range(len(grads[0]))]
+    assert_rel_close(hooks.result("signed_sum"), total)  # type: ignore[arg-type]
+
+
+def test_kfac_factors_match_explicit_sums() -> None:
+    model = conv_and_linear_net().eval()
+    x, y = data((2, 8), (4,), n=5)
+    hooks = CurvatureHooks(model, quantities=("kfac",), record_eval=True)
+    acts: dict[nn.Module, Tensor] = {}
+    outs: dict[nn.Module, Tensor] = {}
+
+    def keep(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        output.retain_grad()
+        acts[module], outs[module] = inputs[0].detach(), output
+
+    handles = [m.register_forward_hook(keep) for m in (model[0], model[4])]
+    with hooks.recording(5):
+        squared_error(model(x), y).mean().backward()
+    for h in handles:
+        h.remove()
+    factors = hooks.kfac_result()
+    assert [f.weight for f in factors] == [0, 4] and [f.bias for f in factors] == [1, 5]
+    # Linear: A = sum_i [a_i,1][a_i,1]^T, G = sum_i g_i g_i^T with g_i = m * dL/dy_i
+    a = torch.cat([acts[model[4]], torch.ones(5, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(factors[1].A, a.t() @ a, rtol=1e-12, atol=1e-12)
+    g = outs[model[4]].grad * 5
+    torch.testing.assert_close(factors[1].G, g.t() @ g, rtol=1e-12, atol=1e-12)
+    # Conv1d: patches by explicit unfold; A averages over the T output positions, G sums over them
+    conv = model[0]
+    xp = F.pad(acts[conv], (1, 1))
+    patches = torch.stack([xp[:, :, t * 2 : t * 2 + 3].reshape(5, -1) for t in range(4)], 1)  # (N, T, C*k)
+    rows = torch.cat([patches.reshape(-1, 6), torch.ones(20, 1, dtype=torch.float64)], 1)
+    torch.testing.assert_close(factors[0].A, rows.t() @ rows / 4, rtol=1e-12, atol=1e-12)
+    d = (outs[conv].grad * 5).transpose(1, 2).reshape(-1, 3)
+    torch.testing.assert_close(factors[0].G, d.t() @ d, rtol=1e-12, atol=1e-12)
+    # For ONE sample through a Linear layer, A (x) G is exactly g g^T: its diagonal is g^2.
+    one = CurvatureHooks(model, quantities=("kfac", "sum_grad_squared"), record_eval=True)
+    with one.recording(1):
+        squared_error(model(x[:1]), y[:1]).mean().backward()
+    f = one.kfac_result()[1]
+    diag_kron = torch.outer(f.G.diagonal(), f.A.diagonal())  # diag of A (x) G as (out, in+1)
+    sq = one.result()
+    torch.testing.assert_close(diag_kron[:, :-1], sq[4], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(diag_kron[:, -1], sq[5], rtol=1e-10, atol=1e-14)

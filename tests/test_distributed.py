@@ -26,10 +26,25 @@ def run_worker(launcher: str, np: int, out: Path, **changes: object) -> list[dic
     return [torch.load(out / f"rank{r}.pt") for r in range(np)]
 
 
-def assert_close_lists(a: list[torch.Tensor], b: list[torch.Tensor], what: str, rtol: float, atol: float) -> None:
+def assert_close_lists(
+    a: list[torch.Tensor] | None, b: list[torch.Tensor] | None, what: str, rtol: float, atol: float
+) -> None:
+    assert (a is None) == (b is None), what
+    if a is None or b is None:
+        return
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
         torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def assert_same_trajectory(one: dict, two: dict, tol: dict) -> None:
+    assert len(one["steps"]) == len(two["steps"]) > 0
+    for s1, s2 in zip(one["steps"], two["steps"]):
+        assert_close_lists(s1["diag_fisher"], s2["diag_fisher"], "diag F", **tol)
+        assert_close_lists(s1["grads"], s2["grads"], "g_LB", **tol)
+        assert_close_lists(s1["noise"], s2["noise"], "noise", **tol)
+        assert s1["state"].keys() == s2["state"].keys()
+        assert_close_lists(list(s1["state"].values()), list(s2["state"].values()), "state", **tol)
 
 
 # 5 steps: 1280 training samples at a global batch of 256, one epoch.
@@ -48,14 +63,8 @@ def test_world_size_invariance(tmp_path: Path, launcher: str, model: str, dtype:
     cfg = dict(FIVE_STEPS, model=model, dtype=dtype, regime="diagf", ghost_bn=True, ghost_size=64)
     one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
     two = run_worker(launcher, 2, tmp_path / "w2", **cfg)
-    assert len(one["steps"]) == 5 and len(two[0]["steps"]) == 5
-    tol = TOLERANCE[dtype]
-    for s1, s2 in zip(one["steps"], two[0]["steps"]):
-        assert_close_lists(s1["diag_fisher"], s2["diag_fisher"], "diag F", **tol)
-        assert_close_lists(s1["grads"], s2["grads"], "g_LB", **tol)
-        assert_close_lists(s1["noise"], s2["noise"], "noise", **tol)
-        assert s1["state"].keys() == s2["state"].keys()
-        assert_close_lists(list(s1["state"].values()), list(s2["state"].values()), "state", **tol)
+    assert len(one["steps"]) == 5
+    assert_same_trajectory(one, two[0], TOLERANCE[dtype])
     # The noise is real: non-zero and of the size s * sqrt(diag F) predicts.
     f = torch.cat([t.flatten() for t in one["steps"][0]["diag_fisher"]])
     z = torch.cat([t.flatten() for t in one["steps"][0]["noise"]])
@@ -63,6 +72,32 @@ def test_world_size_invariance(tmp_path: Path, launcher: str, model: str, dtype:
     s = small_config(**cfg).noise_scale
     ratio = (z**2).sum() / (s**2 * f.sum())  # E ||z||^2 = s^2 Tr diag F
     assert 0.8 < ratio.item() < 1.2
+
+
+REGIME_CASES = {
+    "sb": dict(regime="sb"),
+    "lb": dict(regime="lb"),
+    "trace": dict(regime="trace"),
+    "multiplicative": dict(regime="multiplicative"),
+    "fullf": dict(regime="fullf"),
+    "kfac": dict(regime="kfac", kfac_every=2),
+    "diagf-every-2": dict(regime="diagf", fisher_every=2),
+    "batchchange": dict(regime="batchchange", epochs=2, batchchange_epochs=1),
+}
+
+
+@pytest.mark.parametrize("case", list(REGIME_CASES))
+def test_world_size_invariance_every_regime(tmp_path: Path, case: str) -> None:
+    """1 x 256 and 2 x 128 (horovodrun) agree for every regime (the CNN: conv, batch norm, linear)."""
+    cfg = dict(FIVE_STEPS, model="cnn1d", dtype="float64", ghost_bn=True, ghost_size=32, **REGIME_CASES[case])
+    one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
+    two = run_worker("horovodrun", 2, tmp_path / "w2", **cfg)
+    assert_same_trajectory(one, two[0], TOLERANCE["float64"])
+    noisy = [s["noise"] for s in one["steps"] if s["noise"] is not None]
+    assert bool(noisy) == (case not in ("sb", "lb", "batchchange"))
+    for s0, s1 in zip(two[0]["steps"], two[1]["steps"]):  # replicas bit-identical
+        for key in s0["state"]:
+            assert torch.equal(s0["state"][key], s1["state"][key]), key
 
 
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])

@@ -15,15 +15,23 @@ from hpcnoise.train import lr_at, train
 from tests.conftest import small_config
 
 
-@pytest.mark.parametrize("regime,model", [("lb", "mlp"), ("diagf", "mlp"), ("diagf", "cnn1d"), ("sb", "mlp")])
+@pytest.mark.parametrize(
+    "regime,model",
+    [("lb", "mlp"), ("diagf", "mlp"), ("diagf", "cnn1d"), ("sb", "mlp"), ("trace", "mlp"),
+     ("multiplicative", "mlp"), ("fullf", "cnn1d"), ("kfac", "cnn1d"), ("batchchange", "mlp")],
+)
 def test_loss_goes_down(tmp_path: Path, regime: str, model: str) -> None:
-    cfg = small_config(out_dir=str(tmp_path), run_name="r", regime=regime, model=model, epochs=4, ghost_bn=regime != "sb")
+    cfg = small_config(out_dir=str(tmp_path), run_name="r", regime=regime, model=model, epochs=4,
+                       ghost_bn=regime not in ("sb", "batchchange"), batchchange_epochs=2)
     summary = train(cfg, init("cpu"))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     assert rows[-1]["train_loss"] < 0.75 * rows[0]["train_loss"]
     assert summary["final_test_error"] < 0.8  # chance is 0.9
-    assert all(r["noise"] == (regime == "diagf") for r in rows)
+    noisy = regime in ("diagf", "trace", "multiplicative", "fullf", "kfac")
+    assert all(r["noise"] == noisy for r in rows)
+    if regime == "batchchange":
+        assert [r["batch_size"] for r in rows] == [64, 64, 256, 256]
 
 
 def test_run_directory_contents(tmp_path: Path) -> None:

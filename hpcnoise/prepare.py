@@ -1,0 +1,152 @@
+"""``hpcnoise data prepare NAME --root DIR``: turn an upstream image dataset into one compact file per split.
+
+Run once per dataset on a machine with internet (a login node): torchvision downloads the raw upstream
+files into DIR and checks their MD5s. Where the raw files are already in DIR (copied there: MNIST IDX
+``.gz`` files in ``DIR/MNIST/raw``, the CIFAR ``.tar.gz`` or its extracted folder), no network is used.
+It then writes ``DIR/NAME-train.pt`` and ``DIR/NAME-test.pt`` (format in hpcnoise.data), each atomically,
+after both splits have been read, so a failure leaves no prepared file half-written. Training jobs read
+only these files (``--data_root=DIR``).
+
+Bad input (unknown NAME, unwritable DIR, raw files neither present nor downloadable) gets one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import torch
+
+from hpcnoise.data import IMAGE_SETS, cache_dir, make_split, prepare_command, save_atomic, split_path
+
+# The torchvision.datasets class that reads each dataset's raw upstream files.
+SOURCES: dict[str, str] = {
+    "mnist": "MNIST",
+    "fashion_mnist": "FashionMNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+}
+
+
+class PrepareError(Exception):
+    """Bad input to ``prepare``: the message is the one line the user sees."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (a PrepareError), not usage text and SystemExit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise PrepareError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="hpcnoise data prepare",
+        description="Download (or read already present) raw files of an image dataset and write one "
+        "compact file per split (uint8 images, int64 labels, checksummed header) into --root.",
+    )
+    p.add_argument("name", help=f"dataset: {', '.join(SOURCES)}")
+    p.add_argument(
+        "--root",
+        default=None,
+        help="directory for raw and prepared files; training uses it as --data_root "
+        "(default: $HPCNOISE_DATA, else ~/.cache/hpcnoise)",
+    )
+    p.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never touch the network: the raw files must already be in --root (compute nodes)",
+    )
+    return p
+
+
+def _check_writable(root: Path) -> None:
+    """Create ``root`` if needed and prove a file can be written there."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise PrepareError(f"cannot write to --root {root}: {e.strerror or e}") from e
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The exception as one line of at most ``limit`` characters (torchvision's errors span lines)."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def read_raw(name: str, root: Path, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Both splits of ``name`` via torchvision as {split: (uint8 images (N, C, H, W), int64 labels (N,))}."""
+    import torchvision.datasets  # type: ignore[import-untyped]
+
+    cls = getattr(torchvision.datasets, SOURCES[name])
+    spec = IMAGE_SETS[name]
+    out = {}
+    for split in ("train", "test"):
+        try:
+            ds = cls(str(root), train=split == "train", download=download)
+        except Exception as e:  # download, MD5, archive and unpickling errors alike: one line for the user
+            how = "is not allowed (--no-download)" if not download else "failed"
+            raise PrepareError(
+                f"cannot read the raw {name} files in {root} ({_one_line(e)}); the download {how}. "
+                f"Copy {spec.raw} into {root}, "
+                f"or run `{prepare_command(name, root)}` on a machine with internet"
+            ) from e
+        if isinstance(ds.data, np.ndarray):  # CIFAR: (N, H, W, C) uint8
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+        else:  # MNIST family: (N, H, W) uint8 tensor
+            images = ds.data.unsqueeze(1)
+        images = images.contiguous()
+        labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != spec.shape or len(labels) != len(images):
+            raise PrepareError(
+                f"raw {name} {split} split in {root} has images {images.dtype} {tuple(images.shape)} and "
+                f"{len(labels)} labels; expected uint8 (N, {', '.join(map(str, spec.shape))}) and N labels"
+            )
+        out[split] = (images, labels)
+    return out
+
+
+def prepare(name: str, root: Path, download: bool = True) -> list[Path]:
+    """Read both raw splits of ``name`` in ``root`` (downloading if allowed); write both prepared files."""
+    if name not in SOURCES:
+        raise PrepareError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
+    _check_writable(root)
+    splits = read_raw(name, root, download)
+    written = []
+    for split, (images, labels) in splits.items():
+        path = split_path(root, name, split)
+        blob = make_split(name, split, images, labels, source=f"torchvision.datasets.{SOURCES[name]}")
+        save_atomic(blob, path)
+        written.append(path)
+        n, c, h, w = images.shape
+        print(f"hpcnoise: wrote {path}: {n} images {c}x{h}x{w} uint8, sha256 {blob['sha256'][:16]}...")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hpcnoise data prepare NAME [--root DIR] [--no-download]``; argv is what follows ``prepare``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = _parser().parse_args(argv)
+        root = Path(args.root).expanduser() if args.root else cache_dir()
+        prepare(args.name, root, download=not args.no_download)
+    except PrepareError as e:
+        print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # writing the prepared files (disk full, quota): no file is left half-written
+        msg = f"cannot write the prepared files: {_one_line(e)}"
+        print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

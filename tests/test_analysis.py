@@ -1,0 +1,315 @@
+"""The analysis: loading real run directories, the paper's tables with t intervals, figures and the report.
+
+Run directories are made by the real training loop on a seconds-long MNIST-1D config (3 regimes x 2 seeds,
+built once per module). sharpness.json and diagnostics.jsonl, which no command writes yet, are added by hand
+in the formats of hpcnoise.rundir, with known numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import figures, report, tables
+from analysis.load import load
+from analysis.published import PUBLISHED, published
+from analysis.published import rows as published_rows
+from hpcnoise.comm import init
+from hpcnoise.train import StepInfo, train
+from tests.conftest import small_config
+
+REGIMES = (("sb", False), ("lb", True), ("diagf", True))
+SEEDS = (0, 1)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six finished real runs: SB, LB+GBN, DiagF+GBN x seeds 0, 1 (2 epochs each)."""
+    root = tmp_path_factory.mktemp("runs")
+    for regime, gbn in REGIMES:
+        for seed in SEEDS:
+            cfg = small_config(out_dir=str(root), run_name=f"{regime}-s{seed}", regime=regime, ghost_bn=gbn, seed=seed)
+            train(cfg, init("cpu"))
+    return root
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "runs"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("report", "model.pt"))
+    return dst
+
+
+def _accuracies(root: Path, regime: str) -> list[float]:
+    """Final test accuracy (%) per seed, read straight from summary.json."""
+    return [
+        100.0 * (1.0 - json.loads((root / f"{regime}-s{s}" / "summary.json").read_text())["final_test_error"])
+        for s in SEEDS
+    ]
+
+
+def _t_interval(values: list[float]) -> tuple[float, float]:
+    """(mean, half-width) of scipy's 95% t interval."""
+    x = np.asarray(values)
+    if stats.sem(x) == 0.0:  # identical values (scipy answers NaN for a zero scale)
+        return float(x.mean()), 0.0
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    return float(x.mean()), float(high - low) / 2
+
+
+def test_ci_matches_scipy() -> None:
+    for x in ([91.2, 92.0, 91.5], [0.1, 0.4, 0.35, 0.2, 0.9], [5.0, 7.0]):
+        est = tables.mean_ci(x)
+        mean, half = _t_interval(x)
+        assert est.n == len(x)
+        assert est.mean == pytest.approx(mean, rel=1e-12)
+        assert est.half == pytest.approx(half, rel=1e-10)
+        assert (est.low, est.high) == pytest.approx(stats.t.interval(0.95, len(x) - 1, loc=mean, scale=stats.sem(x)))
+    assert tables.mean_ci([21.875, 21.875]).half == 0.0  # identical seeds: a zero-width interval, not NaN
+    one = tables.mean_ci([93.25])
+    assert (one.mean, one.half, one.n) == (93.25, None, 1)
+    assert tables.fmt_estimate(one.mean, math.nan, 1) == "93.25 (n=1, no CI)"
+    assert tables.fmt_estimate(93.151, 0.0449, 3) == "93.15 ± 0.04 (n=3)"
+    assert tables.fmt_estimate(math.nan, math.nan, 0) == ""
+    # The difference of means: Welch's interval, as scipy computes it.
+    a, b = [12.1, 12.9, 12.4], [10.0, 10.3, 9.8, 10.6]
+    diff = tables.welch_diff(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert diff.mean == pytest.approx(np.mean(a) - np.mean(b))
+    assert (diff.low, diff.high) == pytest.approx((ci.low, ci.high), rel=1e-9)
+
+
+def test_published_table_cells() -> None:
+    by_table = {t: [c for c in PUBLISHED if c.table == t] for t in ("table1", "table2", "table3")}
+    assert [len(v) for v in by_table.values()] == [9 * 4 + 1, 4 * 5, 4 * 3]  # + Table 1's caption cell
+    assert published_rows("table1")[0] == ("mnist", "mnist_mlp")
+    assert published_rows("table1")[-1] == ("cifar100", "resnet44x2")
+    assert published_rows("table3") == [("cifar10", "vgg16_bn"), ("cifar100", "vgg16_bn"), ("cifar10", "resnet44"),
+                                        ("cifar100", "resnet44x2")]
+    cell = published("table1", "cifar10", "resnet44", "diagf+gbn")
+    assert cell is not None and (cell.mean, cell.ci) == (92.72, 0.15)
+    cell = published("table1", "fashion_mnist", "lenet5", "lb+gbn")
+    assert cell is not None and (cell.mean, cell.ci) == (88.89, None) and "':'" in cell.note
+    cell = published("table1", "cifar100", "alexnet", "trace+gbn")
+    assert cell is not None and cell.mean is None and "N/A" in cell.note
+    cell = published("table2", "cifar100", "resnet44x2", "kfac")
+    assert cell is not None and cell.mean == 73.84
+    cell = published("table3", "cifar100", "vgg16_bn", "diagf+gbn")
+    assert cell is not None and cell.mean == 71.5 and "715" in cell.note
+    cell = published("table1", "cifar10", "resnet44", "fullf")
+    assert cell is not None and cell.mean == 93.22
+    assert published("table3", "mnist", "mnist_mlp", "sb") is None
+    # SB is the same in every table.
+    assert {c.mean for c in PUBLISHED if c.dataset == "cifar10" and c.network == "vgg16_bn" and c.column == "sb"} == {
+        93.25
+    }
+
+
+def test_load_real_runs(runs_root: Path) -> None:
+    loaded = load(runs_root)
+    assert loaded.skipped == [] and loaded.found == 6
+    runs = loaded.runs.set_index("run_id")
+    assert len(runs) == 6
+    assert runs.loc["lb-s1", "variant"] == "lb+gbn" and runs.loc["lb-s1", "label"] == "LB+GBN"
+    assert runs.loc["sb-s0", "variant"] == "sb" and runs.loc["sb-s0", "batch"] == 64
+    assert (runs["lr_scaling"] == "linear").all()  # missing from config.json -> linear
+    assert runs.loc["diagf-s0", "test_accuracy"] == pytest.approx(_accuracies(runs_root, "diagf")[0])
+    assert len(loaded.epochs) == 6 * 2
+    last = loaded.epochs[(loaded.epochs["run_id"] == "sb-s1") & (loaded.epochs["epoch"] == 2)].iloc[0]
+    assert last["step"] == 2 * 2048 // 64
+    assert last["test_error"] == pytest.approx(json.loads((runs_root / "sb-s1" / "summary.json").read_text())[
+        "final_test_error"])
+
+
+def test_report_from_real_runs(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    assert report.main([str(runs_root), "--out", str(out)]) == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    # Our Table 1 row for MNIST-1D: each cell is scipy's t interval of the summaries' accuracies.
+    cells = []
+    for regime in ("sb", "lb", "diagf"):
+        mean, half = _t_interval(_accuracies(runs_root, regime))
+        cells.append(f"{mean:.2f} ± {half:.2f} (n=2)")
+    assert f"| mnist1d | mlp | {cells[0]} |  | {cells[1]} |  |  |  | {cells[2]} |  |" in md
+    assert "| cifar10 | resnet44 |  | 93.42 |  | 91.92 ± 0.29 |  | 92.31 ± 0.02 |  | 92.72 ± 0.15 |" in md
+    table1 = pd.read_csv(out / "tables" / "table1.csv")
+    sb = table1[(table1["dataset"] == "mnist1d") & (table1["column"] == "sb")].iloc[0]
+    mean, half = _t_interval(_accuracies(runs_root, "sb"))
+    assert (sb["n_runs"], sb["n_seeds"], sb["seeds"]) == (2, 2, "0,1")
+    assert sb["accuracy"] == pytest.approx(mean) and sb["ci"] == pytest.approx(half)
+    assert len(table1) == (9 + 1) * 4  # the paper's 9 rows + ours, 4 columns
+    assert table1[table1["n_runs"] == 0]["accuracy"].isna().all()
+    # Figures with data are real PNGs embedded by relative path; the others are skipped with a note.
+    for name in ("fig3c_train_error.png", "fig4_val_error.png"):
+        assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"](figures/{name})" in md
+    assert not (out / "figures" / "fig3a_fisher_norms.png").exists()
+    assert "Not drawn: no run has Fisher norms" in md
+    assert "Nothing was skipped." in md
+    for name in ("table1", "table2", "table3", "results", "throughput", "runs", "skipped"):
+        assert (out / "tables" / f"{name}.csv").stat().st_size > 0
+    assert not list(out.rglob("*.tmp"))
+    throughput = pd.read_csv(out / "tables" / "throughput.csv")
+    assert len(throughput) == 3 and (throughput["efficiency"] == 1.0).all()
+
+
+def test_report_lists_corrupt_and_unfinished_runs(runs_root: Path, tmp_path: Path) -> None:
+    root = _copy(runs_root, tmp_path)
+    # A real half-finished run: training stopped during its second epoch.
+    class Stop(Exception):
+        pass
+
+    def stop(info: StepInfo) -> None:
+        if info.step == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_config(out_dir=str(root), run_name="half", regime="lb", ghost_bn=True), init("cpu"), stop)
+    # A finished run whose metrics.jsonl lost the end of its last line, one with a broken config.json, and a
+    # good run with a corrupt optional sharpness.json.
+    shutil.copytree(root / "lb-s0", root / "nested" / "truncated")
+    metrics = root / "nested" / "truncated" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-25])
+    shutil.copytree(root / "sb-s0", root / "badconfig")
+    (root / "badconfig" / "config.json").write_text('{"config": {"dataset": "mnist1d", ')
+    (root / "diagf-s1" / "sharpness.json").write_text('{"temperature": 1.2}')
+    shutil.copytree(root / "sb-s1", root / "nokey")
+    summary = json.loads((root / "nokey" / "summary.json").read_text())
+    del summary["final_test_error"]
+    (root / "nokey" / "summary.json").write_text(json.dumps(summary))
+
+    loaded = load(root)
+    reasons = {s.run: (s.what, s.reason) for s in loaded.skipped}
+    assert reasons["half"] == ("run", "incomplete: no summary.json (1 epoch logged)")
+    assert reasons["nested/truncated"][0] == "run"
+    assert reasons["nested/truncated"][1].startswith("metrics.jsonl line 2: truncated or invalid JSON")
+    assert reasons["badconfig"][1].startswith("config.json: invalid JSON")
+    assert reasons["nokey"] == ("run", "summary.json: missing key final_test_error")
+    assert reasons["diagf-s1"] == ("sharpness.json", "sharpness.json: missing key max_eigenvalue")
+    assert len(loaded.runs) == 6 and loaded.found == 10
+
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "6 finished runs used, 4 skipped, of 10 run directories found" in md
+    assert "- `half`: incomplete: no summary.json (1 epoch logged)" in md
+    assert "- `nested/truncated`: metrics.jsonl line 2: truncated or invalid JSON" in md
+    assert "- `diagf-s1` (sharpness.json ignored, run kept): sharpness.json: missing key max_eigenvalue" in md
+    table1 = pd.read_csv(out / "tables" / "table1.csv")
+    assert table1[table1["dataset"] == "mnist1d"]["n_seeds"].tolist() == [2, 2, 0, 2]
+    skipped = pd.read_csv(out / "tables" / "skipped.csv")
+    assert sorted(skipped["run"]) == ["badconfig", "diagf-s1", "half", "nested/truncated", "nokey"]
+
+
+def test_sqrt_scaling_sharpness_diagnostics_throughput(runs_root: Path, tmp_path: Path) -> None:
+    root = _copy(runs_root, tmp_path)
+    # The LB runs again under square-root scaling (the field the config will carry) and on 2 workers.
+    for seed in SEEDS:
+        shutil.copytree(root / f"lb-s{seed}", root / f"lb-sqrt-s{seed}")
+        path = root / f"lb-sqrt-s{seed}" / "config.json"
+        record = json.loads(path.read_text())
+        record["config"]["lr_scaling"] = "sqrt"
+        path.write_text(json.dumps(record))
+        shutil.copytree(root / f"lb-s{seed}", root / f"lb-w2-s{seed}")
+        path = root / f"lb-w2-s{seed}" / "config.json"
+        record = json.loads(path.read_text())
+        record["world_size"] = 2
+        path.write_text(json.dumps(record))
+    eig = {"sb": [11.0, 13.0], "lb": [40.0, 46.0], "diagf": [21.0, 20.0]}
+    for regime, values in eig.items():
+        for seed, value in zip(SEEDS, values):
+            run = root / f"{regime}-s{seed}"
+            (run / "sharpness.json").write_text(json.dumps({"max_eigenvalue": value, "temperature": 1.5}))
+            rows = [
+                {"epoch": e, "fisher_frobenius": 10.0 * e + seed, "diag_fisher_frobenius": 1.0 * e + seed,
+                 "grad_variance": {"lb": {"layer2": 1e-4, "layer10": 2e-4}, "diagf": {"layer2": 3e-3, "layer10": 5e-3},
+                                   "fullf": {"layer2": 4e-3, "layer10": 6e-3}}}
+                for e in (1, 2)
+            ]
+            (run / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load(root)
+    assert loaded.skipped == [] and len(loaded.runs) == 10
+    assert len(loaded.fisher) == 6 * 2 * 2 and len(loaded.grad_variance) == 6 * 2 * 3 * 2
+
+    t3 = tables.paper_table(loaded.runs, tables.TABLES["table3"])
+    cell = t3[(t3["dataset"] == "mnist1d") & (t3["column"] == "lb+gbn")].iloc[0]
+    mean, half = _t_interval(_accuracies(runs_root, "lb"))
+    assert cell["n_seeds"] == 2 and cell["accuracy"] == pytest.approx(mean) and cell["ci"] == pytest.approx(half)
+    t1 = tables.paper_table(loaded.runs, tables.TABLES["table1"])
+    lb1 = t1[(t1["dataset"] == "mnist1d") & (t1["column"] == "lb+gbn")].iloc[0]
+    assert lb1["n_runs"] == 4 and lb1["n_seeds"] == 2  # the 1- and 2-worker runs of each seed, not sqrt
+    assert loaded.runs.set_index("run_id").loc["lb-sqrt-s0", "label"] == "LB+GBN (sqrt)"
+
+    sharp = tables.sharpness_table(loaded.runs).set_index("regime")
+    mean, half = _t_interval(eig["lb"])
+    assert sharp.loc["LB+GBN", "max_eigenvalue"] == pytest.approx(mean)
+    assert sharp.loc["LB+GBN", "ci"] == pytest.approx(half)
+    assert sharp.loc["SB", "n_seeds"] == 2 and sharp.loc["DiagF+GBN", "max_eigenvalue"] == pytest.approx(20.5)
+
+    thr = tables.throughput_table(loaded.runs, loaded.epochs)
+    lb_thr = thr[thr["label"] == "LB+GBN"].set_index("world_size")
+    epochs = loaded.epochs[loaded.epochs["epoch"] == 2]  # epoch 1 (start-up) is left out
+    speed = epochs.set_index("run_id")["samples_per_s"]
+    one = np.mean([speed["lb-s0"], speed["lb-s1"]])
+    two = np.mean([speed["lb-w2-s0"], speed["lb-w2-s1"]])
+    assert lb_thr.loc[1, "samples_per_s"] == pytest.approx(one)
+    assert lb_thr.loc[2, "per_worker"] == pytest.approx(two / 2)
+    assert lb_thr.loc[2, "efficiency"] == pytest.approx((two / 2) / one)
+
+    drawn, skipped = figures.render(loaded)
+    assert skipped == {}
+    assert sorted(drawn) == sorted(f.name for f in figures.FIGURES)
+    assert all(png[:8] == PNG_MAGIC for png in drawn.values())
+    files = report.build(loaded)
+    md = files["report.md"].decode()
+    assert "| mnist1d | mlp | LB+GBN | " + tables.fmt_estimate(mean, half, 2, 2, 3) + " | 1.500 |" in md
+    assert "## Table 3" in md and md.count("| mnist1d | mlp |") >= 3
+
+
+def test_gap_summary_states_numbers(runs_root: Path) -> None:
+    runs = load(runs_root).runs
+    err = {r: [100.0 - a for a in _accuracies(runs_root, r)] for r in ("sb", "lb", "diagf")}
+    text = report.gap_summary(runs)
+    assert f"LB+GBN {np.mean(err['lb']):.2f}% vs SB {np.mean(err['sb']):.2f}% test error (2 and 2 seeds)" in text
+    gap = tables.welch_diff(err["lb"], err["sb"])
+    assert f"{gap.mean:.2f} ± {gap.half:.2f} points" in text
+    closed = tables.welch_diff(err["lb"], err["diagf"])
+    assert f"DiagF+GBN ({np.mean(err['diagf']):.2f}%, 2 seeds) is {abs(closed.mean):.2f} ± {closed.half:.2f} points" in text
+    one_seed = report.gap_summary(runs[runs["seed"] == 0])
+    assert "too few seeds for a confidence interval" in one_seed
+    assert "cannot be assessed" in report.gap_summary(runs[runs["regime"] != "lb"])
+
+
+def test_report_rejects_bad_input(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs_root / "sb-s0", unfinished / "r")
+    (unfinished / "r" / "summary.json").unlink()
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        str(a_file): "is not a directory",
+        str(empty): "no run directories",
+        str(unfinished): "no finished runs",
+    }
+    for runs_dir, message in cases.items():
+        assert report.main([runs_dir, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and err.startswith("hpcnoise report: error:")
+        assert not out.exists()
+    assert report.main([str(empty)]) == 2 and not (empty / "report").exists()
+    assert report.main([str(runs_root), "--out", str(a_file / "sub")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert report.main([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
