@@ -14,7 +14,8 @@ import argparse
 import sys
 from typing import Callable
 
-from hpcnoise.config import DEFAULT_PRESET, PRESETS, ConfigError, apply_overrides, get_preset
+from hpcnoise.config import ConfigError, apply_overrides
+from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -27,8 +27,9 @@ class Config:
     # --- what is trained -------------------------------------------------------------------------
     dataset: str = "mnist1d"
     model: str = "mlp"
-    train_samples: int = 60_000  # MNIST-1D: samples generated for training
-    test_samples: int = 10_000  # MNIST-1D: samples generated for testing
+    train_samples: int = 60_000  # MNIST-1D and synthetic data: samples generated for training
+    test_samples: int = 10_000  # MNIST-1D and synthetic data: samples generated for testing
+    synthetic_data: bool = False  # random inputs of the dataset's shape (smoke runs, throughput benchmarks)
     data_seed: int = 42  # MNIST-1D generation seed (the dataset itself, not the run)
     data_root: str = ""  # prepared datasets (`hpcnoise data prepare`); "" = $HPCNOISE_DATA or ~/.cache/hpcnoise
     # --- how it is trained -----------------------------------------------------------------------
@@ -177,84 +178,3 @@ def validate(cfg: Config, world_size: int) -> None:
             )
         if batch > cfg.train_samples:
             raise ConfigError(f"{batch_key}={batch} exceeds train_samples={cfg.train_samples}")
-
-
-# --- presets ---------------------------------------------------------------------------------------
-PresetFn = Callable[[bool], Config]
-PRESETS: dict[str, PresetFn] = {}
-
-
-def preset(name: str) -> Callable[[PresetFn], PresetFn]:
-    def wrap(fn: PresetFn) -> PresetFn:
-        PRESETS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_preset(name: str, smoke: bool = False) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
-    return replace(PRESETS[name](smoke), preset=name + ("-smoke" if smoke else ""))
-
-
-def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
-    """MNIST-1D (the embedded default): the paper's SB/LB protocol at a CPU-friendly scale.
-
-    SB trains with M_S = 128 at lr 0.05 (a tuned small-batch rate). LB regimes use M_L = 4096 and the
-    linear scaling rule (Goyal et al. 2017): lr_LB = lr_SB * M_L / M_S = 1.6, reached by a linear warmup
-    over 5 epochs. Every regime trains for the same number of epochs (the paper's rule), with noise for
-    the first 2/3 of them and a 10x decay at 2/3 and 5/6. ``smoke`` shrinks data and epochs to seconds.
-    """
-    epochs = 4 if smoke else 30
-    sb_lr = 0.05  # per 128 samples
-    large, small = (512, 64) if smoke else (4096, 128)
-    lr = sb_lr if regime == "sb" else sb_lr * large / small  # linear scaling rule
-    return Config(
-        dataset="mnist1d",
-        model="mlp",
-        train_samples=4096 if smoke else 60_000,
-        test_samples=1024 if smoke else 10_000,
-        regime=regime,
-        batch_size=large,
-        small_batch=small,
-        ghost_bn=ghost_bn,
-        ghost_size=small,
-        epochs=epochs,
-        lr=lr,
-        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
-        lr_decay_epochs=(epochs * 2 // 3, epochs * 5 // 6),
-        noise_epochs=epochs * 2 // 3,
-    )
-
-
-for _regime, _gbn in (("sb", False), ("lb", False), ("lb", True), ("diagf", False), ("diagf", True)):
-    _name = f"mnist1d-{_regime}" + ("-gbn" if _gbn else "")
-    PRESETS[_name] = (lambda r, g: lambda smoke: mnist1d(r, g, smoke))(_regime, _gbn)
-
-DEFAULT_PRESET = "mnist1d-diagf-gbn"
-
-# --- tables: the cells (one Config each) that a sweep runs -------------------------------------------
-TableFn = Callable[[bool], list[Config]]  # smoke -> cells
-TABLES: dict[str, TableFn] = {}
-
-
-def table(name: str) -> Callable[[TableFn], TableFn]:
-    def wrap(fn: TableFn) -> TableFn:
-        TABLES[name] = fn
-        return fn
-
-    return wrap
-
-
-@table("mnist1d")
-def mnist1d_table(smoke: bool) -> list[Config]:
-    """The embedded-default study: SB, LB+GBN and diagF+GBN on MNIST-1D, 3 seeds each."""
-    cells = []
-    for name in ("mnist1d-sb", "mnist1d-lb-gbn", "mnist1d-diagf-gbn"):
-        for seed in range(3):
-            cells.append(replace(get_preset(name, smoke), seed=seed))
-    return cells
-
-# keep module namespace tidy
-del _regime, _gbn, _name

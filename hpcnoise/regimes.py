@@ -66,6 +66,7 @@ class Regime:
     batch: Callable[[Config, int], int]  # global batch size used in a given epoch
     noise: NoiseFn | None = None  # None: no noise
     needs: frozenset[str] = field(default_factory=frozenset)  # statistics from STATISTICS
+    lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
 
 
 def standard_normal_like(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -157,6 +158,12 @@ def _batch_change(cfg: Config, epoch: int) -> int:
     return cfg.small_batch if epoch < cfg.batchchange_epochs else cfg.batch_size
 
 
+def _batch_change_lr(cfg: Config, epoch: int) -> float:
+    """cfg.lr is the large-batch rate; the small-batch epochs scale it back by the preset's rule."""
+    ratio = _batch_change(cfg, epoch) / cfg.batch_size
+    return {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[cfg.lr_scaling]
+
+
 _DIAG = frozenset({"diag_fisher"})
 REGIMES: dict[str, Regime] = {
     "sb": Regime("small batch M_S, no noise", ("small_batch",), _small),
@@ -181,6 +188,9 @@ REGIMES: dict[str, Regime] = {
         frozenset({"kfac", "diag_fisher"}),
     ),
     "batchchange": Regime(
-        "small batch for batchchange_epochs, then large batch", ("small_batch", "batch_size"), _batch_change
+        "small batch for batchchange_epochs, then large batch",
+        ("small_batch", "batch_size"),
+        _batch_change,
+        lr_factor=_batch_change_lr,
     ),
 }

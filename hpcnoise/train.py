@@ -53,8 +53,9 @@ class Preempted(Exception):
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """Learning rate of one step: linear warmup to cfg.lr over warmup_epochs, then step decay at epochs."""
-    lr = cfg.lr
+    """Learning rate of one step: linear warmup to cfg.lr over warmup_epochs, then step decay at epochs
+    (times the regime's factor for the epoch, e.g. BatchChange's small-batch epochs)."""
+    lr = cfg.lr * REGIMES[cfg.regime].lr_factor(cfg, epoch)
     done = epoch + (step_in_epoch + 1) / steps_per_epoch  # epochs completed after this step
     if done <= cfg.warmup_epochs:
         return lr * done / cfg.warmup_epochs
