@@ -274,6 +274,40 @@ def test_sqrt_scaling_sharpness_diagnostics_throughput(runs_root: Path, tmp_path
     assert "## Table 3" in md and md.count("| mnist1d | mlp |") >= 3
 
 
+def test_loads_files_written_by_measure(runs_root: Path, tmp_path: Path) -> None:
+    """The contract with hpcnoise.measure: its sharpness.json and diagnostics.jsonl load and plot."""
+    from hpcnoise.measure import diagnostics_row, load_run, sharpness_of
+    from hpcnoise.rundir import append_jsonl, write_json_atomic
+
+    root = _copy(runs_root, tmp_path)
+    run = root / "diagf-s0"
+    shutil.copy(runs_root / "diagf-s0" / "model.pt", run / "model.pt")
+    comm = init("cpu")
+    cfg, data, model = load_run(run, comm)
+    sharp = sharpness_of(model, data.x_train, data.y_train, comm, samples=128, heldout=(data.x_test, data.y_test),
+                         max_products=40)
+    write_json_atomic(run / "sharpness.json", sharp)
+    row = diagnostics_row(model, data, cfg, comm, cfg.epochs, fisher_samples=64, draws=2, regimes=("lb", "diagf"))
+    append_jsonl(run / "diagnostics.jsonl", row)
+
+    loaded = load(root)
+    assert loaded.skipped == []
+    got = loaded.runs.set_index("run_id").loc["diagf-s0"]
+    assert got["max_eigenvalue"] == pytest.approx(sharp["max_eigenvalue"]) and sharp["max_eigenvalue"] > 0
+    assert got["temperature"] == pytest.approx(sharp["temperature"])
+    norms = loaded.fisher.set_index("kind")["frobenius"]
+    assert norms["full"] == pytest.approx(row["fisher_frobenius"])
+    assert norms["diagonal"] == pytest.approx(row["diag_fisher_frobenius"])
+    assert norms["full"] >= norms["diagonal"] > 0  # ||F||_F >= ||diag F||_F
+    gv = loaded.grad_variance
+    assert len(gv) == 2 * len(list(model.parameters())) and (gv["epoch"] == cfg.epochs).all()
+    assert gv.set_index(["measured", "layer"])["variance"].to_dict() == pytest.approx(
+        {(r, name): v for r, layers in row["grad_variance"].items() for name, v in layers.items()}
+    )
+    drawn, skipped = figures.render(loaded)
+    assert skipped == {} and all(png[:8] == PNG_MAGIC for png in drawn.values())
+
+
 def test_gap_summary_states_numbers(runs_root: Path) -> None:
     runs = load(runs_root).runs
     err = {r: [100.0 - a for a in _accuracies(runs_root, r)] for r in ("sb", "lb", "diagf")}

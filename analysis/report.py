@@ -1,0 +1,303 @@
+"""``hpcnoise report RUNS_DIR [--out DIR]``: the paper's tables and figures from a root of run directories.
+
+Writes, under DIR (default RUNS_DIR/report):
+    report.md               tables as Markdown, figures embedded by relative path, skipped runs with reasons
+    figures/*.png           Figs. 3a-d and 4 (those with data)
+    tables/*.csv            every table in tidy long form, plus runs.csv (one row per run) and skipped.csv
+Every file is written to a temporary name and renamed into place, report.md last. Everything is computed
+before anything is written, so bad input (RUNS_DIR missing, not a directory, no finished runs, DIR not
+writable) gives one line on stderr, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from analysis import figures, tables
+from analysis.load import Loaded, load
+
+REPORT_NAME = "report.md"
+_CSV_NAMES = ("table1", "table2", "table3", "results", "throughput", "sharpness", "runs", "skipped")
+
+
+class ReportError(ValueError):
+    """Bad input to the report (one line on stderr, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ReportError instead of printing usage and exiting, so errors are one line."""
+
+    def error(self, message: str) -> Any:
+        raise ReportError(message)
+
+
+# --- the generalisation gap in words ---------------------------------------------------------------------------
+def _errors(runs: pd.DataFrame) -> list[float]:
+    """Final test error in percent, one value per seed."""
+    return list(100.0 * tables.per_seed(runs, "final_test_error"))
+
+
+def _pick(runs: pd.DataFrame, regime: str, gbn: bool | None) -> pd.DataFrame:
+    """Runs of ``regime``, preferring those with ghost batch norm as ``gbn`` says (any if none match)."""
+    sel = runs[runs["regime"] == regime]
+    if gbn is not None and (sel["gbn"] == gbn).any():
+        return sel[sel["gbn"] == gbn]
+    if (sel["gbn"]).any():
+        return sel[sel["gbn"]]
+    return sel
+
+
+def _gap_sentence(dataset: str, network: str, cell: pd.DataFrame) -> str | None:
+    sb = cell[cell["regime"] == "sb"]
+    lb = _pick(cell, "lb", True)  # the paper's baseline is LB with ghost batch norm
+    if sb.empty or lb.empty:
+        return None
+    e_sb, e_lb = _errors(sb), _errors(lb)
+    lb_name = lb["label"].iloc[0]
+    gap = tables.welch_diff(e_lb, e_sb)
+    text = (
+        f"{dataset}/{network}: {lb_name} {tables.mean_ci(e_lb).mean:.2f}% vs SB "
+        f"{tables.mean_ci(e_sb).mean:.2f}% test error ({len(e_lb)} and {len(e_sb)} seeds): "
+    )
+    significant = False
+    if gap.half is None:
+        text += f"gap {gap.mean:.2f} points, but too few seeds for a confidence interval (2 or more per regime needed)"
+    elif gap.low > 0:
+        significant = True
+        text += f"gap {gap.mean:.2f} ± {gap.half:.2f} points"
+    elif gap.high < 0:
+        text += f"no generalisation gap: LB is {-gap.mean:.2f} ± {gap.half:.2f} points better than SB"
+    else:
+        text += f"no clear gap: {gap.mean:.2f} ± {gap.half:.2f} points, an interval that includes 0"
+    diag = _pick(cell, "diagf", bool(lb["gbn"].iloc[0]))
+    if diag.empty:
+        return text + "; no DiagF runs to test its closure."
+    e_d = _errors(diag)
+    closed = tables.welch_diff(e_lb, e_d)  # LB error - DiagF error: positive = DiagF better
+    d_name, d_err = diag["label"].iloc[0], tables.mean_ci(e_d).mean
+    pm = f" ± {closed.half:.2f}" if closed.half is not None else ""
+    unsure = closed.half is not None and closed.low <= 0 <= closed.high
+    text += f"; {d_name} ({d_err:.2f}%, {len(e_d)} seeds) is {abs(closed.mean):.2f}{pm} points "
+    if closed.mean <= 0:
+        return text + "worse than LB" + (", so it does not close the gap." if significant else ".")
+    text += "better than LB"
+    if significant:
+        text += f", closing {100.0 * closed.mean / gap.mean:.0f}% of the gap"
+    return text + (" (an interval that includes 0)." if unsure else ".")
+
+
+def gap_summary(runs_df: pd.DataFrame) -> str:
+    """One paragraph, with numbers, on whether the SB-vs-LB generalisation gap appeared and DiagF closed it.
+
+    Uses linear-scaling runs (Table 1's setting); test error in percent, mean over seeds; intervals are 95%
+    Welch t intervals of differences of means. Says so plainly when there is no gap or too few seeds.
+    """
+    if runs_df.empty:
+        return "No finished runs, so the generalisation gap cannot be assessed."
+    runs = runs_df[(runs_df["regime"] == "sb") | (runs_df["lr_scaling"] == "linear")]
+    sentences = []
+    for (dataset, network), cell in runs.groupby(["dataset", "model"], sort=True):
+        sentence = _gap_sentence(dataset, network, cell)
+        if sentence is not None:
+            sentences.append(sentence)
+    if not sentences:
+        return (
+            "No (dataset, network) has both SB and LB runs with linear learning-rate scaling, so the "
+            "generalisation gap cannot be assessed."
+        )
+    return (
+        "Generalisation gap (final test error, mean over seeds; ± is a 95% Welch t interval of the difference). "
+        + " ".join(sentences)
+    )
+
+
+# --- building and writing -------------------------------------------------------------------------------------
+def _csv(df: pd.DataFrame) -> bytes:
+    return df.to_csv(index=False).encode()
+
+
+def _table_notes(long: pd.DataFrame) -> list[str]:
+    notes = []
+    for _, r in long.iterrows():
+        if r["published_note"]:
+            notes.append(f"\\* paper, {r['dataset']}/{r['network']} {r['title']}: {r['published_note']}.")
+        if r["pooled"]:
+            notes.append(f"Ours, {r['dataset']}/{r['network']} {r['title']}: {r['pooled']}.")
+    return notes
+
+
+def build(loaded: Loaded) -> dict[str, bytes]:
+    """Every output file (path relative to the report directory -> content), report.md last."""
+    files: dict[str, bytes] = {}
+    md: list[str] = ["# hpcnoise report", ""]
+    runs = loaded.runs
+    n_skipped = sum(s.what == "run" for s in loaded.skipped)
+    gits = sorted({str(g) for g in runs["git"].dropna()}) if "git" in runs else []
+    md += [
+        (f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
+        f"{n_skipped} skipped, of {loaded.found} run directories found; "
+        f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."),
+        "",
+        f"Source commits of the runs: {', '.join(f'`{g}`' for g in gits) or 'unknown'}.",
+        "",
+        "## Generalisation gap",
+        "",
+        gap_summary(runs),
+        "",
+        ("Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
+        "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
+        "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
+        "runs. \"(paper)\": the published number (Tables 1-3 of the paper; * marks a transcription note)."),
+        "",
+    ]
+    for table in tables.TABLES.values():
+        long = tables.paper_table(runs, table)
+        files[f"tables/{table.name}.csv"] = _csv(long)
+        md += [f"## {table.title}", "", tables.paper_table_markdown(long, table), ""]
+        notes = _table_notes(long)
+        md += [f"- {n}" for n in notes] + ([""] if notes else [])
+
+    results = tables.results_table(runs)
+    files["tables/results.csv"] = _csv(results)
+    md += ["## Every regime variant", "",
+           "All (dataset, network, regime) combinations present, including those outside the paper's tables.", "",
+           tables.results_markdown(results), ""]
+    md += [f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows()
+           if r["pooled"]] + [""]
+
+    md += ["## Throughput", "",
+           ("Samples per second over all workers and per worker: the mean over a run's epochs after the first "
+           "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
+           "same dataset, model, regime, device and global batch."), ""]
+    throughput = tables.throughput_table(runs, loaded.epochs)
+    if throughput.empty:
+        md += ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
+    else:
+        files["tables/throughput.csv"] = _csv(throughput)
+        md += [tables.throughput_markdown(throughput), ""]
+
+    md += ["## Sharpness", ""]
+    sharp = tables.sharpness_table(runs)
+    if sharp.empty:
+        md += ["No run has sharpness.json (`hpcnoise sharpness`), so there is no sharpness table.", ""]
+    else:
+        files["tables/sharpness.csv"] = _csv(sharp)
+        md += [("Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
+               "over seeds; temperature: the fitted softmax temperature, mean."), "",
+               tables.sharpness_markdown(sharp), ""]
+
+    md += ["## Figures", ""]
+    drawn, no_data = figures.render(loaded)
+    for spec in figures.FIGURES:
+        md += [f"### {spec.title}", ""]
+        if spec.name in drawn:
+            files[f"figures/{spec.name}"] = drawn[spec.name]
+            md += [f"![{spec.title}](figures/{spec.name})", "", spec.caption + " Bands and bars: 95% t interval "
+                   "over seeds.", ""]
+        else:
+            md += [f"Not drawn: {no_data[spec.name]}.", ""]
+
+    md += ["## Skipped", ""]
+    if loaded.skipped:
+        md += [f"- `{s.run}`" + (f" ({s.what} ignored, run kept)" if s.what != "run" else "") + f": {s.reason}"
+               for s in loaded.skipped]
+    else:
+        md += ["Nothing was skipped."]
+    skipped_df = pd.DataFrame([vars(s) for s in loaded.skipped], columns=["run", "what", "reason"])
+    files["tables/skipped.csv"] = _csv(skipped_df)
+    files["tables/runs.csv"] = _csv(runs)
+    md += ["", "## Files", "", "CSV (tidy long form) of every table: "
+           + ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv")) + ".", ""]
+    files[REPORT_NAME] = "\n".join(md).encode()
+    return files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, fsync, rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` under ``out`` (report.md last) and remove our own outputs that this report no longer has."""
+    for sub in ("figures", "tables"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        if rel != REPORT_NAME:
+            _write_atomic(out / rel, data)
+    owned = [f"figures/{s.name}" for s in figures.FIGURES] + [f"tables/{n}.csv" for n in _CSV_NAMES]
+    for rel in owned:
+        if rel not in files:
+            (out / rel).unlink(missing_ok=True)
+    _write_atomic(out / REPORT_NAME, files[REPORT_NAME])
+
+
+def _check_out(out: Path) -> None:
+    probe = out.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ReportError(f"cannot write the report to {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write the report to {out}: {probe} is not writable")
+
+
+def _check_root(root: Path) -> None:
+    if not root.exists():
+        raise ReportError(f"runs directory {root} does not exist")
+    if not root.is_dir():
+        raise ReportError(f"runs directory {root} is not a directory")
+
+
+def _load_checked(root: Path) -> Loaded:
+    loaded = load(root)
+    if loaded.runs.empty:
+        if loaded.found == 0:
+            raise ReportError(f"no run directories (directories with config.json) under {root}")
+        reasons = "; ".join(f"{s.run}: {s.reason}" for s in loaded.skipped[:3])
+        more = f"; and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else ""
+        raise ReportError(f"no finished runs under {root} ({loaded.found} run directories skipped: {reasons}{more})")
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hpcnoise report RUNS_DIR [--out DIR]`: write the report; bad input: one line on stderr, exit 2."""
+    parser = _Parser(prog="hpcnoise report", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("runs_dir", type=Path, help="root of run directories (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUNS_DIR/report)")
+    try:
+        args = parser.parse_args(argv)
+        out = args.out if args.out is not None else args.runs_dir / "report"
+        _check_root(args.runs_dir)
+        _check_out(out)
+        loaded = _load_checked(args.runs_dir)
+        files = build(loaded)
+        write(out, files)
+    except (ReportError, OSError) as exc:
+        print(f"hpcnoise report: error: {exc}", file=sys.stderr)
+        return 2
+    n_skipped = sum(s.what == "run" for s in loaded.skipped)
+    print(f"hpcnoise report: {len(loaded.runs)} runs ({n_skipped} skipped) -> {out / REPORT_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
