@@ -1,5 +1,10 @@
 """Networks, and the (ghost) batch norm they all use.
 
+A Linear or Conv layer followed by batch norm has no bias: batch norm removes it, so its batch gradient
+is zero, yet its per-sample gradients are not, and Fisher noise would make it random-walk while the
+running mean follows it with a lag (a train/eval mismatch). Parameter counts are the published
+architectures' minus those redundant biases.
+
 Every network is built by a function registered in ``MODELS`` under its CLI name. Builders receive the
 input shape (without the batch dimension), the number of classes and a ``norm`` factory; every batch
 norm in every network comes from that factory, so ghost batch norm is a config switch, not a variant.
@@ -162,10 +167,10 @@ def _numel(shape: tuple[int, ...]) -> int:
 def mlp(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, width: int = 512) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(_numel(in_shape), width),
+        nn.Linear(_numel(in_shape), width, bias=False),
         norm(width),
         nn.ReLU(),
-        nn.Linear(width, width),
+        nn.Linear(width, width, bias=False),
         norm(width),
         nn.ReLU(),
         nn.Linear(width, num_classes),
@@ -180,13 +185,13 @@ def cnn1d(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, width:
         out_len = (out_len - 1) // stride + 1
     return nn.Sequential(
         nn.Unflatten(1, (channels, length)),
-        nn.Conv1d(channels, width, 5, padding=2),
+        nn.Conv1d(channels, width, 5, padding=2, bias=False),
         norm(width),
         nn.ReLU(),
-        nn.Conv1d(width, width, 5, stride=2, padding=2),
+        nn.Conv1d(width, width, 5, stride=2, padding=2, bias=False),
         norm(width),
         nn.ReLU(),
-        nn.Conv1d(width, width, 5, stride=2, padding=2),
+        nn.Conv1d(width, width, 5, stride=2, padding=2, bias=False),
         norm(width),
         nn.ReLU(),
         nn.Flatten(),
@@ -234,7 +239,7 @@ def mnist_mlp(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, wi
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = _numel(in_shape)
     for _ in range(5):
-        layers += [nn.Linear(fan_in, width), norm(width), nn.ReLU()]
+        layers += [nn.Linear(fan_in, width, bias=False), norm(width), nn.ReLU()]
         fan_in = width
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -257,19 +262,19 @@ def lenet5(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory) -> nn
         return ((size + 2 * pad - 4) // 2 - 4) // 2
 
     return nn.Sequential(
-        nn.Conv2d(channels, 6, 5, padding=pad),
+        nn.Conv2d(channels, 6, 5, padding=pad, bias=False),
         norm(6),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
+        nn.Conv2d(6, 16, 5, bias=False),
         norm(16),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * features(h) * features(w), 120),
+        nn.Linear(16 * features(h) * features(w), 120, bias=False),
         norm(120),
         nn.ReLU(),
-        nn.Linear(120, 84),
+        nn.Linear(120, 84, bias=False),
         norm(84),
         nn.ReLU(),
         nn.Linear(84, num_classes),
@@ -330,9 +335,9 @@ def vgg16_bn(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory) -> 
             h, w = h // 2, w // 2
         else:
             assert isinstance(v, int)
-            layers += [nn.Conv2d(channels, v, 3, padding=1), norm(v), nn.ReLU()]
+            layers += [nn.Conv2d(channels, v, 3, padding=1, bias=False), norm(v), nn.ReLU()]
             channels = v
-    layers += [nn.Flatten(), nn.Linear(channels * h * w, 512), norm(512), nn.ReLU()]
+    layers += [nn.Flatten(), nn.Linear(channels * h * w, 512, bias=False), norm(512), nn.ReLU()]
     layers.append(nn.Linear(512, num_classes))
     return _he_init_convs(nn.Sequential(*layers))
 
