@@ -2,8 +2,12 @@
 
     hpcnoise train [PRESET] [--smoke] [--key=value ...]   train one configuration (any launcher)
     hpcnoise presets                                      list presets and registries
+    hpcnoise data prepare NAME --root DIR                 download and pack MNIST/Fashion/CIFAR (login node)
+    hpcnoise sweep write|run|submit ...                   a table's cells as a job array
+    hpcnoise sharpness RUN_DIR                            max Hessian eigenvalue of a finished run
+    hpcnoise report RUNS_DIR                              tables, figures and report.md from run directories
     hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
-    hpcnoise bench fisher [--batch N]                     cost of the diagonal Fisher per step
+    hpcnoise bench fisher|data                            cost of the diagonal Fisher per step; data feed
 
 Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written.
 """
@@ -78,31 +82,38 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
-def cmd_toy(argv: list[str]) -> int:
-    from hpcnoise import toy
+def _delegate(module: str, skip: int = 0) -> Callable[[list[str]], int]:
+    """A command that hands its arguments to ``module.main`` (imported only when used)."""
 
-    return toy.main(argv)
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(argv[skip:]))
+
+    return run
 
 
-def cmd_bench(argv: list[str]) -> int:
-    benches: dict[str, Callable[[list[str]], int]] = {}
+def _choose(name: str, subcommands: dict[str, Callable[[list[str]], int]]) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        if not argv or argv[0] not in subcommands:
+            return _error(f"hpcnoise {name} needs one of: {', '.join(subcommands)}")
+        return subcommands[argv[0]](argv[1:])
 
-    def fisher(rest: list[str]) -> int:
-        from hpcnoise.benchmarks import fisher_cost
-
-        return fisher_cost.main(rest)
-
-    benches["fisher"] = fisher
-    if not argv or argv[0] not in benches:
-        return _error(f"hpcnoise bench needs one of: {', '.join(benches)}")
-    return benches[argv[0]](argv[1:])
+    return run
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "presets": cmd_presets,
-    "toy": cmd_toy,
-    "bench": cmd_bench,
+    "data": _choose("data", {"prepare": _delegate("hpcnoise.prepare")}),
+    "sweep": _delegate("hpcnoise.sweep"),
+    "sharpness": _delegate("hpcnoise.measure"),
+    "report": _delegate("analysis.report"),
+    "toy": _delegate("hpcnoise.toy"),
+    "bench": _choose(
+        "bench",
+        {"fisher": _delegate("hpcnoise.benchmarks.fisher_cost"), "data": _delegate("hpcnoise.benchmarks.data_feed")},
+    ),
 }
 
 

@@ -70,7 +70,9 @@ class Comm:
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (for small things: run directory names, error messages)."""
         if self.hvd is not None and self.size > 1:
-            return self.hvd.broadcast_object(obj, root_rank=0)
+            # a fixed name: Horovod otherwise names the broadcast after the object's type, and ranks
+            # passing different types (a value on rank 0, None elsewhere) would wait on each other forever
+            return self.hvd.broadcast_object(obj, root_rank=0, name="hpcnoise.object")
         return obj
 
     def versions(self) -> dict[str, str]:

@@ -60,6 +60,9 @@ class Config:
     # --- where and how it runs -------------------------------------------------------------------
     out_dir: str = "runs"
     checkpoint_every: int = 1  # epochs between checkpoints (0: only on SIGTERM/SIGUSR1)
+    diagnostics_every: int = 0  # epochs between Fisher norms / gradient variances (diagnostics.jsonl); 0 = off
+    sharpness: bool = False  # measure the final model's max Hessian eigenvalue (sharpness.json)
+    sharpness_samples: int = 4096  # training samples the Hessian is taken over
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
@@ -145,7 +148,7 @@ def validate(cfg: Config, world_size: int) -> None:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     for key in ("momentum", "weight_decay", "warmup_epochs", "noise_epochs", "lr_decay_factor", "threads",
-                "checkpoint_every",
+                "checkpoint_every", "diagnostics_every",
                 "multiplicative_sigma", "batchchange_epochs"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -176,5 +179,3 @@ def validate(cfg: Config, world_size: int) -> None:
                 f"ghost_size={cfg.ghost_size} must be positive and divide the local batch of {local} samples "
                 f"({batch_key}={batch} over {world_size} workers)"
             )
-        if batch > cfg.train_samples:
-            raise ConfigError(f"{batch_key}={batch} exceeds train_samples={cfg.train_samples}")

@@ -350,6 +350,14 @@ def crop_flip_augment(
     return augment
 
 
+def synthetic_split(spec: ImageSet, n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 images and labels of a dataset's shape (``synthetic_data``: smoke runs and
+    throughput benchmarks without downloads); they then go through the real normalise/augment path."""
+    gen = generator(seed, "synthetic-" + split)
+    images = torch.randint(0, 256, (n, *spec.shape), generator=gen, dtype=torch.uint8)
+    return images, torch.randint(0, spec.num_classes, (n,), generator=gen)
+
+
 def load_images(name: str, cfg: Config, device: torch.device) -> Data:
     """Load a prepared image dataset: both splits normalised on the device, with crop+flip where standard.
 
@@ -357,9 +365,13 @@ def load_images(name: str, cfg: Config, device: torch.device) -> Data:
     normalisation that is -mean/std per channel.
     """
     spec = IMAGE_SETS[name]
-    root = cache_dir(cfg.data_root)
-    x_train, y_train = read_split(name, "train", root)
-    x_test, y_test = read_split(name, "test", root)
+    if cfg.synthetic_data:
+        x_train, y_train = synthetic_split(spec, cfg.train_samples, cfg.data_seed, "train")
+        x_test, y_test = synthetic_split(spec, cfg.test_samples, cfg.data_seed, "test")
+    else:
+        root = cache_dir(cfg.data_root)
+        x_train, y_train = read_split(name, "train", root)
+        x_test, y_test = read_split(name, "test", root)
     black = -torch.tensor(spec.mean) / torch.tensor(spec.std)  # normalised value of pixel 0, per channel
     return Data(
         x_train=normalise(x_train.to(device), spec),

@@ -35,19 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from hpcnoise.comm import Comm, init, launcher_rank
 from hpcnoise.config import Config, ConfigError
 from hpcnoise.curvature import CurvatureHooks, KFactors
 from hpcnoise.data import DATASETS, Data
 from hpcnoise.models import GhostBatchNorm, build_model, ghost_norms
-from hpcnoise.regimes import REGIMES, KFacLayer, NoiseInput
+from hpcnoise.regimes import HOOK_QUANTITY, REGIMES, KFacLayer, NoiseInput
 from hpcnoise.rundir import RunDir, write_json_atomic
 from hpcnoise.seeding import generator, stream_seed
 
 METHODS = ("lanczos", "power")
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 # --- reparametrisation invariance: batch-norm folding and temperature -----------------------------------
@@ -63,45 +62,102 @@ def _hookless_copy(model: nn.Module) -> nn.Module:
             m._forward_hooks, m._forward_pre_hooks = hooks, pre_hooks
 
 
+class ChannelSign(nn.Module):
+    """Multiplies each channel by a fixed sign (a buffer, no parameters).
+
+    What remains of a batch norm with a negative scale gamma / sqrt(var + eps) after it is folded through a
+    max pool: max pooling commutes with positive scales only, so the magnitude goes into the layer and the
+    sign stays here.
+    """
+
+    def __init__(self, sign: Tensor):
+        super().__init__()
+        self.register_buffer("sign", sign)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.sign.view(1, -1, *[1] * (x.dim() - 2))  # type: ignore[operator]
+
+
+_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Between a layer and its batch norm: max pooling commutes with per-channel x -> a x + b for a >= 0
+# (its padding is -inf), so a norm can be folded through it.
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx tracer that keeps batch norms as opaque calls (their forward branches on the mode)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, GhostBatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fold_plan(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """Per batch norm (qualified name): the layer whose output it normalises; max pools between or not.
+
+    Read from the traced data flow, not from module order: the layer must feed the norm directly or
+    through max pools only, nothing else may use its output, and each module must be called once.
+    """
+    graph = _Tracer().trace(model)
+    modules = dict(model.named_modules())
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    plan: dict[str, tuple[str, bool]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[str(node.target)], GhostBatchNorm):
+            continue
+        src, pooled = node.args[0], False
+        while (
+            isinstance(src, fx.Node) and src.op == "call_module"
+            and isinstance(modules[str(src.target)], _POOLS) and len(src.users) == 1
+        ):  # fmt: skip
+            src, pooled = src.args[0], True
+        ok = (
+            isinstance(src, fx.Node) and src.op == "call_module"
+            and isinstance(modules[str(src.target)], _FOLDABLE) and len(src.users) == 1
+        )  # fmt: skip
+        if not ok or calls.count(node.target) > 1 or calls.count(src.target) > 1:  # type: ignore[union-attr]
+            raise ValueError(
+                f"batch norm {node.target!r} does not normalise the output of a Linear or Conv layer used "
+                "once (directly or through max pooling); it cannot be folded"
+            )
+        plan[str(node.target)] = (str(src.target), pooled)  # type: ignore[union-attr]
+    return plan
+
+
 @torch.no_grad()
-def _fold_into(layer: nn.Module, bn: GhostBatchNorm) -> None:
-    """Replace layer's (W, b) by (W k, (b - mu) k + beta), k = gamma / sqrt(var + eps) per output channel."""
+def _fold_into(layer: nn.Module, bn: GhostBatchNorm, pooled: bool) -> nn.Module:
+    """Fold the eval-mode norm y = k x + c (k = gamma / sqrt(var + eps), c = beta - k mu, per channel) into
+    ``layer``'s weight and bias (in float64); return the module that replaces the norm.
+
+    Directly after the layer: W <- k W, b <- k b + c, and nothing remains. Through max pooling (which
+    commutes with non-negative scales only): W <- |k| W, b <- |k| b + sign(k) c, then the signs remain.
+    """
     assert isinstance(layer, _FOLDABLE)
     w = layer.weight
-    scale = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)  # type: ignore[operator]
-    bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(scale)
-    new_w = w.double() * scale.view(-1, *[1] * (w.dim() - 1))
-    new_b = (bias - bn.running_mean.double()) * scale + bn.bias.double()  # type: ignore[operator]
-    layer.weight = nn.Parameter(new_w.to(w.dtype))
-    layer.bias = nn.Parameter(new_b.to(w.dtype))
+    k = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)  # type: ignore[operator]
+    c = bn.bias.double() - k * bn.running_mean.double()  # type: ignore[operator]
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(k)
+    sign = torch.where(k < 0, -1.0, 1.0).to(k) if pooled else torch.ones_like(k)
+    scale = k * sign  # |k| through pooling, else k
+    layer.weight = nn.Parameter((w.double() * scale.view(-1, *[1] * (w.dim() - 1))).to(w.dtype))
+    layer.bias = nn.Parameter((scale * b + sign * c).to(w.dtype))
+    return ChannelSign(sign.to(w.dtype)) if bool((sign < 0).any()) else nn.Identity()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A new model without batch norm whose outputs equal ``model``'s in eval mode (running statistics).
 
-    Every GhostBatchNorm must directly follow a Linear or Conv layer inside an nn.Sequential (as in every
-    registered network); it is folded into that layer's weight and bias (computed in float64) and
-    replaced by nn.Identity, so parameter names of the remaining layers are unchanged. The original is
-    untouched.
+    Each GhostBatchNorm is folded into the Linear or Conv layer whose output it normalises (found by
+    tracing the forward with torch.fx; max pools may lie between) and replaced by nn.Identity (or by a
+    parameter-free ``ChannelSign`` where a negative scale meets a max pool). Layers keep their names;
+    a layer without a bias gets one. The original is untouched.
     """
     folded = _hookless_copy(model).eval()
-
-    def visit(module: nn.Module) -> None:
-        children = list(module.named_children())
-        for i, (name, child) in enumerate(children):
-            if isinstance(child, GhostBatchNorm):
-                prev = children[i - 1][1] if i > 0 and isinstance(module, nn.Sequential) else None
-                if not isinstance(prev, _FOLDABLE) or prev.weight.shape[0] != child.num_features:
-                    raise ValueError(
-                        f"batch norm {name!r} does not follow a Linear or Conv layer in an nn.Sequential; "
-                        "it cannot be folded"
-                    )
-                _fold_into(prev, child)
-                setattr(module, name, nn.Identity())
-            else:
-                visit(child)
-
-    visit(folded)
+    for bn_name, (layer_name, pooled) in _fold_plan(folded).items():
+        bn = folded.get_submodule(bn_name)
+        assert isinstance(bn, GhostBatchNorm)
+        replacement = _fold_into(folded.get_submodule(layer_name), bn, pooled)
+        parent, _, child = bn_name.rpartition(".")
+        setattr(folded.get_submodule(parent), child, replacement)
     return folded
 
 
@@ -153,7 +209,6 @@ class HessianOperator:
         self.temperature, self.chunk = temperature, chunk
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dim = sum(p.numel() for p in self.params)
-        self.calls = 0  # Hessian-vector products so far
 
     def _local_sum(self, v: Tensor) -> Tensor:
         """sum over this rank's samples of the Hessian of the individual losses, times v (float64)."""
@@ -186,7 +241,6 @@ class HessianOperator:
         return flat
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
-        self.calls += 1
         device = self.params[0].device
         vt = torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64).reshape(-1), device=device)
         flat = self._reduce(self._local_sum(vt), self.x.shape[0], 1.0)
@@ -307,8 +361,10 @@ def sharpness_of(
         p.requires_grad_(True)
     temperature = 1.0
     if heldout is not None:
-        fitted = fit_temperature(logits_of(net, heldout[0]), heldout[1]) if comm.is_main else None
-        temperature = float(comm.broadcast_object(fitted))  # rank 0's value everywhere
+        # Rank 0 fits, everyone takes its value. Every rank passes a float: Horovod names the broadcast
+        # after the object's type, and differing names never match.
+        fitted = fit_temperature(logits_of(net, heldout[0]), heldout[1]) if comm.is_main else 0.0
+        temperature = float(comm.broadcast_object(fitted))
     idx = fixed_subset(x.shape[0], samples, seed)
     lo, hi = samples * comm.rank // comm.size, samples * (comm.rank + 1) // comm.size
     mine = idx[lo:hi].to(x.device)
@@ -463,7 +519,6 @@ def gradient_variance(
     Parameters, buffers and .grad are left as they were. With ``comm`` the draws are shared out over
     ranks and combined in one sum-allreduce.
     """
-    from hpcnoise.train import HOOK_QUANTITY  # lazily: train calls into this module
 
     regime = REGIMES[regime_name]
     if batches < 2:
@@ -575,8 +630,9 @@ def load_config(run_dir: Path) -> Config:
             what = "unfinished run" if path != run.config_path else "not a run directory"
             raise ConfigError(f"{str(run_dir)!r}: {what}, no {path.name}")
     try:
-        fields = json.loads(run.config_path.read_text())["config"]
-        return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        stored = json.loads(run.config_path.read_text())["config"]
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        return Config(**values)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{str(run.config_path)!r} does not hold a valid config: {e}") from e
 

@@ -129,7 +129,7 @@ def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: s
     trains its first 50 epochs at M_S with that rate scaled back by the same rule.
     """
     r = RECIPES[(dataset, model)]
-    large, small, epochs = (128, 32, 2) if smoke else (4096, 128, int(r["epochs"]))
+    large, small, epochs = (32, 8, 2) if smoke else (4096, 128, int(r["epochs"]))
     ratio = large / small
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
     lr = r["lr"] if regime == "sb" else r["lr"] * factor
@@ -152,8 +152,8 @@ def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: s
         batchchange_epochs=1 if smoke else 50,
         # smoke: synthetic data of the dataset's shape, so every cell runs without downloads
         synthetic_data=smoke,
-        train_samples=512 if smoke else 60_000,
-        test_samples=128 if smoke else 10_000,
+        train_samples=64 if smoke else 60_000,
+        test_samples=32 if smoke else 10_000,
         threads=1 if smoke else 0,
     )
 

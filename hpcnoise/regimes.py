@@ -32,6 +32,8 @@ from hpcnoise.config import Config
 #   "kfac":        per Linear/Conv layer, A = (1/M_L) sum_i (1/T) sum_t a a^T and
 #                  G = (1/M_L) sum_{i,t} g g^T; refreshed every ``kfac_every`` steps.
 STATISTICS = ("diag_fisher", "signed_sum", "kfac")
+# The hpcnoise.curvature quantity that computes each statistic's local sums.
+HOOK_QUANTITY = {"diag_fisher": "sum_grad_squared", "signed_sum": "signed_sum", "kfac": "kfac"}
 
 
 @dataclass(frozen=True)

@@ -134,13 +134,27 @@ class RunDir:
         self.metrics_path.unlink(missing_ok=True)
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Replace metrics.jsonl with the rows a checkpoint holds (drops lines logged after it)."""
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".metrics.jsonl.", suffix=".tmp")
+        """Replace metrics.jsonl with the rows a checkpoint holds, and drop diagnostics logged after it."""
+        self._rewrite_jsonl(self.metrics_path, rows)
+        diagnostics = self.path / "diagnostics.jsonl"
+        if diagnostics.exists():
+            kept = []
+            for line in diagnostics.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by the kill
+                if row.get("epoch", 0) <= len(rows):
+                    kept.append(row)
+            self._rewrite_jsonl(diagnostics, kept)
+
+    def _rewrite_jsonl(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.metrics_path)
+        os.replace(tmp, path)
 
     def create(self, config_record: dict[str, Any]) -> None:
         """Make the directory and write config.json; the directory appears only with its config in it."""
@@ -157,6 +171,12 @@ class RunDir:
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         append_jsonl(self.metrics_path, row)
+
+    def log_diagnostics(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.path / "diagnostics.jsonl", row)
+
+    def write_sharpness(self, result: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "sharpness.json", result)
 
     @property
     def model_path(self) -> Path:

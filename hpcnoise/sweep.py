@@ -33,7 +33,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hpcnoise.config import TABLES, Config, ConfigError, apply_overrides
+from hpcnoise.config import Config, ConfigError, apply_overrides
+from hpcnoise.presets import TABLES
 
 # Fields that say where and how a cell runs, not what it computes: left out of the run-name digest, so
 # that e.g. another device or thread count finds the same run.

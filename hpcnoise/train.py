@@ -40,12 +40,9 @@ from hpcnoise.config import Config, ConfigError, validate
 from hpcnoise.curvature import CurvatureHooks
 from hpcnoise.data import DATASETS, Data, epoch_batches, local_share, save_atomic
 from hpcnoise.models import build_model, ghost_norms
-from hpcnoise.regimes import REGIMES, KFacLayer, NoiseInput, Regime
+from hpcnoise.regimes import HOOK_QUANTITY, REGIMES, KFacLayer, NoiseInput, Regime
 from hpcnoise.rundir import RunDir, check_writable, default_run_name, git_hash
 from hpcnoise.seeding import generator, stream_seed
-
-# Curvature statistic (hpcnoise.regimes.STATISTICS) -> the hook quantity that computes its local sums.
-HOOK_QUANTITY = {"diag_fisher": "sum_grad_squared", "signed_sum": "signed_sum", "kfac": "kfac"}
 
 
 class Preempted(Exception):
@@ -204,6 +201,12 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
     dtype = getattr(torch, cfg.dtype)
     data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
+    for batch_key in regime.batch_keys:
+        if getattr(cfg, batch_key) > data.x_train.shape[0]:
+            raise ConfigError(
+                f"{batch_key}={getattr(cfg, batch_key)} exceeds the {data.x_train.shape[0]} training samples "
+                f"of {cfg.dataset}"
+            )
     model = build_model(
         cfg.model,
         data.in_shape,
@@ -429,6 +432,12 @@ def _train_loop(
                 )
                 bar.write(msg) if show_bar else print(msg, flush=True)
             bar.update(1)
+            if cfg.diagnostics_every and pos.epoch % cfg.diagnostics_every == 0:
+                from hpcnoise.measure import diagnostics_row  # measure imports this module
+
+                diag = diagnostics_row(model, data, cfg, comm, pos.epoch)
+                if run is not None:
+                    run.log_diagnostics(diag)
             if cfg.checkpoint_every and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs:
                 pos.elapsed_s += time.perf_counter() - t_session
                 t_session = time.perf_counter()
@@ -455,6 +464,16 @@ def _train_loop(
         "total_time_s": pos.elapsed_s + time.perf_counter() - t_session,
         "mean_samples_per_s": sum(r["samples_per_s"] for r in history) / len(history),
     }
+    if cfg.sharpness:
+        from hpcnoise.measure import sharpness_of
+
+        sharp = sharpness_of(
+            model, data.x_train, data.y_train, comm,
+            samples=min(cfg.sharpness_samples, n_train), heldout=(data.x_test, data.y_test),
+        )
+        summary["max_eigenvalue"] = sharp["max_eigenvalue"]
+        if run is not None:
+            run.write_sharpness(sharp)
     if run is not None:
         run.save_model(model)
         run.finish(summary)

@@ -140,3 +140,19 @@ def test_batch_not_divisible_by_world_size(tmp_path: Path) -> None:
     assert len(errors) == 1, proc.stderr
     assert "batch_size=511" in errors[0] and "world size 2" in errors[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_every_table_preset_smoke_under_horovodrun(tmp_path: Path) -> None:
+    """The smoke variant of every Table 1-3 preset trains under horovodrun -np 2 and finishes."""
+    from hpcnoise.presets import PRESETS
+
+    worker = str(Path(__file__).with_name("smoke_worker.py"))
+    proc = run_launched("horovodrun", 2, [worker, str(tmp_path), "table1", "table2", "table3"], timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected = sorted(f"{name}-smoke" for name in PRESETS if name.startswith("table"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    import json
+
+    for run in tmp_path.iterdir():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] > 0, run.name
