@@ -1,5 +1,6 @@
 """The ``hpcnoise`` command line.
 
+    hpcnoise study [--full]                               the main job: MNIST-1D study on 2 processes + report
     hpcnoise train [PRESET] [--smoke] [--key=value ...]   train one configuration (any launcher)
     hpcnoise presets                                      list presets and registries
     hpcnoise data prepare NAME --root DIR                 download and pack MNIST/Fashion/CIFAR (login node)
@@ -103,6 +104,7 @@ def _choose(name: str, subcommands: dict[str, Callable[[list[str]], int]]) -> Ca
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "study": _delegate("hpcnoise.study"),
     "train": cmd_train,
     "presets": cmd_presets,
     "data": _choose("data", {"prepare": _delegate("hpcnoise.prepare")}),

@@ -1,6 +1,6 @@
-"""Run the smoke variant of every preset of the given tables in one launcher world (saves start-ups).
+"""Run the smoke variant of presets in one launcher world (saves Horovod start-ups).
 
-    python tests/smoke_worker.py OUT_DIR TABLE [TABLE ...]
+    python tests/smoke_worker.py OUT_DIR [PRESET ...]      (default: every Table 1-3 preset)
 """
 
 from __future__ import annotations
@@ -9,20 +9,17 @@ import sys
 from dataclasses import replace
 
 from hpcnoise.comm import init
-from hpcnoise.presets import TABLES, get_table
+from hpcnoise.presets import PRESETS, get_preset
 from hpcnoise.train import train
 
 
 def main() -> None:
-    out, tables = sys.argv[1], sys.argv[2:] or list(TABLES)
+    out = sys.argv[1]
+    names = sys.argv[2:] or sorted(n for n in PRESETS if n.startswith("table"))
     comm = init("cpu")
-    for table in tables:
-        seen = set()
-        for cfg in get_table(table, smoke=True):
-            if cfg.preset in seen:  # one seed per preset is enough for plumbing
-                continue
-            seen.add(cfg.preset)
-            train(replace(cfg, out_dir=out, run_name=cfg.preset, progress=False), comm)
+    for name in names:
+        cfg = get_preset(name, smoke=True)
+        train(replace(cfg, out_dir=out, run_name=cfg.preset, progress=False), comm)
 
 
 if __name__ == "__main__":

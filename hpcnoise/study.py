@@ -1,0 +1,117 @@
+"""The main job: the MNIST-1D study, end to end on one machine, then the report.
+
+    hpcnoise study [--full] [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study]
+
+SB, LB+GBN, trace+GBN and diagF+GBN on MNIST-1D (generated offline), 3 seeds each, trained under
+``horovodrun --gloo -np 2`` on localhost (all 12 cells in one launcher world, so Horovod starts once),
+with the sharpness of every final model and Fisher diagnostics during training; then the report
+(tables, figures, report.md) from the run directories. The quick default takes about 10-15 minutes
+on 2 CPU cores; ``--full`` uses the presets' full epoch count. Runs that already finished are kept
+and not rerun, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hpcnoise.config import ConfigError
+
+QUICK_EPOCHS = 15  # the quick study: half the presets' 30 epochs (noise for 10, decays at 10 and 12)
+FULL_EPOCHS = 60  # --full: twice the presets' epochs
+
+
+def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
+    """The MNIST-1D table's cells with the study's epochs, sharpness and diagnostics switched on."""
+    from hpcnoise.sweep import run_name, table_cells
+
+    cells = []
+    for cfg in table_cells("mnist1d", smoke=False, out_dir=str(out_dir)):
+        cfg = replace(
+            cfg,
+            epochs=epochs,
+            noise_epochs=epochs * 2 // 3,  # the presets' rule: noise for the first 2/3
+            lr_decay_epochs=(epochs * 2 // 3, epochs * 5 // 6),
+            sharpness=True,
+            diagnostics_every=max(epochs // 3, 1),
+            threads=threads,
+            progress=False,
+            run_name="",
+        )
+        cells.append(replace(cfg, run_name=run_name(cfg)))
+    return cells
+
+
+def run_cells(path: Path) -> int:
+    """Train every cell of a sweep file in this launcher world (the worker side of ``study``)."""
+    from hpcnoise.comm import init
+    from hpcnoise.sweep import config_from_dict, read_cell
+    from hpcnoise.train import train
+
+    comm = init("cpu")
+    count = len(path.read_text().splitlines())
+    for i in range(count):
+        cfg = config_from_dict(read_cell(path, i)["config"])
+        if comm.is_main:
+            print(f"hpcnoise study: cell {i + 1}/{count}: {cfg.run_name}", flush=True)
+        train(cfg, comm)
+    return 0
+
+
+def launch_command(launcher: str, np: int) -> list[str]:
+    if launcher == "none":
+        return []
+    if launcher == "horovodrun":
+        # Gloo needs no mpirun, so the study also runs as root without Open MPI's root override.
+        bin_dir = Path(sys.executable).parent
+        return [str(bin_dir / "horovodrun"), "--gloo", "-np", str(np), "-H", f"localhost:{np}"]
+    return ["mpirun", "-np", str(np), "--bind-to", "none"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hpcnoise study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
+    p.add_argument("--np", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--launcher", choices=("horovodrun", "mpirun", "none"), default="horovodrun")
+    p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full])")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--run-cells", type=Path, help=argparse.SUPPRESS)  # worker side, under the launcher
+    args = p.parse_args(argv)
+    if args.run_cells:
+        return run_cells(args.run_cells)
+    if args.np < 1 or (args.launcher == "none" and args.np != 1):
+        print("hpcnoise study: error: --np must be >= 1, and 1 with --launcher=none", file=sys.stderr)
+        return 2
+    from hpcnoise.rundir import check_writable
+    from hpcnoise.sweep import cell_lines, write_file
+
+    out = (args.out or Path("runs/study-full" if args.full else "runs/study")).absolute()
+    try:
+        check_writable(out)
+    except ConfigError as e:
+        print(f"hpcnoise study: error: {e}", file=sys.stderr)
+        return 2
+    epochs = FULL_EPOCHS if args.full else QUICK_EPOCHS
+    cells = study_cells(epochs, out, args.threads)
+    sweep = out / "study.sweep.jsonl"
+    write_file(sweep, cell_lines("mnist1d", cells))
+    print(f"hpcnoise study: {len(cells)} runs of {epochs} epochs on {args.np} processes ({args.launcher}); "
+          f"runs in {out}", flush=True)
+    cmd = launch_command(args.launcher, args.np)
+    cmd += [sys.executable, "-m", "hpcnoise.study", "--run-cells", str(sweep)]
+    proc = subprocess.run(cmd, env=os.environ.copy())
+    if proc.returncode != 0:
+        print(f"hpcnoise study: error: training exited with status {proc.returncode}; rerun to continue",
+              file=sys.stderr)
+        return proc.returncode
+    from analysis.report import main as report
+
+    return report([str(out), "--out", str(out / "report")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
