@@ -81,8 +81,17 @@ def _grid(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list
     return fig, axes[:n]
 
 
-def _curves(loaded: Loaded, df: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str, title: str,
-            style: str | None = None, log: bool = False) -> Figure:
+def _curves(
+    loaded: Loaded,
+    df: pd.DataFrame,
+    x: str,
+    y: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    style: str | None = None,
+    log: bool = False,
+) -> Figure:
     """One panel per (dataset, network): y over x, a line per regime (mean over seeds, t band)."""
     order = _label_order(loaded.runs)
     palette = _palette(order)
@@ -90,8 +99,19 @@ def _curves(loaded: Loaded, df: pd.DataFrame, x: str, y: str, xlabel: str, ylabe
     fig, axes = _grid(len(panels))
     for ax, (name, data) in zip(axes, panels):
         present = [lab for lab in order if lab in set(data["Regime"])]
-        sns.lineplot(data=data, x=x, y=y, hue="Regime", hue_order=present, palette=palette, style=style,
-                     errorbar=ci_band, marker="o", markersize=4, ax=ax)  # markers: one-point curves show
+        sns.lineplot(
+            data=data,
+            x=x,
+            y=y,
+            hue="Regime",
+            hue_order=present,
+            palette=palette,
+            style=style,
+            errorbar=ci_band,
+            marker="o",
+            markersize=4,
+            ax=ax,
+        )  # markers: one-point curves show
         ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are counts
         if data[x].nunique() == 1:  # a single measurement: centre it
@@ -107,8 +127,17 @@ def fig3a_fisher_norms(loaded: Loaded) -> Figure:
     if loaded.fisher.empty:
         raise NoData("no run has Fisher norms (fisher_frobenius / diag_fisher_frobenius in diagnostics.jsonl)")
     df = loaded.fisher.assign(Fisher=loaded.fisher["kind"].map({"full": "full F", "diagonal": "diag F"}))
-    return _curves(loaded, df, "epoch", "frobenius", "epoch", "Frobenius norm",
-                   "Fig. 3a: Frobenius norm of the full and diagonal Fisher", style="Fisher", log=True)
+    return _curves(
+        loaded,
+        df,
+        "epoch",
+        "frobenius",
+        "epoch",
+        "Frobenius norm",
+        "Fig. 3a: Frobenius norm of the full and diagonal Fisher",
+        style="Fisher",
+        log=True,
+    )
 
 
 def _some_layers(names: Any, most: int = 12, pick: int = 8) -> tuple[list[str], int]:
@@ -129,17 +158,31 @@ def fig3b_grad_variance(loaded: Loaded) -> Figure:
     last = gv.groupby("run_id")["epoch"].transform("max")
     df = gv[gv["epoch"] == last]  # each run's latest measurement at its frozen network
     panels = _panels(df, ["dataset", "model", "label"])
-    measured = sorted(df["measured"].unique(), key=lambda m: (list(REGIME_NAMES).index(m) if m in REGIME_NAMES
-                                                               else len(REGIME_NAMES), m))
+    measured = sorted(
+        df["measured"].unique(),
+        key=lambda m: (list(REGIME_NAMES).index(m) if m in REGIME_NAMES else len(REGIME_NAMES), m),
+    )
     fig, axes = _grid(len(panels), width=6.0)
     for ax, (name, data) in zip(axes, panels):
         layers, total = _some_layers(data["layer"].unique())
-        sns.barplot(data=data[data["layer"].isin(layers)], x="layer", y="variance", hue="measured", order=layers,
-                    hue_order=measured, errorbar=ci_band, ax=ax, palette="tab10")
+        sns.barplot(
+            data=data[data["layer"].isin(layers)],
+            x="layer",
+            y="variance",
+            hue="measured",
+            order=layers,
+            hue_order=measured,
+            errorbar=ci_band,
+            ax=ax,
+            palette="tab10",
+        )
         ax.set_yscale("log")
         shown = f"; {len(layers)} of {total} tensors" if len(layers) < total else ""
-        ax.set(title=f"{name.rsplit(' / ', 1)[0]} (network trained with {name.rsplit(' / ', 1)[1]}{shown})",
-               xlabel="parameter tensor", ylabel="gradient variance (mean over tensor)")
+        ax.set(
+            title=f"{name.rsplit(' / ', 1)[0]} (network trained with {name.rsplit(' / ', 1)[1]}{shown})",
+            xlabel="parameter tensor",
+            ylabel="gradient variance (mean over tensor)",
+        )
         ax.tick_params(axis="x", labelrotation=45)
         ax.legend(fontsize="small", title="noise")
     fig.suptitle("Fig. 3b: per-layer marginal gradient variance by regime")
@@ -150,8 +193,15 @@ def fig3c_train_error(loaded: Loaded) -> Figure:
     if loaded.epochs.empty:
         raise NoData("no epochs logged")
     df = loaded.epochs.assign(train_error_pct=100.0 * loaded.epochs["train_error"])
-    return _curves(loaded, df, "step", "train_error_pct", "iterations (parameter updates)", "training error (%)",
-                   "Fig. 3c: training error vs iterations")
+    return _curves(
+        loaded,
+        df,
+        "step",
+        "train_error_pct",
+        "iterations (parameter updates)",
+        "training error (%)",
+        "Fig. 3c: training error vs iterations",
+    )
 
 
 def fig3d_sharpness(loaded: Loaded) -> Figure:
@@ -162,8 +212,16 @@ def fig3d_sharpness(loaded: Loaded) -> Figure:
     order = [lab for lab in _label_order(runs) if lab in set(df["label"])]
     fig = Figure(figsize=(max(5.0, 2.2 * df["panel"].nunique() + 2), 3.8), layout="constrained")
     ax = fig.subplots()
-    sns.barplot(data=df, x="panel", y="max_eigenvalue", hue="label", hue_order=order,
-                palette=_palette(_label_order(runs)), errorbar=ci_band, ax=ax)
+    sns.barplot(
+        data=df,
+        x="panel",
+        y="max_eigenvalue",
+        hue="label",
+        hue_order=order,
+        palette=_palette(_label_order(runs)),
+        errorbar=ci_band,
+        ax=ax,
+    )
     ax.set(xlabel="", ylabel="max Hessian eigenvalue", title="Fig. 3d: maximum eigenvalue of the final model")
     ax.legend(fontsize="small", title=None)
     return fig
@@ -173,23 +231,39 @@ def fig4_val_error(loaded: Loaded) -> Figure:
     if loaded.epochs.empty:
         raise NoData("no epochs logged")
     df = loaded.epochs.assign(test_error_pct=100.0 * loaded.epochs["test_error"])
-    return _curves(loaded, df, "epoch", "test_error_pct", "epoch", "validation error (%)",
-                   "Fig. 4: validation error vs epochs")
+    return _curves(
+        loaded, df, "epoch", "test_error_pct", "epoch", "validation error (%)", "Fig. 4: validation error vs epochs"
+    )
 
 
 FIGURES: list[FigureSpec] = [
-    FigureSpec("fig3a_fisher_norms.png", "Fig. 3a: Frobenius norms of the full and diagonal Fisher",
-               "Frobenius norm of the full and the diagonal empirical Fisher during training.", fig3a_fisher_norms),
-    FigureSpec("fig3b_grad_variance.png", "Fig. 3b: gradient variance per layer",
-               "Marginal gradient variance per layer at a frozen network, by noise regime (log scale).",
-               fig3b_grad_variance),
-    FigureSpec("fig3c_train_error.png", "Fig. 3c: training error vs iterations",
-               "Training error (epoch average) against parameter updates: the convergence comparison.",
-               fig3c_train_error),
-    FigureSpec("fig3d_sharpness.png", "Fig. 3d: maximum Hessian eigenvalue",
-               "Maximum Hessian eigenvalue of the final model (BN folded, temperature fitted).", fig3d_sharpness),
-    FigureSpec("fig4_val_error.png", "Fig. 4: validation error vs epochs",
-               "Held-out error after each epoch.", fig4_val_error),
+    FigureSpec(
+        "fig3a_fisher_norms.png",
+        "Fig. 3a: Frobenius norms of the full and diagonal Fisher",
+        "Frobenius norm of the full and the diagonal empirical Fisher during training.",
+        fig3a_fisher_norms,
+    ),
+    FigureSpec(
+        "fig3b_grad_variance.png",
+        "Fig. 3b: gradient variance per layer",
+        "Marginal gradient variance per layer at a frozen network, by noise regime (log scale).",
+        fig3b_grad_variance,
+    ),
+    FigureSpec(
+        "fig3c_train_error.png",
+        "Fig. 3c: training error vs iterations",
+        "Training error (epoch average) against parameter updates: the convergence comparison.",
+        fig3c_train_error,
+    ),
+    FigureSpec(
+        "fig3d_sharpness.png",
+        "Fig. 3d: maximum Hessian eigenvalue",
+        "Maximum Hessian eigenvalue of the final model (BN folded, temperature fitted).",
+        fig3d_sharpness,
+    ),
+    FigureSpec(
+        "fig4_val_error.png", "Fig. 4: validation error vs epochs", "Held-out error after each epoch.", fig4_val_error
+    ),
 ]
 
 

@@ -236,8 +236,13 @@ def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], li
                 if not _number(value):
                     raise RunError(f"{where}: grad_variance[{measured!r}][{layer!r}] is {value!r}, not a number")
                 variance.append(
-                    {"run_id": run_id, "epoch": row["epoch"], "measured": measured, "layer": layer,
-                     "variance": float(value)}
+                    {
+                        "run_id": run_id,
+                        "epoch": row["epoch"],
+                        "measured": measured,
+                        "layer": layer,
+                        "variance": float(value),
+                    }
                 )
     return fisher, variance
 

@@ -142,9 +142,12 @@ def build(loaded: Loaded) -> dict[str, bytes]:
     n_skipped = sum(s.what == "run" for s in loaded.skipped)
     gits = sorted({str(g) for g in runs["git"].dropna()}) if "git" in runs else []
     md += [
-        (f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
-        f"{n_skipped} skipped, of {loaded.found} run directories found; "
-        f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."),
+        (
+            f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
+            f"{n_skipped} skipped, of {loaded.found} run directories found; "
+            f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. "
+            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
+        ),
         "",
         f"Source commits of the runs: {', '.join(f'`{g}`' for g in gits) or 'unknown'}.",
         "",
@@ -152,10 +155,12 @@ def build(loaded: Loaded) -> dict[str, bytes]:
         "",
         gap_summary(runs),
         "",
-        ("Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
-        "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
-        "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
-        "runs. \"(paper)\": the published number (Tables 1-3 of the paper; * marks a transcription note)."),
+        (
+            "Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
+            "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
+            "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
+            'runs. "(paper)": the published number (Tables 1-3 of the paper; * marks a transcription note).'
+        ),
         "",
     ]
     for table in tables.TABLES.values():
@@ -167,16 +172,28 @@ def build(loaded: Loaded) -> dict[str, bytes]:
 
     results = tables.results_table(runs)
     files["tables/results.csv"] = _csv(results)
-    md += ["## Every regime variant", "",
-           "All (dataset, network, regime) combinations present, including those outside the paper's tables.", "",
-           tables.results_markdown(results), ""]
-    md += [f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows()
-           if r["pooled"]] + [""]
+    md += [
+        "## Every regime variant",
+        "",
+        "All (dataset, network, regime) combinations present, including those outside the paper's tables.",
+        "",
+        tables.results_markdown(results),
+        "",
+    ]
+    md += [
+        f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows() if r["pooled"]
+    ] + [""]
 
-    md += ["## Throughput", "",
-           ("Samples per second over all workers and per worker: the mean over a run's epochs after the first "
-           "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
-           "same dataset, model, regime, device and global batch."), ""]
+    md += [
+        "## Throughput",
+        "",
+        (
+            "Samples per second over all workers and per worker: the mean over a run's epochs after the first "
+            "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
+            "same dataset, model, regime, device and global batch."
+        ),
+        "",
+    ]
     throughput = tables.throughput_table(runs, loaded.epochs)
     if throughput.empty:
         md += ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
@@ -190,9 +207,15 @@ def build(loaded: Loaded) -> dict[str, bytes]:
         md += ["No run has sharpness.json (`hpcnoise sharpness`), so there is no sharpness table.", ""]
     else:
         files["tables/sharpness.csv"] = _csv(sharp)
-        md += [("Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
-               "over seeds; temperature: the fitted softmax temperature, mean."), "",
-               tables.sharpness_markdown(sharp), ""]
+        md += [
+            (
+                "Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
+                "over seeds; temperature: the fitted softmax temperature, mean."
+            ),
+            "",
+            tables.sharpness_markdown(sharp),
+            "",
+        ]
 
     md += ["## Figures", ""]
     drawn, no_data = figures.render(loaded)
@@ -200,22 +223,35 @@ def build(loaded: Loaded) -> dict[str, bytes]:
         md += [f"### {spec.title}", ""]
         if spec.name in drawn:
             files[f"figures/{spec.name}"] = drawn[spec.name]
-            md += [f"![{spec.title}](figures/{spec.name})", "", spec.caption + " Bands and bars: 95% t interval "
-                   "over seeds.", ""]
+            md += [
+                f"![{spec.title}](figures/{spec.name})",
+                "",
+                spec.caption + " Bands and bars: 95% t interval over seeds.",
+                "",
+            ]
         else:
             md += [f"Not drawn: {no_data[spec.name]}.", ""]
 
     md += ["## Skipped", ""]
     if loaded.skipped:
-        md += [f"- `{s.run}`" + (f" ({s.what} ignored, run kept)" if s.what != "run" else "") + f": {s.reason}"
-               for s in loaded.skipped]
+        md += [
+            f"- `{s.run}`" + (f" ({s.what} ignored, run kept)" if s.what != "run" else "") + f": {s.reason}"
+            for s in loaded.skipped
+        ]
     else:
         md += ["Nothing was skipped."]
     skipped_df = pd.DataFrame([vars(s) for s in loaded.skipped], columns=["run", "what", "reason"])
     files["tables/skipped.csv"] = _csv(skipped_df)
     files["tables/runs.csv"] = _csv(runs)
-    md += ["", "## Files", "", "CSV (tidy long form) of every table: "
-           + ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv")) + ".", ""]
+    md += [
+        "",
+        "## Files",
+        "",
+        "CSV (tidy long form) of every table: "
+        + ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv"))
+        + ".",
+        "",
+    ]
     files[REPORT_NAME] = "\n".join(md).encode()
     return files
 
@@ -300,4 +336,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

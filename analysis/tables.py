@@ -256,8 +256,10 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
         acc = mean_ci(per_seed(cell, "test_accuracy"))
         train = mean_ci(100.0 * per_seed(cell, "final_train_error")) if "final_train_error" in cell else None
         variant, scaling = cell["variant"].iloc[0], cell["lr_scaling"].iloc[0]
-        pub = published("table3", dataset, network, variant) if scaling == "sqrt" and variant != "sb" else (
-            published_any(dataset, network, variant)
+        pub = (
+            published("table3", dataset, network, variant)
+            if scaling == "sqrt" and variant != "sb"
+            else (published_any(dataset, network, variant))
         )
         out.append(
             {
@@ -302,6 +304,7 @@ _THROUGHPUT_KEYS = ["dataset", "model", "label", "device_used", "batch"]
 
 def run_throughput(epochs: pd.DataFrame) -> pd.Series:
     """Samples/s of each run: the mean over its epochs, leaving out the first (start-up) when there are more."""
+
     def steady(group: pd.DataFrame) -> float:
         rows = group.sort_values("epoch")
         rows = rows.iloc[1:] if len(rows) > 1 else rows

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from hpcnoise.config import ConfigError, apply_overrides
 from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
-
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
 
@@ -70,8 +69,10 @@ def cmd_presets(argv: list[str]) -> int:
     print("presets (hpcnoise train PRESET [--smoke]):")
     for name in sorted(PRESETS):
         c = get_preset(name)
-        print(f"  {name:24s} {c.dataset}/{c.model} {c.regime}{'+gbn' if c.ghost_bn else ''} "
-              f"batch {c.batch_size if c.regime != 'sb' else c.small_batch} lr {c.lr:g} epochs {c.epochs}")
+        print(
+            f"  {name:24s} {c.dataset}/{c.model} {c.regime}{'+gbn' if c.ghost_bn else ''} "
+            f"batch {c.batch_size if c.regime != 'sb' else c.small_batch} lr {c.lr:g} epochs {c.epochs}"
+        )
     for title, registry in (("regimes", REGIMES), ("models", MODELS), ("datasets", DATASETS)):
         print(f"{title}:")
         for name, spec in sorted(registry.items()):

@@ -147,9 +147,18 @@ def validate(cfg: Config, world_size: int) -> None:
     for key in ("lr",):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("momentum", "weight_decay", "warmup_epochs", "noise_epochs", "lr_decay_factor", "threads",
-                "checkpoint_every", "diagnostics_every",
-                "multiplicative_sigma", "batchchange_epochs"):
+    for key in (
+        "momentum",
+        "weight_decay",
+        "warmup_epochs",
+        "noise_epochs",
+        "lr_decay_factor",
+        "threads",
+        "checkpoint_every",
+        "diagnostics_every",
+        "multiplicative_sigma",
+        "batchchange_epochs",
+    ):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.small_batch > cfg.batch_size:
@@ -170,8 +179,7 @@ def validate(cfg: Config, world_size: int) -> None:
         batch = getattr(cfg, batch_key)
         if batch % world_size:
             raise ConfigError(
-                f"{batch_key}={batch} is not divisible by the world size {world_size}; "
-                f"use a multiple of {world_size}"
+                f"{batch_key}={batch} is not divisible by the world size {world_size}; use a multiple of {world_size}"
             )
         local = batch // world_size
         if cfg.ghost_bn and (cfg.ghost_size <= 0 or local % cfg.ghost_size):

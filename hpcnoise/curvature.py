@@ -68,9 +68,7 @@ class LayerHandler:
         """The tensor the backward computation needs; by default the layer input."""
         return inp.detach()
 
-    def sum_grad_squared(
-        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions
-    ) -> None:
+    def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:
         raise NotImplementedError
 
     def signed_sum(
@@ -114,9 +112,7 @@ class LinearHandler(LayerHandler):
     per-sample products (chunked), like exact convolutions.
     """
 
-    def sum_grad_squared(
-        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions
-    ) -> None:
+    def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:
         if saved.dim() == 2:
             d2 = delta.square()  # (N, out)
             sums["weight"].addmm_(d2.t(), saved.square())
@@ -199,9 +195,7 @@ class ConvHandler(LayerHandler):
         # would make bmm copy sample by sample
         return x.permute(perm).reshape(x.shape[0], -1, module.weight[0].numel()).contiguous()
 
-    def sum_grad_squared(
-        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions
-    ) -> None:
+    def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:
         assert isinstance(module, _ConvNd)
         n, out_ch = delta.shape[:2]
         pad, mode = self._pad_amounts(module)
@@ -280,9 +274,7 @@ class GhostBatchNormHandler(LayerHandler):
         mean, var = cast(Tensor, module.running_mean), cast(Tensor, module.running_var)
         return (inp.detach() - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
 
-    def sum_grad_squared(
-        self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions
-    ) -> None:
+    def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:
         if delta.dim() == 2:
             sums["weight"] += (delta * saved).square_().sum(0)
             sums["bias"] += delta.square().sum(0)
@@ -390,9 +382,7 @@ class CurvatureHooks:
                 self.kfac_layers.append(
                     (module, shapes, index[id(module.weight)], None if bias is None else index[id(bias)])
                 )
-        self._hooks: list[RemovableHandle] = [
-            m.register_forward_hook(self._forward_hook) for m in self._handlers
-        ]
+        self._hooks: list[RemovableHandle] = [m.register_forward_hook(self._forward_hook) for m in self._handlers]
         self._recording = 0  # id of the recording in progress; 0 when none
         self._count = 0  # recordings so far
         self._active: tuple[str, ...] = ()

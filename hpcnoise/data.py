@@ -301,9 +301,7 @@ def normalise(images: torch.Tensor, spec: ImageSet) -> torch.Tensor:
     return images.float().div_(255.0).sub_(mean).div_(std)
 
 
-def crop_flip_choices(
-    gen: torch.Generator, n: int, pad: int = 4
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def crop_flip_choices(gen: torch.Generator, n: int, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random (dy, dx, flip) for n samples on the generator's device: offsets in 0..2*pad (pixels), flip bool.
 
     The crop of sample i is rows dy..dy+H-1, columns dx..dx+W-1 of the image padded by ``pad`` on each side.

@@ -200,9 +200,7 @@ class HessianOperator:
     ranks taking part: iterations that fall out of lockstep raise instead of deadlocking.
     """
 
-    def __init__(
-        self, model: nn.Module, x: Tensor, y: Tensor, comm: Comm, temperature: float = 1.0, chunk: int = 1024
-    ):
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, comm: Comm, temperature: float = 1.0, chunk: int = 1024):
         if chunk < 1:
             raise ValueError(f"chunk must be positive, got {chunk}")
         self.model, self.x, self.y, self.comm = model, x, y, comm
@@ -486,9 +484,7 @@ def _draw_gradient(
             else:
                 res = hooks.result(q)
                 sums[q] = (
-                    [t.clone() for t in res]
-                    if q not in sums
-                    else [a + b for a, b in zip(sums[q], res, strict=True)]
+                    [t.clone() for t in res] if q not in sums else [a + b for a, b in zip(sums[q], res, strict=True)]
                 )
     return grads, sums, factors
 
@@ -602,9 +598,7 @@ def diagnostics_row(
     n = data.x_train.shape[0]
     idx = fixed_subset(n, min(fisher_samples, n), cfg.seed).to(data.x_train.device)
     norms = fisher_norms(model, data.x_train[idx], data.y_train[idx], comm, chunk=chunk)
-    variances = {
-        r: gradient_variance(model, data, r, cfg, draws, comm=comm, epoch=max(epoch - 1, 0)) for r in regimes
-    }
+    variances = {r: gradient_variance(model, data, r, cfg, draws, comm=comm, epoch=max(epoch - 1, 0)) for r in regimes}
     return {
         "epoch": epoch,
         "fisher_frobenius": norms["fisher_frobenius"],
@@ -665,22 +659,16 @@ def main(argv: list[str] | None = None) -> int:
         "fitted on the test split); writes RUN_DIR/sharpness.json. Runs under any launcher.",
     )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument(
-        "--samples", type=int, default=4096, help="training samples in the fixed set (default 4096)"
-    )
+    parser.add_argument("--samples", type=int, default=4096, help="training samples in the fixed set (default 4096)")
     parser.add_argument("--method", choices=METHODS, default="lanczos")
     parser.add_argument("--no-temperature", action="store_true", help="T = 1 instead of fitting it")
-    parser.add_argument(
-        "--no-fold", action="store_true", help="keep batch norm (eval mode) instead of folding it"
-    )
+    parser.add_argument("--no-fold", action="store_true", help="keep batch norm (eval mode) instead of folding it")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rank0 = launcher_rank() == 0
     try:
         cfg = load_config(args.run_dir)  # every rank checks, before any collective
         if args.samples > cfg.train_samples:
-            raise ConfigError(
-                f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples"
-            )
+            raise ConfigError(f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples")
         if args.samples < 1:
             raise ConfigError(f"--samples must be positive, got {args.samples}")
     except ConfigError as e:

@@ -210,9 +210,7 @@ def cnn1d(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, width:
 def _image(in_shape: tuple[int, ...], name: str, min_size: int = 1) -> tuple[int, int, int]:
     """(channels, height, width) of an image input shape, or a clear error."""
     if len(in_shape) != 3 or min(in_shape[1:]) < min_size:
-        raise ValueError(
-            f"{name} needs (channels, height, width) images of at least {min_size} pixels, got {in_shape}"
-        )
+        raise ValueError(f"{name} needs (channels, height, width) images of at least {min_size} pixels, got {in_shape}")
     return in_shape[0], in_shape[1], in_shape[2]
 
 
@@ -379,9 +377,7 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def cifar_resnet(
-    in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, n: int, width: int
-) -> nn.Module:
+def cifar_resnet(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, n: int, width: int) -> nn.Module:
     """He et al.'s (2016) CIFAR ResNet of 6n + 2 layers.
 
     Conv 3x3 -> batch norm -> ReLU, three stages of n basic blocks with width, 2 x width and 4 x width

@@ -9,8 +9,8 @@ without downloads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from hpcnoise.config import Config, ConfigError
 
@@ -167,10 +167,12 @@ def _table(name: str) -> TableFn:
     for dataset, model in TABLE_ROWS[name]:
         for regime, gbn in TABLE_COLUMNS[name]:
             preset_name = f"{name}-{dataset}-{model}-{regime}" + ("-gbn" if gbn else "")
-            names.append(_register(
-                preset_name,
-                lambda smoke, d=dataset, m=model, r=regime, g=gbn: paper_cell(d, m, r, g, scaling, smoke),
-            ))
+            names.append(
+                _register(
+                    preset_name,
+                    lambda smoke, d=dataset, m=model, r=regime, g=gbn: paper_cell(d, m, r, g, scaling, smoke),
+                )
+            )
     return lambda smoke: _cells(names, smoke)
 
 

@@ -15,8 +15,9 @@ Noise placement (``Config.noise_placement``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -170,8 +171,12 @@ _DIAG = frozenset({"diag_fisher"})
 REGIMES: dict[str, Regime] = {
     "sb": Regime("small batch M_S, no noise", ("small_batch",), _small),
     "lb": Regime("large batch M_L, no noise", ("batch_size",), _large),
-    "diagf": Regime("large batch + diagonal-Fisher noise (Algorithm 1)", ("batch_size",), _large, diag_fisher_noise, _DIAG),
-    "trace": Regime("large batch + isotropic noise scaled by Tr(F)", ("batch_size",), _large, trace_fisher_noise, _DIAG),
+    "diagf": Regime(
+        "large batch + diagonal-Fisher noise (Algorithm 1)", ("batch_size",), _large, diag_fisher_noise, _DIAG
+    ),
+    "trace": Regime(
+        "large batch + isotropic noise scaled by Tr(F)", ("batch_size",), _large, trace_fisher_noise, _DIAG
+    ),
     "multiplicative": Regime(
         "large batch, gradient times (1 + sigma xi) (Hoffer et al.)", ("batch_size",), _large, multiplicative_noise
     ),

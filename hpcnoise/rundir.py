@@ -78,7 +78,10 @@ def git_hash() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=src, capture_output=True, text=True, timeout=10,
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

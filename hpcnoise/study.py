@@ -99,14 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     cells = study_cells(epochs, out, args.threads)
     sweep = out / "study.sweep.jsonl"
     write_file(sweep, cell_lines("mnist1d", cells))
-    print(f"hpcnoise study: {len(cells)} runs of {epochs} epochs on {args.np} processes ({args.launcher}); "
-          f"runs in {out}", flush=True)
+    print(
+        f"hpcnoise study: {len(cells)} runs of {epochs} epochs on {args.np} processes ({args.launcher}); runs in {out}",
+        flush=True,
+    )
     cmd = launch_command(args.launcher, args.np)
     cmd += [sys.executable, "-m", "hpcnoise.study", "--run-cells", str(sweep)]
     proc = subprocess.run(cmd, env=os.environ.copy())
     if proc.returncode != 0:
-        print(f"hpcnoise study: error: training exited with status {proc.returncode}; rerun to continue",
-              file=sys.stderr)
+        print(
+            f"hpcnoise study: error: training exited with status {proc.returncode}; rerun to continue", file=sys.stderr
+        )
         return proc.returncode
     from analysis.report import main as report
 

@@ -76,8 +76,10 @@ def table_cells(table: str, smoke: bool, out_dir: str | None) -> list[Config]:
 
 def cell_lines(table: str, cells: list[Config]) -> list[str]:
     return [
-        json.dumps({"index": i, "table": table, "preset": c.preset, "run_name": c.run_name, "config": c.to_dict()},
-                   sort_keys=True)
+        json.dumps(
+            {"index": i, "table": table, "preset": c.preset, "run_name": c.run_name, "config": c.to_dict()},
+            sort_keys=True,
+        )
         for i, c in enumerate(cells)
     ]
 
@@ -100,6 +102,7 @@ def write_file(path: Path, lines: list[str]) -> None:
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from its JSON form through the type-checked overrides (unknown keys are errors)."""
+
     def text(v: Any) -> str:
         return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
@@ -132,8 +135,10 @@ def cmd_write(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cells = table_cells(args.table, args.smoke, args.out_dir)
     write_file(args.out, cell_lines(args.table, cells))
-    print(f"hpcnoise: wrote {len(cells)} cells of table {args.table!r} to {args.out}; submit with\n"
-          f"  sbatch --array=0-{len(cells) - 1} jobs/sweep.sbatch {shlex.quote(str(args.out))}")
+    print(
+        f"hpcnoise: wrote {len(cells)} cells of table {args.table!r} to {args.out}; submit with\n"
+        f"  sbatch --array=0-{len(cells) - 1} jobs/sweep.sbatch {shlex.quote(str(args.out))}"
+    )
     return 0
 
 
@@ -168,9 +173,16 @@ def cmd_submit(argv: list[str]) -> int:
     p.add_argument("--smoke", action="store_true", help="the presets' seconds-long smoke variants")
     p.add_argument("--out_dir", "--out-dir", default=None, help="where the runs go (default: each cell's out_dir)")
     p.add_argument("--file", type=Path, default=None, help="the sweep file (default: RUNS/TABLE[-smoke].sweep.jsonl)")
-    p.add_argument("--max-parallel", type=int, default=0, help="at most N cells running at once (sbatch --array=...%%N)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                   help="one more sbatch option, e.g. --sbatch=--partition=gpu (repeatable)")
+    p.add_argument(
+        "--max-parallel", type=int, default=0, help="at most N cells running at once (sbatch --array=...%%N)"
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="one more sbatch option, e.g. --sbatch=--partition=gpu (repeatable)",
+    )
     p.add_argument("--script", type=Path, default=SWEEP_SCRIPT, help=f"the batch script (default {SWEEP_SCRIPT})")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command without running it")
     args, overrides = p.parse_known_args(argv)
@@ -185,8 +197,15 @@ def cmd_submit(argv: list[str]) -> int:
     cells = table_cells(args.table, args.smoke, args.out_dir)
     path = args.file or Path(cells[0].out_dir) / f"{args.table}{'-smoke' if args.smoke else ''}.sweep.jsonl"
     array = f"0-{len(cells) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
-    cmd = ["sbatch", f"--array={array}", f"--job-name=hpcnoise-{args.table}", *args.sbatch,
-           str(args.script), str(path.absolute()), *overrides]
+    cmd = [
+        "sbatch",
+        f"--array={array}",
+        f"--job-name=hpcnoise-{args.table}",
+        *args.sbatch,
+        str(args.script),
+        str(path.absolute()),
+        *overrides,
+    ]
     if not args.dry_run:
         write_file(path, cell_lines(args.table, cells))
     print(shlex.join(cmd), flush=True)

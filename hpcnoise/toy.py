@@ -517,9 +517,7 @@ def draw_one_step(a: Array, step: OneStep, sigma: float) -> bytes:
             _contours(ax, a, lo, hi, levels=16)
             pts = step.clouds[key]
             ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.35, color=color, linewidths=0)
-            ax.annotate(
-                "", xy=step.mean_step, xytext=step.start, arrowprops={"arrowstyle": "->", "color": "k"}
-            )
+            ax.annotate("", xy=step.mean_step, xytext=step.start, arrowprops={"arrowstyle": "->", "color": "k"})
             ax.plot(*step.start, "o", color="tab:blue", ms=6)
             ax.plot(*step.mean_step, "x", color="k", ms=7)
             ax.set_title(title)
@@ -551,9 +549,7 @@ def draw_trajectories(
             ref = paths[Noise.NONE][::every]
             ax.plot(ref[:, 0], ref[:, 1], "--", color="0.5", lw=1, label="no noise")
             pts = paths[kind][::every]
-            ax.plot(
-                pts[:, 0], pts[:, 1], "-o", color=palette[3], lw=0.8, ms=2.5, label=f"every {every} iterates"
-            )
+            ax.plot(pts[:, 0], pts[:, 1], "-o", color=palette[3], lw=0.8, ms=2.5, label=f"every {every} iterates")
             ax.plot(*pts[0], "o", color="tab:blue", ms=9, label="start")
             ax.plot(*paths[kind][-1], "o", color="tab:green", ms=9, label="end")
             final = float(loss(a, paths[kind][-1]))
@@ -584,14 +580,10 @@ def draw_theorem(checks: Mapping[Noise, BoundCheck]) -> bytes:
         for color, (kind, chk) in zip((palette[3], palette[0]), checks.items()):
             k = np.arange(1, len(chk.mean))
             m, s = chk.mean[1:], chk.se[1:]
-            ax.fill_between(
-                k, np.clip(m - chk.z * s, 1e-12, None), m + chk.z * s, color=color, alpha=0.25, lw=0
-            )
+            ax.fill_between(k, np.clip(m - chk.z * s, 1e-12, None), m + chk.z * s, color=color, alpha=0.25, lw=0)
             ax.plot(k, m, color=color, lw=1.2, label=f"{kind.value}: Monte-Carlo E[L] $\\pm$ {chk.z:g} SE")
             ax.plot(k, chk.exact[1:], ":", color="k", lw=0.8)
-            ax.plot(
-                k, chk.bound[1:], "--", color=color, lw=1.2, label=f"{kind.value}: bound $\\nu/(k+\\gamma)$"
-            )
+            ax.plot(k, chk.bound[1:], "--", color=color, lw=1.2, label=f"{kind.value}: bound $\\nu/(k+\\gamma)$")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("iteration k")

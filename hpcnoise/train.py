@@ -25,10 +25,11 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,9 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     position = Position()
     if outcome.get("resume"):
         # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
-        ckpt = torch.load(Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt", map_location=comm.device, weights_only=False)
+        ckpt = torch.load(
+            Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt", map_location=comm.device, weights_only=False
+        )
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         position = ckpt["position"]
@@ -330,7 +333,9 @@ def _train_loop(
                 signs = None
                 if "signed_sum" in refresh:  # Rademacher signs for the global batch, this rank's share
                     gen = generator(cfg.seed, "rademacher", step)
-                    signs = (torch.randint(0, 2, (global_batch,), generator=gen) * 2 - 1).to(comm.device, data.x_train.dtype)
+                    signs = (torch.randint(0, 2, (global_batch,), generator=gen) * 2 - 1).to(
+                        comm.device, data.x_train.dtype
+                    )
                     signs = signs[comm.rank * local_batch : (comm.rank + 1) * local_batch]
                 opt.zero_grad(set_to_none=True)  # the last step left p.grad as views of its fused buffer
                 active = tuple(HOOK_QUANTITY[s] for s in sorted(refresh))
@@ -343,8 +348,13 @@ def _train_loop(
                     "grad": [p.grad for p in params],  # type: ignore[misc]
                     "bn": [bn.stat_sums for bn in norms],  # type: ignore[misc]
                     "counts": [
-                        torch.stack([loss.detach() * local_batch, (out.detach().argmax(1) != y).sum().to(loss.dtype),
-                                     torch.tensor(float(stop.raised), dtype=loss.dtype, device=loss.device)])
+                        torch.stack(
+                            [
+                                loss.detach() * local_batch,
+                                (out.detach().argmax(1) != y).sum().to(loss.dtype),
+                                torch.tensor(float(stop.raised), dtype=loss.dtype, device=loss.device),
+                            ]
+                        )
                     ],
                 }
                 if "diag_fisher" in refresh:
@@ -426,8 +436,10 @@ def _train_loop(
             if run is not None:
                 run.log_epoch(row)
                 msg = (
-                    f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} err {row['train_error']:.4f}"
-                    f"  test loss {test_loss:.4f} err {test_err:.4f}  lr {row['lr']:.4g}  noise {'on ' if noise_on else 'off'}"
+                    f"epoch {epoch + 1:3d}/{cfg.epochs}  "
+                    f"train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
+                    f"test loss {test_loss:.4f} err {test_err:.4f}  lr {row['lr']:.4g}  "
+                    f"noise {'on ' if noise_on else 'off'}"
                     f"  {row['samples_per_s']:.0f} samples/s"
                 )
                 bar.write(msg) if show_bar else print(msg, flush=True)
@@ -468,8 +480,12 @@ def _train_loop(
         from hpcnoise.measure import sharpness_of
 
         sharp = sharpness_of(
-            model, data.x_train, data.y_train, comm,
-            samples=min(cfg.sharpness_samples, n_train), heldout=(data.x_test, data.y_test),
+            model,
+            data.x_train,
+            data.y_train,
+            comm,
+            samples=min(cfg.sharpness_samples, n_train),
+            heldout=(data.x_test, data.y_test),
         )
         summary["max_eigenvalue"] = sharp["max_eigenvalue"]
         if run is not None:

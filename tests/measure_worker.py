@@ -79,8 +79,7 @@ def measure_all(comm: Comm) -> dict[str, Any]:
         "fisher": fisher_norms(model, data.x_train[:40], data.y_train[:40], comm, chunk=12),
     }
     out["grad_variance"] = {
-        r: gradient_variance(model, data, r, TINY_CFG, 7, comm=comm, train_mode=False)
-        for r in ("sb", "diagf")
+        r: gradient_variance(model, data, r, TINY_CFG, 7, comm=comm, train_mode=False) for r in ("sb", "diagf")
     }
     return out
 

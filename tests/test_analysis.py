@@ -91,8 +91,12 @@ def test_published_table_cells() -> None:
     assert [len(v) for v in by_table.values()] == [9 * 4 + 1, 4 * 5, 4 * 3]  # + Table 1's caption cell
     assert published_rows("table1")[0] == ("mnist", "mnist_mlp")
     assert published_rows("table1")[-1] == ("cifar100", "resnet44x2")
-    assert published_rows("table3") == [("cifar10", "vgg16_bn"), ("cifar100", "vgg16_bn"), ("cifar10", "resnet44"),
-                                        ("cifar100", "resnet44x2")]
+    assert published_rows("table3") == [
+        ("cifar10", "vgg16_bn"),
+        ("cifar100", "vgg16_bn"),
+        ("cifar10", "resnet44"),
+        ("cifar100", "resnet44x2"),
+    ]
     cell = published("table1", "cifar10", "resnet44", "diagf+gbn")
     assert cell is not None and (cell.mean, cell.ci) == (92.72, 0.15)
     cell = published("table1", "fashion_mnist", "lenet5", "lb+gbn")
@@ -124,8 +128,9 @@ def test_load_real_runs(runs_root: Path) -> None:
     assert len(loaded.epochs) == 6 * 2
     last = loaded.epochs[(loaded.epochs["run_id"] == "sb-s1") & (loaded.epochs["epoch"] == 2)].iloc[0]
     assert last["step"] == 2 * 2048 // 64
-    assert last["test_error"] == pytest.approx(json.loads((runs_root / "sb-s1" / "summary.json").read_text())[
-        "final_test_error"])
+    assert last["test_error"] == pytest.approx(
+        json.loads((runs_root / "sb-s1" / "summary.json").read_text())["final_test_error"]
+    )
 
 
 def test_report_from_real_runs(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,6 +168,7 @@ def test_report_from_real_runs(runs_root: Path, tmp_path: Path, capsys: pytest.C
 
 def test_report_lists_corrupt_and_unfinished_runs(runs_root: Path, tmp_path: Path) -> None:
     root = _copy(runs_root, tmp_path)
+
     # A real half-finished run: training stopped during its second epoch.
     class Stop(Exception):
         pass
@@ -229,9 +235,16 @@ def test_sqrt_scaling_sharpness_diagnostics_throughput(runs_root: Path, tmp_path
             run = root / f"{regime}-s{seed}"
             (run / "sharpness.json").write_text(json.dumps({"max_eigenvalue": value, "temperature": 1.5}))
             rows = [
-                {"epoch": e, "fisher_frobenius": 10.0 * e + seed, "diag_fisher_frobenius": 1.0 * e + seed,
-                 "grad_variance": {"lb": {"layer2": 1e-4, "layer10": 2e-4}, "diagf": {"layer2": 3e-3, "layer10": 5e-3},
-                                   "fullf": {"layer2": 4e-3, "layer10": 6e-3}}}
+                {
+                    "epoch": e,
+                    "fisher_frobenius": 10.0 * e + seed,
+                    "diag_fisher_frobenius": 1.0 * e + seed,
+                    "grad_variance": {
+                        "lb": {"layer2": 1e-4, "layer10": 2e-4},
+                        "diagf": {"layer2": 3e-3, "layer10": 5e-3},
+                        "fullf": {"layer2": 4e-3, "layer10": 6e-3},
+                    },
+                }
                 for e in (1, 2)
             ]
             (run / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -284,8 +297,9 @@ def test_loads_files_written_by_measure(runs_root: Path, tmp_path: Path) -> None
     shutil.copy(runs_root / "diagf-s0" / "model.pt", run / "model.pt")
     comm = init("cpu")
     cfg, data, model = load_run(run, comm)
-    sharp = sharpness_of(model, data.x_train, data.y_train, comm, samples=128, heldout=(data.x_test, data.y_test),
-                         max_products=40)
+    sharp = sharpness_of(
+        model, data.x_train, data.y_train, comm, samples=128, heldout=(data.x_test, data.y_test), max_products=40
+    )
     write_json_atomic(run / "sharpness.json", sharp)
     row = diagnostics_row(model, data, cfg, comm, cfg.epochs, fisher_samples=64, draws=2, regimes=("lb", "diagf"))
     append_jsonl(run / "diagnostics.jsonl", row)
@@ -316,7 +330,10 @@ def test_gap_summary_states_numbers(runs_root: Path) -> None:
     gap = tables.welch_diff(err["lb"], err["sb"])
     assert f"{gap.mean:.2f} ± {gap.half:.2f} points" in text
     closed = tables.welch_diff(err["lb"], err["diagf"])
-    assert f"DiagF+GBN ({np.mean(err['diagf']):.2f}%, 2 seeds) is {abs(closed.mean):.2f} ± {closed.half:.2f} points" in text
+    assert (
+        f"DiagF+GBN ({np.mean(err['diagf']):.2f}%, 2 seeds) is {abs(closed.mean):.2f} ± {closed.half:.2f} points"
+        in text
+    )
     one_seed = report.gap_summary(runs[runs["seed"] == 0])
     assert "too few seeds for a confidence interval" in one_seed
     assert "cannot be assessed" in report.gap_summary(runs[runs["regime"] != "lb"])

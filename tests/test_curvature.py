@@ -65,9 +65,7 @@ def rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
     return max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(a, b, strict=True))
 
 
-def data(
-    shape: tuple[int, ...], out_shape: tuple[int, ...], n: int = 7, seed: int = 0
-) -> tuple[Tensor, Tensor]:
+def data(shape: tuple[int, ...], out_shape: tuple[int, ...], n: int = 7, seed: int = 0) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=gen, dtype=torch.float64)
     y = torch.randn(n, *out_shape, generator=gen, dtype=torch.float64)
@@ -101,9 +99,7 @@ def test_linear(bias: bool, in_shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(5, 4, bias=bias).double()
     x, y = data(in_shape, out_shape(layer, in_shape))
-    assert_rel_close(
-        hooked(layer, x, y, squared_error, chunk_size=3), brute_force(layer, x, y, squared_error)
-    )
+    assert_rel_close(hooked(layer, x, y, squared_error, chunk_size=3), brute_force(layer, x, y, squared_error))
 
 
 CONVS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
@@ -299,9 +295,7 @@ def test_network_without_batch_norm_train_mode() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(9, 12, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (9,), generator=gen)
-    assert_rel_close(
-        hooked(model, x, y, cross_entropy, chunk_size=4), brute_force(model, x, y, cross_entropy)
-    )
+    assert_rel_close(hooked(model, x, y, cross_entropy, chunk_size=4), brute_force(model, x, y, cross_entropy))
 
 
 def test_float32_matches_float64() -> None:
@@ -364,18 +358,14 @@ def test_hooks_inactive_outside_recording() -> None:
     x, y = torch.randn(8, 40), torch.randint(0, 10, (8,))
     F.cross_entropy(model(x), y).backward()
     assert outputs and all(not out._backward_hooks for out in outputs)  # no tensor hooks: no cost
-    assert all(
-        not bn.save_xhat and bn.saved_xhat is None for bn in model.modules() if isinstance(bn, GhostBatchNorm)
-    )
+    assert all(not bn.save_xhat and bn.saved_xhat is None for bn in model.modules() if isinstance(bn, GhostBatchNorm))
     with pytest.raises(RuntimeError):
         sgs.result()
 
     with sgs.recording(8):
         F.cross_entropy(model(x), y).backward()
     first = [s.clone() for s in sgs.result()]
-    assert all(
-        not bn.save_xhat and bn.saved_xhat is None for bn in model.modules() if isinstance(bn, GhostBatchNorm)
-    )
+    assert all(not bn.save_xhat and bn.saved_xhat is None for bn in model.modules() if isinstance(bn, GhostBatchNorm))
     F.cross_entropy(model(2 * x), y).backward()  # outside: the last result stays as it was
     assert all(torch.equal(a, b) for a, b in zip(first, sgs.result(), strict=True))
 
@@ -411,8 +401,12 @@ def per_sample_grads(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) ->
     out = []
     for i in range(x.shape[0]):
         loss = loss_fn(model(x[i : i + 1]), y[i : i + 1]).sum()
-        out.append([g if g is not None else torch.zeros_like(p) for g, p in zip(
-            torch.autograd.grad(loss, params, allow_unused=True), params, strict=True)])
+        out.append(
+            [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params, strict=True)
+            ]
+        )
     return out
 
 

@@ -72,9 +72,7 @@ def write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def make_raw(
-    name: str, root: Path, monkeypatch: pytest.MonkeyPatch
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_raw(name: str, root: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write upstream-format raw files of ``name`` into ``root`` and make torchvision accept them offline.
 
     Returns {split: (images (N, C, H, W), labels)} as written.
@@ -241,9 +239,7 @@ def test_prepare_rejects_a_damaged_raw_file(
 
 # --- loading ---------------------------------------------------------------------------------------------
 @pytest.fixture
-def prepared(
-    tmp_path: Path, offline: pytest.MonkeyPatch, request: pytest.FixtureRequest
-) -> tuple[Path, dict]:
+def prepared(tmp_path: Path, offline: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[Path, dict]:
     name = request.param
     raw = make_raw(name, tmp_path, offline)
     assert prepare.main([name, "--root", str(tmp_path)]) == 0
@@ -275,13 +271,10 @@ def test_loader_normalises_each_channel(prepared: tuple[Path, dict], request: py
         )
     # Pixel 0 and 255 of the first channel (the fixture holds both in its first image).
     lo, hi = -spec.mean[0] / spec.std[0], (1 - spec.mean[0]) / spec.std[0]
-    assert (
-        abs(data.x_train[0].flatten()[0].item() - lo) < 1e-6
-        and abs(data.x_train[0].flatten()[1].item() - hi) < 1e-6
+    assert abs(data.x_train[0].flatten()[0].item() - lo) < 1e-6 and abs(data.x_train[0].flatten()[1].item() - hi) < 1e-6
+    assert {"mnist": -0.424213, "fashion_mnist": -0.810198, "cifar10": -1.989474, "cifar100": -1.897119}[name] == (
+        pytest.approx(lo, abs=1e-6)
     )
-    assert {"mnist": -0.424213, "fashion_mnist": -0.810198, "cifar10": -1.989474, "cifar100": -1.897119}[
-        name
-    ] == (pytest.approx(lo, abs=1e-6))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -352,9 +345,7 @@ def test_damaged_file_is_refused(prepared: tuple[Path, dict], damage: str, reaso
     assert msg.endswith(f"hpcnoise data prepare cifar10 --root {root}")
 
 
-def test_cli_train_without_prepared_data_prints_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_train_without_prepared_data_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     runs = tmp_path / "runs"
     argv = [
         "train",
@@ -437,9 +428,7 @@ def test_every_crop_is_a_shift_of_the_padded_image(flip: bool) -> None:
 def test_augmentation_equals_torchvision_crop_then_flip_then_normalise() -> None:
     """Same offsets: crop+flip of normalised data == torchvision pad(0), crop, hflip of uint8, normalised."""
     spec = IMAGE_SETS["cifar10"]
-    images = torch.randint(
-        0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
-    )
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     dy, dx, flip = crop_flip_choices(torch.Generator().manual_seed(4), 12)
     ours = crop_flip(normalise(images, spec), dy, dx, flip, BLACK)
     for i in range(12):
@@ -487,9 +476,7 @@ def test_augmentation_does_not_depend_on_the_world_size(world: int) -> None:
     x = batch(m_global, seed=6)
     whole = augment(x, generator(3, "augment", 11), 0, m_global)
     m = m_global // world
-    shares = [
-        augment(x[r * m : (r + 1) * m], generator(3, "augment", 11), r * m, m_global) for r in range(world)
-    ]
+    shares = [augment(x[r * m : (r + 1) * m], generator(3, "augment", 11), r * m, m_global) for r in range(world)]
     assert torch.equal(torch.cat(shares), whole)
     with pytest.raises(ValueError, match="outside a global batch of 16"):
         augment(x[:m], generator(3, "augment", 11), m_global - m + 1, m_global)

@@ -34,7 +34,7 @@ def assert_close_lists(
         return
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{what}[{i}]: {m}")
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}")
 
 
 def assert_same_trajectory(one: dict, two: dict, tol: dict) -> None:

@@ -133,9 +133,7 @@ def test_power_iteration_agrees_with_lanczos() -> None:
     }
     comm = init("cpu")
     lanczos = sharpness_of(model, data.x_train, data.y_train, comm, method="lanczos", tol=1e-9, **kwargs)
-    power = sharpness_of(
-        model, data.x_train, data.y_train, comm, method="power", tol=1e-9, max_products=5000, **kwargs
-    )
+    power = sharpness_of(model, data.x_train, data.y_train, comm, method="power", tol=1e-9, max_products=5000, **kwargs)
     assert power["method"] == "power" and power["iterations"] > 1
     assert rel_err(power["max_eigenvalue"], lanczos["max_eigenvalue"]) < 1e-6
 
@@ -309,9 +307,7 @@ def test_fisher_norms_match_explicit_fisher(chunk: int) -> None:
 
 
 # --- gradient variance --------------------------------------------------------------------------------
-def expected_variances(
-    model: nn.Module, x: Tensor, y: Tensor, draws: int
-) -> dict[str, dict[str, tuple[float, float]]]:
+def expected_variances(model: nn.Module, x: Tensor, y: Tensor, draws: int) -> dict[str, dict[str, tuple[float, float]]]:
     """Per regime and layer: (exact expected variance, relative standard deviation of its estimate).
 
     Drawing M of N samples without replacement, the batch mean has covariance C_M = Sigma / M * (N - M)
@@ -445,9 +441,7 @@ def test_main_writes_sharpness_json(finished_run: Path, capsys: pytest.CaptureFi
     t = res["temperature"]
     assert 0.05 < t < 20
     z = logits_of(net, data.x_test)
-    assert all(
-        F.cross_entropy(z / t, data.y_test) < F.cross_entropy(z / (t * f), data.y_test) for f in (0.97, 1.03)
-    )
+    assert all(F.cross_entropy(z / t, data.y_test) < F.cross_entropy(z / (t * f), data.y_test) for f in (0.97, 1.03))
     idx = fixed_subset(data.x_train.shape[0], 512)
     op = HessianOperator(net, data.x_train[idx], data.y_train[idx], init("cpu"), temperature=t)
     loss = F.cross_entropy(net(data.x_train[idx]) / t, data.y_train[idx])
@@ -465,9 +459,7 @@ def test_main_without_fold_and_temperature(finished_run: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing", "unfinished", "too_many_samples"])
-def test_main_errors_cleanly(
-    tmp_path: Path, finished_run: Path, case: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_main_errors_cleanly(tmp_path: Path, finished_run: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "r"
     args = [str(run)]
     if case == "unfinished":

@@ -259,9 +259,7 @@ def test_ghost_batch_norm_equals_chunked_batch_norm(shape: tuple[int, ...], ghos
 
     x2 = x.clone().requires_grad_()
     w, b = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
-    ref = torch.cat(
-        [F.batch_norm(ch, None, None, w, b, training=True, eps=bn.eps) for ch in chunks(x2, ghost_size)]
-    )
+    ref = torch.cat([F.batch_norm(ch, None, None, w, b, training=True, eps=bn.eps) for ch in chunks(x2, ghost_size)])
     ref.backward(gy)
 
     assert_rel_close(y, ref)

@@ -74,7 +74,12 @@ def problem() -> dict:
     grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     cfg = Config(batch_size=M, small_batch=4, multiplicative_sigma=0.3)
     return {
-        "model": model, "x": x, "y": y, "g": g, "grads": grads, "cfg": cfg,
+        "model": model,
+        "x": x,
+        "y": y,
+        "g": g,
+        "grads": grads,
+        "cfg": cfg,
         "diag": [s / M for s in hooks.result("sum_grad_squared")],
         "kfac": [KFacLayer(f.A / M, f.G / M, f.weight, f.bias) for f in hooks.kfac_result()],
         "F": g.T @ g / M,  # the empirical Fisher, explicitly

@@ -20,8 +20,17 @@ TIMING = ("epoch_time_s", "wall_time_s", "samples_per_s", "samples_per_s_per_wor
 
 def cmd(launcher: str, np: int, out: Path, name: str) -> list[str]:
     cfg = small_config(
-        out_dir=str(out), run_name=name, regime="kfac", kfac_every=3, model="cnn1d", ghost_bn=True,
-        ghost_size=32, epochs=6, small_batch=64, batch_size=128, train_samples=1024,
+        out_dir=str(out),
+        run_name=name,
+        regime="kfac",
+        kfac_every=3,
+        model="cnn1d",
+        ghost_bn=True,
+        ghost_size=32,
+        epochs=6,
+        small_batch=64,
+        batch_size=128,
+        train_samples=1024,
     )
     return launcher_cmd(launcher, np) + [sys.executable, "-m", "hpcnoise.cli", "train", *overrides(cfg)]
 
@@ -42,7 +51,12 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize(
     "launcher,np,sig",
-    [("none", 1, signal.SIGTERM), ("none", 1, signal.SIGKILL), ("mpirun", 2, signal.SIGUSR1), ("mpirun", 2, signal.SIGKILL)],
+    [
+        ("none", 1, signal.SIGTERM),
+        ("none", 1, signal.SIGKILL),
+        ("mpirun", 2, signal.SIGUSR1),
+        ("mpirun", 2, signal.SIGKILL),
+    ],
 )
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, launcher: str, np: int, sig: signal.Signals) -> None:
     needs_launcher(launcher)
@@ -50,8 +64,14 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path, launcher: str, np: int
     reference = subprocess.run(cmd(launcher, np, tmp_path, "ref"), capture_output=True, text=True, env=env, timeout=300)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    proc = subprocess.Popen(cmd(launcher, np, tmp_path, "cut"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd(launcher, np, tmp_path, "cut"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     wait_for(tmp_path / "cut" / "checkpoint.pt", proc)  # at least one epoch done
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, sig)  # the whole process group, no chance to checkpoint

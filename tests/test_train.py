@@ -17,12 +17,28 @@ from tests.conftest import small_config
 
 @pytest.mark.parametrize(
     "regime,model",
-    [("lb", "mlp"), ("diagf", "mlp"), ("diagf", "cnn1d"), ("sb", "mlp"), ("trace", "mlp"),
-     ("multiplicative", "mlp"), ("fullf", "cnn1d"), ("kfac", "cnn1d"), ("batchchange", "mlp")],
+    [
+        ("lb", "mlp"),
+        ("diagf", "mlp"),
+        ("diagf", "cnn1d"),
+        ("sb", "mlp"),
+        ("trace", "mlp"),
+        ("multiplicative", "mlp"),
+        ("fullf", "cnn1d"),
+        ("kfac", "cnn1d"),
+        ("batchchange", "mlp"),
+    ],
 )
 def test_loss_goes_down(tmp_path: Path, regime: str, model: str) -> None:
-    cfg = small_config(out_dir=str(tmp_path), run_name="r", regime=regime, model=model, epochs=4,
-                       ghost_bn=regime not in ("sb", "batchchange"), batchchange_epochs=2)
+    cfg = small_config(
+        out_dir=str(tmp_path),
+        run_name="r",
+        regime=regime,
+        model=model,
+        epochs=4,
+        ghost_bn=regime not in ("sb", "batchchange"),
+        batchchange_epochs=2,
+    )
     summary = train(cfg, init("cpu"))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4

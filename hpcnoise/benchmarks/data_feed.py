@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in batch_sizes:
         rates = {
             "suite: gather uint8, crop/flip, normalise": time_suite(x_u8, y, batch, args.steps, device),
-            "suite: gather normalised float, crop/flip (train)": time_suite(
-                x_float, y, batch, args.steps, device
-            ),
+            "suite: gather normalised float, crop/flip (train)": time_suite(x_float, y, batch, args.steps, device),
         }
         for workers in worker_counts:
             rate = time_loader(dataset, batch, workers, args.steps, device)

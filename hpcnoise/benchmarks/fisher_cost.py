@@ -112,9 +112,7 @@ class Method:
     samples: int | None = None  # run on this many samples and scale the time to the batch; None: all
 
 
-def time_methods(
-    methods: list[Method], model: nn.Module, x: Tensor, y: Tensor, steps: int
-) -> dict[str, float]:
+def time_methods(methods: list[Method], model: nn.Module, x: Tensor, y: Tensor, steps: int) -> dict[str, float]:
     """Median ms per training step of each method, timed in interleaved rounds after WARMUP steps."""
     runs = []
     for m in methods:
@@ -211,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
         f"{WARMUP} warm-up steps, median of {args.steps} interleaved rounds"
     )
-    rows = [
-        row
-        for name in MODELS
-        for bn in ("train", "eval")
-        for row in benchmark(name, bn, args.batch, args.steps)
-    ]
+    rows = [row for name in MODELS for bn in ("train", "eval") for row in benchmark(name, bn, args.batch, args.steps)]
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(
