@@ -8,7 +8,7 @@
     hpcnoise sharpness RUN_DIR                            max Hessian eigenvalue of a finished run
     hpcnoise report RUNS_DIR                              tables, figures and report.md from run directories
     hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
-    hpcnoise bench fisher|data                            cost of the diagonal Fisher per step; data feed
+    hpcnoise bench fisher|data|train                      diag-F cost per step; data feed; throughput
 
 Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written.
 """
@@ -115,7 +115,11 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "toy": _delegate("hpcnoise.toy"),
     "bench": _choose(
         "bench",
-        {"fisher": _delegate("hpcnoise.benchmarks.fisher_cost"), "data": _delegate("hpcnoise.benchmarks.data_feed")},
+        {
+            "fisher": _delegate("hpcnoise.benchmarks.fisher_cost"),
+            "data": _delegate("hpcnoise.benchmarks.data_feed"),
+            "train": _delegate("hpcnoise.benchmarks.throughput"),
+        },
     ),
 }
 
