@@ -40,8 +40,8 @@ from torch import Tensor, fx, nn
 from hpcnoise.comm import Comm, init, launcher_rank
 from hpcnoise.config import Config, ConfigError
 from hpcnoise.curvature import CurvatureHooks, KFactors
-from hpcnoise.data import DATASETS, Data
-from hpcnoise.models import GhostBatchNorm, build_model, ghost_norms
+from hpcnoise.data import Data
+from hpcnoise.models import GhostBatchNorm, ghost_norms
 from hpcnoise.regimes import HOOK_QUANTITY, REGIMES, KFacLayer, NoiseInput
 from hpcnoise.rundir import RunDir, write_json_atomic
 from hpcnoise.seeding import generator, stream_seed
@@ -633,20 +633,10 @@ def load_config(run_dir: Path) -> Config:
 
 def load_run(run_dir: Path, comm: Comm) -> tuple[Config, Data, nn.Module]:
     """Config, data (in the run's dtype) and final model of a finished run, rebuilt as train() builds them."""
+    from hpcnoise.train import data_and_model  # train imports this module lazily, and this one it
+
     cfg = load_config(run_dir)
-    data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
-    comm.broadcast_object("data ready")  # rank 0 first: a dataset generated on first use is built once
-    data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
-    dtype = getattr(torch, cfg.dtype)
-    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
-    model = build_model(
-        cfg.model,
-        data.in_shape,
-        data.num_classes,
-        ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
-        bn_momentum=cfg.bn_momentum,
-        seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device, dtype)
+    data, model = data_and_model(cfg, comm)
     model.load_state_dict(torch.load(RunDir(run_dir).model_path, map_location=comm.device))
     return cfg, data, model
 

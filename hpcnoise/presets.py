@@ -49,11 +49,11 @@ def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
 
     SB trains with M_S = 128 at lr 0.05. LB regimes use M_L = 4096 and the linear scaling rule (Goyal
     et al. 2017): lr_LB = lr_SB * M_L / M_S = 1.6, reached by a linear warmup over 5 epochs. Every regime
-    trains for the same number of epochs (the paper's rule), with noise for the first 2/3 of them (the
-    paper: 50 of 200 CIFAR epochs, i.e. through the first decay) and a 10x decay at 2/3 and 5/6.
+    trains for the same number of epochs (the paper's rule), with the paper's proportions: noise for the
+    first quarter (50 of its 200 CIFAR epochs) and a 10x decay at 1/2 and 3/4 of training.
     ``smoke`` shrinks data and epochs to seconds.
     """
-    epochs = 4 if smoke else 30
+    epochs = 4 if smoke else 32
     sb_lr = 0.05  # per 128 samples
     large, small = (512, 64) if smoke else (4096, 128)
     lr = sb_lr if regime == "sb" else sb_lr * large / small  # linear scaling rule
@@ -70,8 +70,8 @@ def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
         epochs=epochs,
         lr=lr,
         warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
-        lr_decay_epochs=(epochs * 2 // 3, epochs * 5 // 6),
-        noise_epochs=epochs * 2 // 3,
+        lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
+        noise_epochs=max(epochs // 4, 1),
     )
 
 

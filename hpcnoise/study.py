@@ -21,8 +21,8 @@ from pathlib import Path
 
 from hpcnoise.config import ConfigError
 
-QUICK_EPOCHS = 15  # the quick study: half the presets' 30 epochs (noise for 10, decays at 10 and 12)
-FULL_EPOCHS = 60  # --full: twice the presets' epochs
+QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (noise for 4, decays at 8 and 12)
+FULL_EPOCHS = 64  # --full: twice the presets' epochs
 
 
 def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
@@ -34,8 +34,8 @@ def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
         cfg = replace(
             cfg,
             epochs=epochs,
-            noise_epochs=epochs * 2 // 3,  # the presets' rule: noise for the first 2/3
-            lr_decay_epochs=(epochs * 2 // 3, epochs * 5 // 6),
+            noise_epochs=epochs // 4,  # the presets' rule: noise for the first quarter
+            lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
             sharpness=True,
             diagnostics_every=max(epochs // 3, 1),
             threads=threads,

@@ -179,6 +179,27 @@ def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[s
     return cfg, run, outcome
 
 
+def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
+    """The run's data (in its dtype, on its device) and its freshly initialised model.
+
+    Rank 0 loads first, so that a dataset generated or cached on first use is built only once.
+    """
+    data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
+    comm.broadcast_object("data ready")
+    data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
+    dtype = getattr(torch, cfg.dtype)
+    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
+    model = build_model(
+        cfg.model,
+        data.in_shape,
+        data.num_classes,
+        ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
+        bn_momentum=cfg.bn_momentum,
+        seed=stream_seed(cfg.seed, "init"),
+    ).to(comm.device, dtype)
+    return data, model
+
+
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
@@ -196,26 +217,13 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         return outcome["finished"]
 
     regime = REGIMES[cfg.regime]
-    # Rank 0 loads first so that a dataset generated or cached on first use is built only once.
-    data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
-    comm.broadcast_object("data ready")
-    data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
-    dtype = getattr(torch, cfg.dtype)
-    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
+    data, model = data_and_model(cfg, comm)
     for batch_key in regime.batch_keys:
         if getattr(cfg, batch_key) > data.x_train.shape[0]:
             raise ConfigError(
                 f"{batch_key}={getattr(cfg, batch_key)} exceeds the {data.x_train.shape[0]} training samples "
                 f"of {cfg.dataset}"
             )
-    model = build_model(
-        cfg.model,
-        data.in_shape,
-        data.num_classes,
-        ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
-        bn_momentum=cfg.bn_momentum,
-        seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device, dtype)
     opt = make_optimizer(cfg, model)
     position = Position()
     if outcome.get("resume"):
