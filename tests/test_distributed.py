@@ -92,7 +92,11 @@ def test_world_size_invariance_every_regime(tmp_path: Path, case: str) -> None:
     cfg = dict(FIVE_STEPS, model="cnn1d", dtype="float64", ghost_bn=True, ghost_size=32, **REGIME_CASES[case])
     one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
     two = run_worker("horovodrun", 2, tmp_path / "w2", **cfg)
-    assert_same_trajectory(one, two[0], TOLERANCE["float64"])
+    # K-FAC takes matrix square roots of factors that are singular (the softmax output gradients sum to
+    # zero), and sqrt is not Lipschitz at a zero eigenvalue: rounding-level differences of the factors
+    # become ~1e-9 absolute differences of the noise.
+    tol = dict(rtol=1e-6, atol=1e-7) if case == "kfac" else TOLERANCE["float64"]
+    assert_same_trajectory(one, two[0], tol)
     noisy = [s["noise"] for s in one["steps"] if s["noise"] is not None]
     assert bool(noisy) == (case not in ("sb", "lb", "batchchange"))
     for s0, s1 in zip(two[0]["steps"], two[1]["steps"]):  # replicas bit-identical

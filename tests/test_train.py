@@ -108,7 +108,7 @@ def test_validate_world_size_and_ghost_size() -> None:
 
 
 BAD_INPUT = [
-    ("--model=resnet9000", "unknown model 'resnet9000'; valid: cnn1d, mlp"),
+    ("--model=resnet9000", "unknown model 'resnet9000'; valid: alexnet, cnn1d, lenet5, mlp, mnist_mlp, resnet44"),
     ("--dataset=imagenet", "unknown dataset 'imagenet'; valid: "),
     ("--regime=magic", "unknown regime 'magic'; valid: "),
     ("--lr=0", "lr must be positive, got 0.0"),
