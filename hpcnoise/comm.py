@@ -89,7 +89,7 @@ class Comm:
             mpi4py.rc.initialize = False  # ask for the library version without initialising MPI
             from mpi4py import MPI
 
-            out["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
+            out["mpi"] = MPI.Get_library_version().splitlines()[0].strip().rstrip("\x00")
         except Exception:  # MPI is optional for a single process
             out["mpi"] = "unavailable"
         if torch.cuda.is_available():

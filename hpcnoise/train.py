@@ -415,6 +415,9 @@ def _train_loop(
                     pos.epoch_time_s += time.perf_counter() - t_epoch
                     pos.elapsed_s += time.perf_counter() - t_session
                     _checkpoint(run, model, opt, pos)
+                    # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon
+                    # as one exits, which must not happen while the checkpoint is being written
+                    comm.broadcast_object("checkpointed")
                     raise Preempted(f"stopped by signal at epoch {epoch + 1}, step {pos.step}; checkpoint written")
             train_time = pos.epoch_time_s + time.perf_counter() - t_epoch
             n_seen = len(batches) * global_batch

@@ -63,7 +63,7 @@ fi
 stamp="$venv/.hpcnoise-setup.cfg.sha256"
 if ! sha256sum --status -c "$stamp" 2>/dev/null || ! "$py" -c "import hpcnoise" 2>/dev/null; then
   log "installing hpcnoise (editable) with its dependencies"
-  pip install -e "$repo[dev]"
+  pip install -e "${repo}[dev]"
   (cd "$repo" && sha256sum setup.cfg) | sed "s|setup.cfg|$repo/setup.cfg|" > "$stamp"
 fi
 

@@ -6,6 +6,8 @@ node advertises 8 CPUs (more than the machine has: ``SlurmdParameters=config_ove
 GPUs (gres files made with mknod, so ``--gpus-per-node`` scripts run unchanged). With ``nodes=2`` the
 two nodes n1 and n2 are two slurmd processes on this host, on different ports. Ports are chosen free,
 so several clusters can run on one machine side by side. ``Cluster.stop`` ends the daemons by PID.
+Job credentials live 10 s (``cred_expire``; Slurm's default is 120 s), which is also how long a
+requeued job waits before it may start again, and the schedulers run every second.
 """
 
 from __future__ import annotations
@@ -28,8 +30,17 @@ CLIENTS = ("sbatch", "srun", "scontrol", "sinfo", "squeue", "scancel")
 SBIN = (Path("/usr/sbin"), Path("/usr/local/sbin"))
 CPUS_PER_NODE = 8
 GPUS_PER_NODE = 4
-FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                   "DEADLINE", "PREEMPTED"}
+FINISHED_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def which(name: str) -> str | None:
@@ -90,19 +101,28 @@ class Cluster:
     def log_dir(self) -> Path:
         return self.root / "log"
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster."""
-        proc = subprocess.run(list(args), check=False, capture_output=True, text=True, timeout=timeout,
-                              env=env or self.env)
+        proc = subprocess.run(
+            list(args), check=False, capture_output=True, text=True, timeout=timeout, env=env or self.env
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
     def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
         """Submit a batch job; return its id."""
-        proc = subprocess.run(["sbatch", "--parsable", *args], check=False, capture_output=True, text=True, timeout=60,
-                              env=env or self.env, cwd=cwd)
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env or self.env,
+            cwd=cwd,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
@@ -115,8 +135,9 @@ class Cluster:
             if not line.strip():
                 continue
             f = dict(re.findall(r"(\w+)=(\S*)", line))
-            jobs.append(Job(f.get("JobId", ""), f.get("JobState", ""), f.get("ExitCode", ""),
-                            int(f.get("Restarts", "0")), f))
+            jobs.append(
+                Job(f.get("JobId", ""), f.get("JobState", ""), f.get("ExitCode", ""), int(f.get("Restarts", "0")), f)
+            )
         return jobs
 
     def wait(self, job_id: str, timeout: float = 300, states: set[str] = FINISHED_STATES) -> list[Job]:
@@ -125,13 +146,16 @@ class Cluster:
         jobs: list[Job] = []
         while time.monotonic() < deadline:
             jobs = self.jobs(job_id)
-            pending_tasks = any(j.fields.get("ArrayTaskId", "").count("-") or "[" in j.fields.get("ArrayTaskId", "")
-                                for j in jobs)
+            pending_tasks = any(
+                j.fields.get("ArrayTaskId", "").count("-") or "[" in j.fields.get("ArrayTaskId", "") for j in jobs
+            )
             if jobs and not pending_tasks and all(j.state in states for j in jobs):
                 return jobs
             time.sleep(0.5)
-        raise TimeoutError(f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
-                           f"{[(j.job_id, j.state) for j in jobs]}\n{self.log_tail()}")
+        raise TimeoutError(
+            f"job {job_id} not in {sorted(states)} after {timeout:.0f} s: "
+            f"{[(j.job_id, j.state) for j in jobs]}\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 20) -> str:
         out = []
@@ -177,7 +201,7 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={root}/state
@@ -198,6 +222,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1,bf_interval=1
 MpiDefault=pmix
 ReturnToService=2
 JobRequeue=1
@@ -209,8 +234,10 @@ GresTypes=gpu
     gres = ""
     for n, port in zip(nodes, node_ports):
         addr = "" if n == host else f" NodeHostname={host}"
-        conf += (f"NodeName={n}{addr} NodeAddr=127.0.0.1 Port={port} CPUs={CPUS_PER_NODE} "
-                 f"Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN\n")
+        conf += (
+            f"NodeName={n}{addr} NodeAddr=127.0.0.1 Port={port} CPUs={CPUS_PER_NODE} "
+            f"Gres=gpu:{GPUS_PER_NODE} State=UNKNOWN\n"
+        )
         gres += f"NodeName={n} Name=gpu File={root}/dev/nvidia[0-{GPUS_PER_NODE - 1}]\n"
     conf += f"PartitionName=test Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP\n"
     (root / "slurm.conf").write_text(conf)
@@ -220,8 +247,9 @@ GresTypes=gpu
 
 def _spawn(cluster: Cluster, name: str, args: list[str]) -> None:
     with open(cluster.log_dir / f"{name}.out.log", "w") as log:  # the daemon keeps its own copy of the fd
-        cluster.procs[name] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=cluster.env,
-                                               start_new_session=True)
+        cluster.procs[name] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=cluster.env, start_new_session=True
+        )
 
 
 def start_cluster(nodes: int = 1, base_env: dict[str, str] | None = None, timeout: float = 60) -> Cluster:
@@ -252,9 +280,20 @@ def start_cluster(nodes: int = 1, base_env: dict[str, str] | None = None, timeou
         munge = root / "munge"
         munge.mkdir(mode=0o755)
         subprocess.run([prog("mungekey"), "-c", "-k", str(munge / "munge.key")], check=True, timeout=30)
-        _spawn(cluster, "munged", [prog("munged"), "-F", "-S", str(munge / "munge.socket"),
-                                   f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
-                                   f"--log-file={root / 'log' / 'munged.log'}", f"--seed-file={munge / 'seed'}"])
+        _spawn(
+            cluster,
+            "munged",
+            [
+                prog("munged"),
+                "-F",
+                "-S",
+                str(munge / "munge.socket"),
+                f"--key-file={munge / 'munge.key'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={root / 'log' / 'munged.log'}",
+                f"--seed-file={munge / 'seed'}",
+            ],
+        )
         _wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged socket", cluster)
         _spawn(cluster, "slurmctld", [prog("slurmctld"), "-D", "-c", "-i", "-f", str(conf)])
         for n in names:
@@ -277,8 +316,9 @@ def _wait_for(cond: Callable[[], bool], timeout: float, what: str, cluster: Clus
     while time.monotonic() < deadline:
         for name, proc in cluster.procs.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}\n"
-                                   f"{cluster.log_tail()}")
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode} while waiting for {what}\n{cluster.log_tail()}"
+                )
         if cond():
             return
         time.sleep(0.2)

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from hpcnoise.presets import get_preset, get_table
 from tests.conftest import BIN
-from tests.slurm import Cluster, Job, missing_programs, remove, start_cluster
+from tests.slurm import FINISHED_STATES, Cluster, Job, missing_programs, remove, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 PRESET = "mnist1d-diagf-gbn"
 SMOKE = [PRESET, "--smoke", "--threads=1", "--progress=false"]
-SMOKE_EPOCHS = 4  # epochs of the smoke presets (hpcnoise.config.mnist1d)
+SMOKE_EPOCHS = get_preset(PRESET, smoke=True).epochs
+TABLE = "mnist1d"
+TABLE_CELLS = len(get_table(TABLE, smoke=True))
 # One rank per (fake) GPU and one CPU per rank: the test machine has 2 cores.
 TWO_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]
 ONE_RANK = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
@@ -69,8 +72,7 @@ def job_env(cluster: Cluster, **extra: str) -> dict[str, str]:
     return env
 
 
-def submit(cluster: Cluster, tmp: Path, script: str, sbatch_args: list[str], args: list[str],
-           **env: str) -> str:
+def submit(cluster: Cluster, tmp: Path, script: str, sbatch_args: list[str], args: list[str], **env: str) -> str:
     """sbatch a shipped script from ``tmp`` (its output files land there); return the job id."""
     return cluster.sbatch(*sbatch_args, str(JOBS / script), *args, env=job_env(cluster, **env), cwd=tmp)
 
@@ -116,8 +118,14 @@ def test_train_srun_pmix_two_ranks(slurm: Cluster, tmp_path: Path) -> None:
 
 def test_train_mpirun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    job = submit(slurm, tmp_path, "train.sbatch", TWO_RANKS, [*SMOKE, f"--out_dir={out}", "--run_name=m"],
-                 HPCNOISE_LAUNCHER="mpirun")
+    job = submit(
+        slurm,
+        tmp_path,
+        "train.sbatch",
+        TWO_RANKS,
+        [*SMOKE, f"--out_dir={out}", "--run_name=m"],
+        HPCNOISE_LAUNCHER="mpirun",
+    )
     jobs = slurm.wait(job, JOB_TIMEOUT)
     log = job_log(tmp_path, f"hpcnoise-train-{job}.out")
     assert_completed(jobs, log)
@@ -127,8 +135,15 @@ def test_train_mpirun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
 
 def test_train_horovodrun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
-    job = submit(slurm, tmp_path, "train.sbatch", TWO_RANKS, [*SMOKE, f"--out_dir={out}", "--run_name=h"],
-                 HPCNOISE_LAUNCHER="horovodrun", HPCNOISE_CPU_BIND="none")
+    job = submit(
+        slurm,
+        tmp_path,
+        "train.sbatch",
+        TWO_RANKS,
+        [*SMOKE, f"--out_dir={out}", "--run_name=h"],
+        HPCNOISE_LAUNCHER="horovodrun",
+        HPCNOISE_CPU_BIND="none",
+    )
     jobs = slurm.wait(job, JOB_TIMEOUT)
     log = job_log(tmp_path, f"hpcnoise-train-{job}.out")
     assert_completed(jobs, log)
@@ -162,22 +177,31 @@ def test_train_in_container_runtime(slurm: Cluster, tmp_path: Path) -> None:
         "#!/usr/bin/env bash\n"
         f'echo "$*" >> {calls}\n'
         '[ "$1" = exec ] && shift || exit 64\n'
-        'while [[ $1 == -* ]]; do case $1 in --bind | -B) shift 2 ;; *) shift ;; esac; done\n'
-        'shift\n'  # the image
+        "while [[ $1 == -* ]]; do case $1 in --bind | -B) shift 2 ;; *) shift ;; esac; done\n"
+        "shift\n"  # the image
         'exec "$@"\n'
     )
     stub.chmod(0o755)
     out = tmp_path / "runs"
-    job = submit(slurm, tmp_path, "train.sbatch", TWO_RANKS, [*SMOKE, f"--out_dir={out}", "--run_name=c"],
-                 HPCNOISE_CONTAINER="apptainer", HPCNOISE_IMAGE="/images/hpcnoise.sif",
-                 HPCNOISE_CONTAINER_ARGS="--bind /scratch", PATH=f"{stub_dir}:{BIN}:{os.environ['PATH']}")
+    job = submit(
+        slurm,
+        tmp_path,
+        "train.sbatch",
+        TWO_RANKS,
+        [*SMOKE, f"--out_dir={out}", "--run_name=c"],
+        HPCNOISE_CONTAINER="apptainer",
+        HPCNOISE_IMAGE="/images/hpcnoise.sif",
+        HPCNOISE_CONTAINER_ARGS="--bind /scratch",
+        PATH=f"{stub_dir}:{BIN}:{os.environ['PATH']}",
+    )
     jobs = slurm.wait(job, JOB_TIMEOUT)
     log = job_log(tmp_path, f"hpcnoise-train-{job}.out")
     assert_completed(jobs, log)
     lines = calls.read_text().splitlines()
     assert len(lines) == 2, lines  # one per rank
-    assert all(line.startswith(f"exec --nv --bind /scratch /images/hpcnoise.sif {HPCNOISE_CMD} train ")
-               for line in lines), lines
+    assert all(
+        line.startswith(f"exec --nv --bind /scratch /images/hpcnoise.sif {HPCNOISE_CMD} train ") for line in lines
+    ), lines
     check_run(out / "c", world_size=2)
 
 
@@ -193,8 +217,9 @@ def test_train_bad_settings_fail_with_one_line(slurm: Cluster, tmp_path: Path) -
 
 
 def hpcnoise(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*shlex.split(HPCNOISE_CMD), *args], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          check=False)
+    return subprocess.run(
+        [*shlex.split(HPCNOISE_CMD), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False
+    )
 
 
 def read_sweep(path: Path) -> list[dict]:
@@ -204,24 +229,36 @@ def read_sweep(path: Path) -> list[dict]:
 def test_sweep_write_is_deterministic(tmp_path: Path) -> None:
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path in (a, b):
-        proc = hpcnoise("sweep", "write", "mnist1d", "--smoke", "--out", str(path), f"--out_dir={tmp_path / 'runs'}")
+        proc = hpcnoise("sweep", "write", TABLE, "--smoke", "--out", str(path), f"--out_dir={tmp_path / 'runs'}")
         assert proc.returncode == 0, proc.stderr
     assert a.read_text() == b.read_text()
     cells = read_sweep(a)
-    assert [c["index"] for c in cells] == list(range(9))
+    assert [c["index"] for c in cells] == list(range(TABLE_CELLS))
     names = [c["run_name"] for c in cells]
-    assert len(set(names)) == 9 and names[0].startswith("mnist1d-sb-smoke-s0-")
-    assert all(c["config"]["out_dir"] == str(tmp_path / "runs") and c["config"]["run_name"] == c["run_name"]
-               for c in cells)
+    assert len(set(names)) == TABLE_CELLS
+    for c, cfg in zip(cells, get_table(TABLE, smoke=True)):  # the table's cells, in order, named after them
+        assert c["run_name"].startswith(f"{cfg.preset}-s{cfg.seed}-") and c["config"]["seed"] == cfg.seed
+    assert all(
+        c["config"]["out_dir"] == str(tmp_path / "runs") and c["config"]["run_name"] == c["run_name"] for c in cells
+    )
 
 
 def test_sweep_submit_dry_run_prints_the_array(tmp_path: Path) -> None:
-    proc = hpcnoise("sweep", "submit", "mnist1d", "--smoke", f"--out_dir={tmp_path}", "--max-parallel=3",
-                    "--sbatch=--partition=gpu", "--dry-run", "--threads=1")
+    proc = hpcnoise(
+        "sweep",
+        "submit",
+        TABLE,
+        "--smoke",
+        f"--out_dir={tmp_path}",
+        "--max-parallel=3",
+        "--sbatch=--partition=gpu",
+        "--dry-run",
+        "--threads=1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == (
-        f"sbatch --array=0-8%3 --job-name=hpcnoise-mnist1d --partition=gpu {JOBS / 'sweep.sbatch'} "
-        f"{tmp_path / 'mnist1d-smoke.sweep.jsonl'} --threads=1"
+        f"sbatch --array=0-{TABLE_CELLS - 1}%3 --job-name=hpcnoise-{TABLE} --partition=gpu {JOBS / 'sweep.sbatch'} "
+        f"{tmp_path / f'{TABLE}-smoke.sweep.jsonl'} --threads=1"
     )
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
 
@@ -239,8 +276,9 @@ def test_sweep_submit_dry_run_prints_the_array(tmp_path: Path) -> None:
     ],
 )
 def test_sweep_bad_input_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    (tmp_path / "cells.jsonl").write_text("".join(
-        json.dumps({"index": i, "config": {"seed": i}}) + "\n" for i in range(9)))
+    (tmp_path / "cells.jsonl").write_text(
+        "".join(json.dumps({"index": i, "config": {"seed": i}}) + "\n" for i in range(9))
+    )
     proc = hpcnoise("sweep", *args, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -249,13 +287,18 @@ def test_sweep_bad_input_one_line_exit_2(tmp_path: Path, args: list[str], messag
 
 
 def test_sweep_job_array(slurm: Cluster, tmp_path: Path) -> None:
-    sweep = tmp_path / "mnist1d-smoke.sweep.jsonl"
-    proc = hpcnoise("sweep", "write", "mnist1d", "--smoke", "--out", str(sweep), f"--out_dir={tmp_path / 'runs'}")
+    sweep = tmp_path / f"{TABLE}-smoke.sweep.jsonl"
+    proc = hpcnoise("sweep", "write", TABLE, "--smoke", "--out", str(sweep), f"--out_dir={tmp_path / 'runs'}")
     assert proc.returncode == 0, proc.stderr
     cells = read_sweep(sweep)
-    picked = [0, 4, 8]  # one cell of each regime: sb s0, lb+gbn s1, diagf+gbn s2
-    job = submit(slurm, tmp_path, "sweep.sbatch", [f"--array={','.join(map(str, picked))}", *ONE_RANK],
-                 [str(sweep), "--threads=1", "--progress=false"])
+    picked = [0, TABLE_CELLS // 2, TABLE_CELLS - 1]  # first, middle and last cell: different regimes and seeds
+    job = submit(
+        slurm,
+        tmp_path,
+        "sweep.sbatch",
+        [f"--array={','.join(map(str, picked))}", *ONE_RANK],
+        [str(sweep), "--threads=1", "--progress=false"],
+    )
     tasks = slurm.wait(job, JOB_TIMEOUT)
     log = job_log(tmp_path, f"hpcnoise-sweep-{job}_*.out")
     assert sorted(int(t.fields["ArrayTaskId"]) for t in tasks) == picked
@@ -273,13 +316,20 @@ def test_sweep_job_array(slurm: Cluster, tmp_path: Path) -> None:
 
 
 def restarted(cluster: Cluster, job: str, restarts: int, timeout: float = JOB_TIMEOUT) -> Job:
-    """Wait for the job's ``restarts``-th run to finish."""
+    """Wait for the job's ``restarts``-th run to finish.
+
+    A requeued job becomes eligible again once the old run's credentials expired: cred_expire=10 s
+    in the test cluster (Slurm's default is 120 s).
+    """
     deadline = time.monotonic() + timeout
+    queued_again = False  # seen pending or running after the requeue (the old run's end state is no answer)
     while time.monotonic() < deadline:
         (j,) = cluster.jobs(job)
-        if j.restarts >= restarts and j.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            return j
-        time.sleep(0.5)
+        if j.restarts >= restarts:
+            queued_again = queued_again or j.state in ("PENDING", "CONFIGURING", "RUNNING")
+            if queued_again and j.state in FINISHED_STATES:
+                return j
+        time.sleep(0.2)
     raise TimeoutError(f"job {job} did not finish its run after restart {restarts}: {cluster.jobs(job)}")
 
 
@@ -311,18 +361,19 @@ def test_requeued_finished_job_exits_at_once(slurm: Cluster, tmp_path: Path) -> 
     assert sorted(p.name for p in out.iterdir()) == [run.name]  # no second run directory
 
 
-RESUME_PENDING = "enable once training resumes from a mid-run checkpoint (train.py checkpoint/resume)"
-LONG = [PRESET, "--smoke", "--threads=1", "--progress=false", "--epochs=40", "--checkpoint_every=1"]
+LONG_EPOCHS = 16  # long enough to stop mid-run: the stop comes within a second of epoch 2's line
+LONG = [PRESET, "--smoke", "--threads=1", "--progress=false", f"--epochs={LONG_EPOCHS}", "--checkpoint_every=1"]
 
 
-def assert_resumed(run: Path, before: list[str], epochs: int) -> None:
+def assert_resumed(run: Path, before: list[str], epochs: int, log: str) -> None:
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert lines[: len(before)] == before  # epochs done before the stop are kept as they were
+    assert lines[: len(before)] == before, log  # epochs done before the stop are kept as they were
+    assert (run / "summary.json").exists(), log
     check_run(run, world_size=2, epochs=epochs)
     assert not (run / "checkpoint.pt").exists()
+    assert "hpcnoise: resuming" in log, log
 
 
-@pytest.mark.skip(reason=RESUME_PENDING)
 def test_requeued_running_job_resumes_from_checkpoint(slurm: Cluster, tmp_path: Path) -> None:
     """scontrol requeue of a running job (what preemption does): the ranks get SIGTERM, checkpoint and
     stop; the job runs again with the same id and continues from the checkpoint, not from epoch 1."""
@@ -335,10 +386,9 @@ def test_requeued_running_job_resumes_from_checkpoint(slurm: Cluster, tmp_path: 
     second = restarted(slurm, job, 1)
     log = (tmp_path / f"hpcnoise-train-{job}.out").read_text()
     assert (second.state, second.exit_code) == ("COMPLETED", "0:0"), log
-    assert_resumed(run, before[:2], epochs=40)
+    assert_resumed(run, before[:2], epochs=LONG_EPOCHS, log=log)
 
 
-@pytest.mark.skip(reason=RESUME_PENDING)
 def test_time_limit_signal_requeues_and_resumes(slurm: Cluster, tmp_path: Path) -> None:
     """The time-limit path: Slurm sends SIGUSR1 (--signal=USR1@300) to the ranks; they checkpoint and
     exit 75; the batch script requeues its own job, which resumes."""
@@ -352,7 +402,7 @@ def test_time_limit_signal_requeues_and_resumes(slurm: Cluster, tmp_path: Path) 
     log = (tmp_path / f"hpcnoise-train-{job}.out").read_text()
     assert (second.state, second.exit_code) == ("COMPLETED", "0:0"), log
     assert "requeueing job" in log
-    assert_resumed(run, before[:2], epochs=40)
+    assert_resumed(run, before[:2], epochs=LONG_EPOCHS, log=log)
 
 
 # --- shell -----------------------------------------------------------------------------------------
@@ -361,7 +411,10 @@ def test_time_limit_signal_requeues_and_resumes(slurm: Cluster, tmp_path: Path) 
 def test_tasks_per_node_expansion() -> None:
     proc = subprocess.run(
         ["bash", "-c", f"source {JOBS / 'common.sh'} && hpcnoise_tasks_per_node"],
-        env={**os.environ, "SLURM_TASKS_PER_NODE": "4(x3),2,1(x2)"}, capture_output=True, text=True, check=False,
+        env={**os.environ, "SLURM_TASKS_PER_NODE": "4(x3),2,1(x2)"},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["4", "4", "4", "2", "1", "1"]
@@ -372,7 +425,7 @@ def test_shellcheck_job_scripts() -> None:
         pytest.fail("shellcheck is not installed: run tests/ci_deps.sh as root")
     scripts = sorted([*JOBS.glob("*.sh"), *JOBS.glob("*.sbatch"), *(REPO / "tests").glob("*.sh")])
     assert len(scripts) >= 5
-    proc = subprocess.run(["shellcheck", "-x", "--format=gcc", *map(str, scripts)], capture_output=True, text=True,
-                          cwd=REPO, check=False)
+    proc = subprocess.run(
+        ["shellcheck", "-x", "--format=gcc", *map(str, scripts)], capture_output=True, text=True, cwd=REPO, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-

@@ -1,4 +1,4 @@
-"""Cost of squared per-sample gradients in a training step: hooks vs torch.func vs a per-sample loop.
+"""Cost of squared per-sample gradients in a training step: hooks vs torch.func, a per-sample loop, BackPACK.
 
 For ``mlp`` and ``cnn1d`` on MNIST-1D-shaped input (40 features, 10 classes; synthetic values, which do not
 change the cost) it times one full step, forward, mean cross-entropy, backward and SGD-momentum update:
@@ -10,10 +10,25 @@ change the cost) it times one full step, forward, mean cross-entropy, backward a
   loop. torch.func cannot vmap a train-mode batch norm (its statistics couple the batch), hence this
   separate comparison. Each method's sums are also compared with the exact hooks on the same samples.
 
+For the convolutional networks ``lenet5`` (MNIST shape (1, 28, 28)) and ``resnet44`` (CIFAR shape
+(3, 32, 32)), both with 10 classes, at a local batch of 128 by default (``--conv``, or ``--models``):
+
+- train-mode batch norm: plain, and the step with ``SumGradSquared`` in conv_mode "spatial" and "exact".
+  The issue's target: spatial costs at most 1.5x a plain step.
+- eval-mode batch norm, running statistics set from one train-mode forward of the batch (so the eval
+  network computes what the train-mode one does on that batch): plain, hooks exact and spatial, and
+  BackPACK's SumGradSquared extension. BackPACK knows nn.BatchNorm1d/2d, not GhostBatchNorm, and refuses
+  per-sample quantities under batch norm in training mode, so it runs on a copy of the same network
+  whose GhostBatchNorms are replaced by nn.BatchNorm1d/2d in eval mode with the same affine parameters
+  and running statistics; its plain step is timed too ("plain, nn.BatchNorm").
+- agreement on the whole batch: spatial and BackPACK against the exact hooks, as the max relative
+  difference and as the relative Frobenius difference over all convolution weights.
+
 Methods are timed in interleaved rounds (one step of each per round), so drifting background load hits
 all of them alike; the table gives the median over rounds after warm-up.
 
-    python -m hpcnoise.benchmarks.fisher_cost [--batch 1024] [--steps 20] [--threads T]
+    python -m hpcnoise.benchmarks.fisher_cost [--batch 1024] [--steps 20] [--threads 1]
+    python -m hpcnoise.benchmarks.fisher_cost --conv [--batch 128]   # lenet5 and resnet44
 """
 
 from __future__ import annotations
@@ -22,8 +37,10 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd  # type: ignore[import-untyped]
 import torch
@@ -32,11 +49,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from hpcnoise.curvature import SumGradSquared
-from hpcnoise.models import build_model
+from hpcnoise.models import GhostBatchNorm, build_model
 
 IN_SHAPE = (40,)  # MNIST-1D: 40 features per sample
 NUM_CLASSES = 10
 MODELS = ("mlp", "cnn1d")
+CONV_SHAPES = {"lenet5": (1, 28, 28), "resnet44": (3, 32, 32)}  # MNIST and CIFAR images, 10 classes each
+DEFAULT_BATCH = {"mlp": 1024, "cnn1d": 1024, "lenet5": 128, "resnet44": 128}
+SPATIAL_TARGET = 1.5  # the issue's bound on a spatial diagf step, in plain steps (train-mode batch norm)
 WARMUP = 3  # untimed steps per method before the timed rounds
 LOOP_SAMPLES = 64  # the per-sample loop runs on this many samples; its time is scaled to the batch
 VMAP_CHUNK = 256  # samples per vmap call: bounds the (chunk, n_params) per-sample gradients (mlp: ~300 MB)
@@ -110,13 +130,19 @@ class Method:
     name: str
     compute: Compute
     samples: int | None = None  # run on this many samples and scale the time to the batch; None: all
+    prepare: Callable[[nn.Module], nn.Module] | None = None  # turns a copy of the network into its own
+
+
+def _copy_for(m: Method, model: nn.Module) -> nn.Module:
+    net = copy.deepcopy(model)
+    return m.prepare(net) if m.prepare is not None else net
 
 
 def time_methods(methods: list[Method], model: nn.Module, x: Tensor, y: Tensor, steps: int) -> dict[str, float]:
     """Median ms per training step of each method, timed in interleaved rounds after WARMUP steps."""
     runs = []
     for m in methods:
-        net = copy.deepcopy(model)
+        net = _copy_for(m, model)
         opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
         n = m.samples or x.shape[0]
         xs, ys = x[:n], y[:n]
@@ -197,37 +223,267 @@ def benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, obje
     return rows
 
 
+# --- convolutional networks: hooks (spatial, exact) vs BackPACK ---------------------------------------
+
+# BackPACK warnings that say nothing about its results here: a residual block is a container whose
+# parameterised children BackPACK handles itself, and the first module's full backward hook fires on a
+# network input that does not require gradients.
+_BACKPACK_BENIGN = (
+    r"Extension saving to sum_grad_squared does not have an extension for Module "
+    r"<class 'hpcnoise\.models\.BasicBlock'>",
+    r"Full backward hook is firing when gradients are computed with respect to module outputs",
+)
+
+
+def calibrate(model: nn.Module, x: Tensor) -> None:
+    """Set every GhostBatchNorm's running statistics to the batch statistics of one train-mode forward."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for bn in model.modules():
+        if isinstance(bn, GhostBatchNorm) and bn.stat_sums is not None:
+            bn.running_mean.copy_(bn.stat_sums[0] / bn.ghost_count)
+            bn.running_var.copy_(bn.stat_sums[1] / bn.ghost_count)
+            bn.stat_sums = None
+    model.train(was_training)
+
+
+def to_torch_batchnorm(model: nn.Module, example: Tensor) -> nn.Module:
+    """The network, put in eval mode, with each GhostBatchNorm replaced in place by nn.BatchNorm1d/2d.
+
+    The replacement holds the same weight, bias, running statistics and eps; in eval mode the two compute
+    the same function, and parameters keep their names and order. ``example`` (a few samples) tells
+    which batch norms see (N, C) and which (N, C, H, W).
+    """
+    norms = [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+    dtype = next(model.parameters()).dtype
+    dims: dict[nn.Module, int] = {}
+    handles = [bn.register_forward_hook(lambda m, i, o: dims.__setitem__(m, i[0].dim())) for bn in norms]
+    model.eval()
+    with torch.no_grad():
+        model(example.to(dtype))
+    for h in handles:
+        h.remove()
+    kinds: dict[int, type[nn.BatchNorm1d | nn.BatchNorm2d]] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
+    for name, bn in list(model.named_modules()):
+        if not isinstance(bn, GhostBatchNorm):
+            continue
+        new = kinds[dims[bn]](bn.num_features, eps=bn.eps, momentum=bn.momentum, dtype=dtype)
+        with torch.no_grad():
+            for tensor in ("weight", "bias", "running_mean", "running_var"):
+                getattr(new, tensor).copy_(getattr(bn, tensor))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model.eval()  # the new batch norms too
+
+
+def backpack_method(example: Tensor) -> Method:
+    """BackPACK's SumGradSquared in the step's backward, on the nn.BatchNorm (eval) copy of the network."""
+    from backpack import backpack, extend  # type: ignore[import-untyped]
+    from backpack.extensions import SumGradSquared as BackpackSGS  # type: ignore[import-untyped]
+
+    def prepare(model: nn.Module) -> nn.Module:
+        return extend(to_torch_batchnorm(model, example))
+
+    def compute(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor] | None:
+        with warnings.catch_warnings():
+            for message in _BACKPACK_BENIGN:
+                warnings.filterwarnings("ignore", message=message)
+            with backpack(BackpackSGS()):
+                F.cross_entropy(model(x), y).backward()
+        scale = float(x.shape[0]) ** 2  # BackPACK squares the gradients of the mean's terms, l_i / m
+        return [p.sum_grad_squared.mul_(scale) for p in model.parameters()]  # type: ignore[attr-defined]
+
+    return Method("BackPACK", compute, prepare=prepare)
+
+
+def plain_torch_batchnorm(example: Tensor) -> Method:
+    """The plain step on BackPACK's network (nn.BatchNorm1d/2d in eval mode), not extended."""
+    return Method("plain, nn.BatchNorm", plain, prepare=lambda model: to_torch_batchnorm(model, example))
+
+
+def _conv_weights(model: nn.Module) -> list[int]:
+    """Indices in model.parameters() of the convolution weights."""
+    conv = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))}
+    return [i for i, p in enumerate(model.parameters()) if id(p) in conv]
+
+
+def conv_agreement(
+    methods: list[Method], model: nn.Module, x: Tensor, y: Tensor
+) -> tuple[dict[str, tuple[float, float]], dict[str, str]]:
+    """Per method, (max rel diff, relative Frobenius difference over conv weights) to the exact hooks.
+
+    Max rel diff: max over parameters of max|S - S_ref| / max|S_ref|. Frobenius: ||S - S_ref|| / ||S_ref||
+    over all convolution weights together. Computed in float64: in float32, rounding differences between
+    two implementations of the same deep network (ResNet44) already change the sums by ~1e-3, which would
+    hide whether the methods compute the same thing. Methods that fail are returned with their error.
+    """
+    model, x = copy.deepcopy(model).double(), x.double()
+    reference = hooks("exact", record_eval=not model.training)(copy.deepcopy(model), x, y)
+    assert reference is not None
+    convs = _conv_weights(model)
+    out: dict[str, tuple[float, float]] = {}
+    errors: dict[str, str] = {}
+    for m in methods:
+        if m.name == "hooks exact":
+            continue
+        try:
+            sums = m.compute(_copy_for(m, model), x, y)
+        except Exception as e:  # reported in the table rather than hidden
+            errors[m.name] = f"{type(e).__name__}: {e}".splitlines()[0][:100]
+            continue
+        if sums is None:
+            continue
+        rel = max(
+            ((s - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for s, r in zip(sums, reference, strict=True)
+        )
+        num = sum(((sums[i] - reference[i]).square().sum() for i in convs), torch.zeros(()))
+        den = sum((reference[i].square().sum() for i in convs), torch.zeros(()))
+        out[m.name] = (rel, (num.sqrt() / den.sqrt().clamp_min(1e-30)).item())
+    return out, errors
+
+
+def conv_benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, object]]:
+    """Rows of the conv-network table for one network and one batch-norm mode ("train" or "eval")."""
+    shape = CONV_SHAPES[name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    model = build_model(name, shape, NUM_CLASSES)
+    calibrate(model, x)
+    evaluating = bn == "eval"
+    model.train(not evaluating)
+    methods = [
+        Method("plain", plain),
+        Method("hooks spatial", hooks("spatial", evaluating)),
+        Method("hooks exact", hooks("exact", evaluating)),
+    ]
+    notes = {"hooks exact": "reference for diffs"}
+    if evaluating:
+        try:
+            methods += [plain_torch_batchnorm(x[:2]), backpack_method(x[:2])]
+        except ImportError as e:
+            notes["BackPACK"] = f"not run: {e} (pip install backpack-for-pytorch)"
+    diff, errors = conv_agreement(methods, model, x, y)
+    for failed, error in errors.items():
+        notes[failed] = f"failed, not timed: {error}"
+    ms = time_methods([m for m in methods if m.name not in errors], model, x, y, steps)
+    if "BackPACK" in ms:
+        notes["BackPACK"] = f"{ms['BackPACK'] / ms['plain, nn.BatchNorm']:.2f}x plain, nn.BatchNorm"
+    names = [m.name for m in methods] + [n for n in notes if n not in {m.name for m in methods}]
+    nan = float("nan")
+    rows: list[dict[str, object]] = []
+    for method in names:
+        t = ms.get(method, nan)
+        rel, frob = diff.get(method, (nan, nan))
+        rows.append(
+            {
+                "model": name,
+                "bn": bn,
+                "method": method,
+                "ms/step": t,
+                "x plain": t / ms["plain"],
+                "max rel diff": rel,
+                "conv frob diff": frob,
+                "note": notes.get(method, ""),
+            }
+        )
+    return rows
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    diff = {"max rel diff", "conv frob diff"}
+    formatters: dict[str, Callable[[Any], str]] = {
+        c: (lambda v: "" if pd.isna(v) else f"{v:.1e}") if c in diff else (lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        for c in ("ms/step", "x plain", *diff)
+    }
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 250, "display.max_columns", None, "display.max_colwidth", 120):
+        print(table.to_string(index=False, na_rep="", formatters={c: f for c, f in formatters.items() if c in table}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=1024, help="local batch size (samples per step)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=[*MODELS, *CONV_SHAPES],
+        default=None,
+        help=f"networks to measure (default: {' '.join(MODELS)})",
+    )
+    parser.add_argument("--conv", action="store_true", help=f"same as --models {' '.join(CONV_SHAPES)}")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="local batch size (samples per step; default: 1024 for mlp and cnn1d, 128 for lenet5 and resnet44)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed rounds; the median is reported")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-        f"{WARMUP} warm-up steps, median of {args.steps} interleaved rounds"
-    )
-    rows = [row for name in MODELS for bn in ("train", "eval") for row in benchmark(name, bn, args.batch, args.steps)]
-    table = pd.DataFrame(rows)
-    with pd.option_context("display.width", 200, "display.max_columns", None):
+    if args.conv and args.models is not None:
+        parser.error("--conv and --models are exclusive")
+    models = list(CONV_SHAPES) if args.conv else args.models or list(MODELS)
+    torch.set_num_threads(args.threads)
+    flat = [name for name in models if name in MODELS]
+    conv = [name for name in models if name in CONV_SHAPES]
+
+    def header(batch: int) -> None:
         print(
-            table.to_string(
-                index=False,
-                formatters={
-                    "ms/step": "{:.2f}".format,
-                    "x plain": "{:.2f}".format,
-                    "max rel diff": lambda v: "" if pd.isna(v) else f"{v:.1e}",
-                },
-            )
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, "
+            f"{WARMUP} warm-up steps, median of {args.steps} interleaved rounds"
         )
-    print(
-        "x plain: ratio to the plain step of the same network and batch-norm mode. max rel diff: "
-        f"max|S - S_hooks exact| / max|S_hooks exact| on the first {AGREE_SAMPLES} samples (spatial: the "
-        "Appendix-C approximation error; train-mode BN has no per-sample reference). Eval-mode BN makes "
-        "samples independent so torch.func and the loop compute the same sums as the hooks."
-    )
+
+    if flat:
+        batch = args.batch or DEFAULT_BATCH[flat[0]]
+        header(batch)
+        rows = [row for name in flat for bn in ("train", "eval") for row in benchmark(name, bn, batch, args.steps)]
+        table = pd.DataFrame(rows)
+        with pd.option_context("display.width", 200, "display.max_columns", None):
+            print(
+                table.to_string(
+                    index=False,
+                    formatters={
+                        "ms/step": "{:.2f}".format,
+                        "x plain": "{:.2f}".format,
+                        "max rel diff": lambda v: "" if pd.isna(v) else f"{v:.1e}",
+                    },
+                )
+            )
+        print(
+            "x plain: ratio to the plain step of the same network and batch-norm mode. max rel diff: "
+            f"max|S - S_hooks exact| / max|S_hooks exact| on the first {AGREE_SAMPLES} samples (spatial: the "
+            "Appendix-C approximation error; train-mode BN has no per-sample reference). Eval-mode BN makes "
+            "samples independent so torch.func and the loop compute the same sums as the hooks."
+        )
+    if conv:
+        batch = args.batch or DEFAULT_BATCH[conv[0]]
+        if flat:
+            print()
+        header(batch)
+        rows = [row for name in conv for bn in ("train", "eval") for row in conv_benchmark(name, bn, batch, args.steps)]
+        _print_table(rows)
+        print(
+            "x plain: ratio to the plain step of the same network and batch-norm mode. Diffs: to the exact hooks "
+            f"on the same {batch} samples, in float64. max rel diff = max over parameters of max|S - S_exact| / "
+            "max|S_exact|; conv frob diff = ||S - S_exact||_F / ||S_exact||_F over all conv weights together "
+            "(spatial: the Appendix-C approximation error; only conv weights differ). Eval rows: every method "
+            "on the same weights with batch norm in eval mode, running statistics set from one train-mode "
+            "forward of the batch; BackPACK and 'plain, nn.BatchNorm' on a copy with each GhostBatchNorm "
+            "replaced by nn.BatchNorm1d/2d in eval mode (same weights, running statistics, eps). BackPACK does "
+            "not run under train-mode batch norm. ResNet44's option-A shortcut (slice and zero-pad, no "
+            "parameters) has no BackPACK extension; first-order extensions need none, as autograd carries "
+            "the output gradients of every conv, batch norm and linear layer through it, so BackPACK runs "
+            "on the whole network; its warning that BasicBlock (a container) has no extension is silenced."
+        )
+        table = pd.DataFrame(rows).set_index(["model", "bn", "method"])["x plain"]
+        checks = []
+        for name in conv:
+            ratio = table[(name, "train", "hooks spatial")]
+            verdict = "met" if ratio <= SPATIAL_TARGET else "NOT met"
+            checks.append(f"{name} {ratio:.2f}x ({verdict})")
+        print(f"Target: hooks spatial <= {SPATIAL_TARGET}x plain with train-mode BN: {'; '.join(checks)}.")
     return 0
 
 
