@@ -32,8 +32,7 @@ from hpcnoise.config import Config
 #                  sample, drawn for the global batch from the (seed, step) stream), per parameter.
 #   "kfac":        per Linear/Conv layer, A = (1/M_L) sum_i (1/T) sum_t a a^T and
 #                  G = (1/M_L) sum_{i,t} g g^T; refreshed every ``kfac_every`` steps.
-STATISTICS = ("diag_fisher", "signed_sum", "kfac")
-# The hpcnoise.curvature quantity that computes each statistic's local sums.
+# The statistics, each with the hpcnoise.curvature quantity that computes its local sums.
 HOOK_QUANTITY = {"diag_fisher": "sum_grad_squared", "signed_sum": "signed_sum", "kfac": "kfac"}
 
 
@@ -53,7 +52,7 @@ class NoiseInput:
 
     cfg: Config
     grads: list[torch.Tensor]  # the global mean gradient g_LB, one tensor per parameter
-    stats: dict[str, list[Any]]  # the requested curvature statistics (see STATISTICS)
+    stats: dict[str, list[Any]]  # the requested curvature statistics (keys of HOOK_QUANTITY)
     generator: torch.Generator  # the (seed, step) noise stream: identical on all ranks
     state: dict[str, Any]  # per-run state a regime keeps between steps (e.g. K-FAC square roots)
     refreshed: frozenset[str]  # statistics recomputed at this step
@@ -68,7 +67,7 @@ class Regime:
     batch_keys: tuple[str, ...]  # the config batch sizes this regime trains with (validated against W)
     batch: Callable[[Config, int], int]  # global batch size used in a given epoch
     noise: NoiseFn | None = None  # None: no noise
-    needs: frozenset[str] = field(default_factory=frozenset)  # statistics from STATISTICS
+    needs: frozenset[str] = field(default_factory=frozenset)  # keys of HOOK_QUANTITY
     lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
 
 
