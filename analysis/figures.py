@@ -71,6 +71,11 @@ def _panels(df: pd.DataFrame, keys: list[str]) -> list[tuple[str, pd.DataFrame]]
     ]
 
 
+def _hued(ax: Any, hue: str, order: list[str], palette: Any = "tab10") -> dict[str, Any]:
+    """The seaborn arguments every plot shares: colours by ``hue`` in ``order``; bands and bars: ``ci_band``."""
+    return {"hue": hue, "hue_order": order, "palette": palette, "errorbar": ci_band, "ax": ax}
+
+
 def _grid(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -99,19 +104,10 @@ def _curves(
     fig, axes = _grid(len(panels))
     for ax, (name, data) in zip(axes, panels):
         present = [lab for lab in order if lab in set(data["Regime"])]
+        # markers, so that one-point curves show
         sns.lineplot(
-            data=data,
-            x=x,
-            y=y,
-            hue="Regime",
-            hue_order=present,
-            palette=palette,
-            style=style,
-            errorbar=ci_band,
-            marker="o",
-            markersize=4,
-            ax=ax,
-        )  # markers: one-point curves show
+            data=data, x=x, y=y, style=style, marker="o", markersize=4, **_hued(ax, "Regime", present, palette)
+        )
         ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are counts
         if data[x].nunique() == 1:  # a single measurement: centre it
@@ -165,17 +161,8 @@ def fig3b_grad_variance(loaded: Loaded) -> Figure:
     fig, axes = _grid(len(panels), width=6.0)
     for ax, (name, data) in zip(axes, panels):
         layers, total = _some_layers(data["layer"].unique())
-        sns.barplot(
-            data=data[data["layer"].isin(layers)],
-            x="layer",
-            y="variance",
-            hue="measured",
-            order=layers,
-            hue_order=measured,
-            errorbar=ci_band,
-            ax=ax,
-            palette="tab10",
-        )
+        shown_layers = data[data["layer"].isin(layers)]
+        sns.barplot(data=shown_layers, x="layer", y="variance", order=layers, **_hued(ax, "measured", measured))
         ax.set_yscale("log")
         shown = f"; {len(layers)} of {total} tensors" if len(layers) < total else ""
         ax.set(
@@ -189,15 +176,19 @@ def fig3b_grad_variance(loaded: Loaded) -> Figure:
     return fig
 
 
-def fig3c_train_error(loaded: Loaded) -> Figure:
+def _error_curves(loaded: Loaded, error: str, x: str, xlabel: str, ylabel: str, title: str) -> Figure:
+    """``_curves`` of an error column of the epochs table, in percent."""
     if loaded.epochs.empty:
         raise NoData("no epochs logged")
-    df = loaded.epochs.assign(train_error_pct=100.0 * loaded.epochs["train_error"])
-    return _curves(
+    df = loaded.epochs.assign(**{f"{error}_pct": 100.0 * loaded.epochs[error]})
+    return _curves(loaded, df, x, f"{error}_pct", xlabel, ylabel, title)
+
+
+def fig3c_train_error(loaded: Loaded) -> Figure:
+    return _error_curves(
         loaded,
-        df,
+        "train_error",
         "step",
-        "train_error_pct",
         "iterations (parameter updates)",
         "training error (%)",
         "Fig. 3c: training error vs iterations",
@@ -212,27 +203,15 @@ def fig3d_sharpness(loaded: Loaded) -> Figure:
     order = [lab for lab in _label_order(runs) if lab in set(df["label"])]
     fig = Figure(figsize=(max(5.0, 2.2 * df["panel"].nunique() + 2), 3.8), layout="constrained")
     ax = fig.subplots()
-    sns.barplot(
-        data=df,
-        x="panel",
-        y="max_eigenvalue",
-        hue="label",
-        hue_order=order,
-        palette=_palette(_label_order(runs)),
-        errorbar=ci_band,
-        ax=ax,
-    )
+    sns.barplot(data=df, x="panel", y="max_eigenvalue", **_hued(ax, "label", order, _palette(_label_order(runs))))
     ax.set(xlabel="", ylabel="max Hessian eigenvalue", title="Fig. 3d: maximum eigenvalue of the final model")
     ax.legend(fontsize="small", title=None)
     return fig
 
 
 def fig4_val_error(loaded: Loaded) -> Figure:
-    if loaded.epochs.empty:
-        raise NoData("no epochs logged")
-    df = loaded.epochs.assign(test_error_pct=100.0 * loaded.epochs["test_error"])
-    return _curves(
-        loaded, df, "epoch", "test_error_pct", "epoch", "validation error (%)", "Fig. 4: validation error vs epochs"
+    return _error_curves(
+        loaded, "test_error", "epoch", "epoch", "validation error (%)", "Fig. 4: validation error vs epochs"
     )
 
 

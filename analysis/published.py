@@ -2,8 +2,9 @@
 
 Every cell is (table, dataset, network, column) -> mean accuracy in percent and, where the paper gives one, the
 half-width of its confidence interval over 3 seeds. Names are ours: datasets and networks as in the registries,
-columns as in ``analysis.tables`` (``sb``, ``lb+gbn``, ``trace+gbn``, ``diagf+gbn``, ``batchchange``,
-``multiplicative``, ``kfac``, ``fullf``).
+columns as in ``COLUMNS``, each table's in the paper's order (``sb``, ``lb+gbn``, ``trace+gbn``, ``diagf+gbn``,
+``batchchange``, ``multiplicative``, ``kfac``; plus ``fullf``, from Table 1's caption), which ``analysis.tables``
+lays out under the paper's titles (``TITLES``).
 
 Transcription notes (paper.txt is a PDF-to-text conversion):
 - The paper's rows map to our networks as MLP -> mnist_mlp, LeNet -> lenet5, Alexnet -> alexnet,
@@ -38,7 +39,23 @@ class Published:
     note: str = ""
 
 
+COLUMNS: dict[str, tuple[str, ...]] = {  # each table's columns, in the paper's order
+    "table1": ("sb", "lb+gbn", "trace+gbn", "diagf+gbn"),
+    "table2": ("sb", "batchchange", "multiplicative", "kfac", "diagf+gbn"),
+    "table3": ("sb", "lb+gbn", "diagf+gbn"),
+}
+TITLES: dict[str, str] = {  # column id -> its title as printed in the paper
+    "sb": "SB",
+    "lb+gbn": "LB+GBN",
+    "trace+gbn": "Fisher Trace+GBN",
+    "diagf+gbn": "Diag-F+GBN",
+    "batchchange": "BatchChange",
+    "multiplicative": "Multiplicative",
+    "kfac": "K-FAC",
+}
+
 _Cell = tuple[float | None, float | None, str]
+_Row = tuple[str | _Cell, ...]  # (dataset, network, one cell per column)
 
 
 def _c(mean: float | None, ci: float | None = None, note: str = "") -> _Cell:
@@ -46,103 +63,56 @@ def _c(mean: float | None, ci: float | None = None, note: str = "") -> _Cell:
     return (mean, ci, note)
 
 
-def _row(table: str, dataset: str, network: str, source: str, **cells: _Cell) -> list[Published]:
-    """The cells of one printed row; keyword names are columns with '_gbn' standing for '+gbn'."""
+def _lost(mean: float, printed: str) -> _Cell:
+    """A Table 3 cell whose decimal point was lost in the conversion (printed as ``printed``)."""
+    return _c(mean, None, f"printed '{printed}': decimal point lost")
+
+
+def _table(table: str, source: str, rows: tuple[_Row, ...]) -> list[Published]:
+    """The cells of a printed table: each row is (dataset, network, one cell per column), in the paper's order."""
     return [
-        Published(table, dataset, network, column.replace("_gbn", "+gbn"), mean, ci, source, note)
-        for column, (mean, ci, note) in cells.items()
+        Published(table, dataset, network, column, mean, ci, source, note)
+        for dataset, network, *cells in rows
+        for column, (mean, ci, note) in zip(COLUMNS[table], cells, strict=True)
     ]
 
 
-_T1 = "Table 1 (Section 4.3, validation accuracy, CI over 3 seeds)"
-_T2 = "Table 2 (Appendix E: BatchChange, Multiplicative, K-FAC; Diag-F+GBN repeated from Table 1)"
-_T3 = "Table 3 (Appendix E: LB regimes with square-root learning-rate scaling)"
 _COLON = "printed with ':' for the decimal point"
+_WIDE_COLON = "printed with a full-width colon for the decimal point"
+_NA = _c(None, None, "printed N/A")
+
+# Table 1: one cell per COLUMNS['table1']: SB | LB+GBN | Fisher Trace+GBN | Diag-F+GBN
+_TABLE1: tuple[_Row, ...] = (
+    ("mnist", "mnist_mlp", _c(98.10), _c(97.94), _c(98.08), _c(98.08)),
+    ("mnist", "lenet5", _c(99.10), _c(98.85, None, _COLON), _c(99.02), _c(99.10, None, _COLON)),
+    ("fashion_mnist", "lenet5", _c(91.10), _c(88.89, None, _COLON), _c(90.29), _c(90.77, None, _COLON)),
+    ("cifar10", "alexnet", _c(87.80), _c(86.41, 0.18), _NA, _c(87.30, 0.28)),
+    ("cifar100", "alexnet", _c(59.21), _c(56.75, 0.18), _NA, _c(58.68, 0.40)),
+    ("cifar10", "vgg16_bn", _c(93.25), _c(91.78, 0.29), _c(92.81, 0.10), _c(93.15, 0.05)),
+    ("cifar100", "vgg16_bn", _c(72.83), _c(69.44, 0.27), _c(71.26, 0.09), _c(71.94, 0.14)),
+    ("cifar10", "resnet44", _c(93.42), _c(91.92, 0.29), _c(92.31, 0.02), _c(92.72, 0.15)),
+    ("cifar100", "resnet44x2", _c(75.55), _c(73.11, 0.22), _c(73.62, 0.15), _c(74.10, 0.18)),
+)
+# Table 2: SB | BatchChange | Multiplicative | K-FAC | Diag-F+GBN
+_TABLE2: tuple[_Row, ...] = (
+    ("cifar10", "vgg16_bn", _c(93.25), _c(93.18), _c(90.98), _c(93.06), _c(93.15, 0.05)),
+    ("cifar100", "vgg16_bn", _c(72.83), _c(72.44, None, _COLON), _c(68.77), _c(71.86), _c(71.94, 0.14)),
+    ("cifar10", "resnet44", _c(93.42), _c(93.02, None, _WIDE_COLON), _c(91.28), _c(92.81), _c(92.72, 0.15)),
+    ("cifar100", "resnet44x2", _c(75.55), _c(75.16, None, _COLON), _c(71.98), _c(73.84), _c(74.10, 0.18)),
+)
+# Table 3: SB | LB+GBN | Diag-F+GBN, square-root scaling
+_TABLE3: tuple[_Row, ...] = (
+    ("cifar10", "vgg16_bn", _c(93.25), _c(91.6), _c(92.9)),
+    ("cifar100", "vgg16_bn", _c(72.83), _lost(69.1, "-691-"), _lost(71.5, "715")),
+    ("cifar10", "resnet44", _c(93.42), _lost(91.7, "-917-"), _lost(92.6, "926")),
+    ("cifar100", "resnet44x2", _c(75.55), _lost(72.8, "-728-"), _c(73.6)),
+)
 
 PUBLISHED: list[Published] = [
-    # --- Table 1: SB | LB+GBN | Fisher Trace+GBN | Diag-F+GBN -----------------------------------------------
-    *_row(
-        "table1", "mnist", "mnist_mlp", _T1, sb=_c(98.10), lb_gbn=_c(97.94), trace_gbn=_c(98.08), diagf_gbn=_c(98.08)
-    ),
-    *_row(
+    *_table(
         "table1",
-        "mnist",
-        "lenet5",
-        _T1,
-        sb=_c(99.10),
-        lb_gbn=_c(98.85, None, _COLON),
-        trace_gbn=_c(99.02),
-        diagf_gbn=_c(99.10, None, _COLON),
-    ),
-    *_row(
-        "table1",
-        "fashion_mnist",
-        "lenet5",
-        _T1,
-        sb=_c(91.10),
-        lb_gbn=_c(88.89, None, _COLON),
-        trace_gbn=_c(90.29),
-        diagf_gbn=_c(90.77, None, _COLON),
-    ),
-    *_row(
-        "table1",
-        "cifar10",
-        "alexnet",
-        _T1,
-        sb=_c(87.80),
-        lb_gbn=_c(86.41, 0.18),
-        trace_gbn=_c(None, None, "printed N/A"),
-        diagf_gbn=_c(87.30, 0.28),
-    ),
-    *_row(
-        "table1",
-        "cifar100",
-        "alexnet",
-        _T1,
-        sb=_c(59.21),
-        lb_gbn=_c(56.75, 0.18),
-        trace_gbn=_c(None, None, "printed N/A"),
-        diagf_gbn=_c(58.68, 0.40),
-    ),
-    *_row(
-        "table1",
-        "cifar10",
-        "vgg16_bn",
-        _T1,
-        sb=_c(93.25),
-        lb_gbn=_c(91.78, 0.29),
-        trace_gbn=_c(92.81, 0.10),
-        diagf_gbn=_c(93.15, 0.05),
-    ),
-    *_row(
-        "table1",
-        "cifar100",
-        "vgg16_bn",
-        _T1,
-        sb=_c(72.83),
-        lb_gbn=_c(69.44, 0.27),
-        trace_gbn=_c(71.26, 0.09),
-        diagf_gbn=_c(71.94, 0.14),
-    ),
-    *_row(
-        "table1",
-        "cifar10",
-        "resnet44",
-        _T1,
-        sb=_c(93.42),
-        lb_gbn=_c(91.92, 0.29),
-        trace_gbn=_c(92.31, 0.02),
-        diagf_gbn=_c(92.72, 0.15),
-    ),
-    *_row(
-        "table1",
-        "cifar100",
-        "resnet44x2",
-        _T1,
-        sb=_c(75.55),
-        lb_gbn=_c(73.11, 0.22),
-        trace_gbn=_c(73.62, 0.15),
-        diagf_gbn=_c(74.10, 0.18),
+        "Table 1 (Section 4.3, validation accuracy, CI over 3 seeds)",
+        _TABLE1,
     ),
     Published(
         "table1",
@@ -154,79 +124,15 @@ PUBLISHED: list[Published] = [
         "Table 1 caption",
         "LB with full Fisher noise; given in the caption only",
     ),
-    # --- Table 2: SB | BatchChange | Multiplicative | K-FAC | Diag-F+GBN -------------------------------------
-    *_row(
+    *_table(
         "table2",
-        "cifar10",
-        "vgg16_bn",
-        _T2,
-        sb=_c(93.25),
-        batchchange=_c(93.18),
-        multiplicative=_c(90.98),
-        kfac=_c(93.06),
-        diagf_gbn=_c(93.15, 0.05),
+        "Table 2 (Appendix E: BatchChange, Multiplicative, K-FAC; Diag-F+GBN repeated from Table 1)",
+        _TABLE2,
     ),
-    *_row(
-        "table2",
-        "cifar100",
-        "vgg16_bn",
-        _T2,
-        sb=_c(72.83),
-        batchchange=_c(72.44, None, _COLON),
-        multiplicative=_c(68.77),
-        kfac=_c(71.86),
-        diagf_gbn=_c(71.94, 0.14),
-    ),
-    *_row(
-        "table2",
-        "cifar10",
-        "resnet44",
-        _T2,
-        sb=_c(93.42),
-        batchchange=_c(93.02, None, "printed with a full-width colon for the decimal point"),
-        multiplicative=_c(91.28),
-        kfac=_c(92.81),
-        diagf_gbn=_c(92.72, 0.15),
-    ),
-    *_row(
-        "table2",
-        "cifar100",
-        "resnet44x2",
-        _T2,
-        sb=_c(75.55),
-        batchchange=_c(75.16, None, _COLON),
-        multiplicative=_c(71.98),
-        kfac=_c(73.84),
-        diagf_gbn=_c(74.10, 0.18),
-    ),
-    # --- Table 3: SB | LB+GBN | Diag-F+GBN, square-root scaling ------------------------------------------------
-    *_row("table3", "cifar10", "vgg16_bn", _T3, sb=_c(93.25), lb_gbn=_c(91.6), diagf_gbn=_c(92.9)),
-    *_row(
+    *_table(
         "table3",
-        "cifar100",
-        "vgg16_bn",
-        _T3,
-        sb=_c(72.83),
-        lb_gbn=_c(69.1, None, "printed '-691-': decimal point lost"),
-        diagf_gbn=_c(71.5, None, "printed '715': decimal point lost"),
-    ),
-    *_row(
-        "table3",
-        "cifar10",
-        "resnet44",
-        _T3,
-        sb=_c(93.42),
-        lb_gbn=_c(91.7, None, "printed '-917-': decimal point lost"),
-        diagf_gbn=_c(92.6, None, "printed '926': decimal point lost"),
-    ),
-    *_row(
-        "table3",
-        "cifar100",
-        "resnet44x2",
-        _T3,
-        sb=_c(75.55),
-        lb_gbn=_c(72.8, None, "printed '-728-': decimal point lost"),
-        diagf_gbn=_c(73.6),
+        "Table 3 (Appendix E: LB regimes with square-root learning-rate scaling)",
+        _TABLE3,
     ),
 ]
 

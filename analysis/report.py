@@ -11,32 +11,24 @@ writable) gives one line on stderr, exit status 2, and nothing written.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from analysis import figures, tables
 from analysis.load import Loaded, load
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import unwritable, write_bytes_atomic, write_files_atomic
 
 REPORT_NAME = "report.md"
 _CSV_NAMES = ("table1", "table2", "table3", "results", "throughput", "sharpness", "runs", "skipped")
 
 
-class ReportError(ValueError):
+class ReportError(ConfigError):
     """Bad input to the report (one line on stderr, exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ReportError instead of printing usage and exiting, so errors are one line."""
-
-    def error(self, message: str) -> Any:
-        raise ReportError(message)
 
 
 # --- the generalisation gap in words ---------------------------------------------------------------------------
@@ -120,8 +112,52 @@ def gap_summary(runs_df: pd.DataFrame) -> str:
 
 
 # --- building and writing -------------------------------------------------------------------------------------
+_ACCURACY_NOTE = (
+    "Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
+    "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
+    "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
+    'runs. "(paper)": the published number (Tables 1-3 of the paper; * marks a transcription note).'
+)
+_THROUGHPUT_NOTE = (
+    "Samples per second over all workers and per worker: the mean over a run's epochs after the first "
+    "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
+    "same dataset, model, regime, device and global batch."
+)
+_SHARPNESS_NOTE = (
+    "Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
+    "over seeds; temperature: the fitted softmax temperature, mean."
+)
+
+# A section of the report: its Markdown lines; it adds the files it has (tables, figures) to the mapping.
+_Section = Callable[[Loaded, dict[str, bytes]], list[str]]
+
+
 def _csv(df: pd.DataFrame) -> bytes:
     return df.to_csv(index=False).encode()
+
+
+def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """Title, what was found and used, and the source commits."""
+    runs = loaded.runs
+    n_skipped = sum(s.what == "run" for s in loaded.skipped)
+    gits = sorted({str(g) for g in runs["git"].dropna()}) if "git" in runs else []
+    return [
+        "# hpcnoise report",
+        "",
+        (
+            f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
+            f"{n_skipped} skipped, of {loaded.found} run directories found; "
+            f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. "
+            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
+        ),
+        "",
+        f"Source commits of the runs: {', '.join(f'`{g}`' for g in gits) or 'unknown'}.",
+        "",
+    ]
+
+
+def _gap_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    return ["## Generalisation gap", "", gap_summary(loaded.runs), "", _ACCURACY_NOTE, ""]
 
 
 def _table_notes(long: pd.DataFrame) -> list[str]:
@@ -134,165 +170,122 @@ def _table_notes(long: pd.DataFrame) -> list[str]:
     return notes
 
 
-def build(loaded: Loaded) -> dict[str, bytes]:
-    """Every output file (path relative to the report directory -> content), report.md last."""
-    files: dict[str, bytes] = {}
-    md: list[str] = ["# hpcnoise report", ""]
-    runs = loaded.runs
-    n_skipped = sum(s.what == "run" for s in loaded.skipped)
-    gits = sorted({str(g) for g in runs["git"].dropna()}) if "git" in runs else []
-    md += [
-        (
-            f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
-            f"{n_skipped} skipped, of {loaded.found} run directories found; "
-            f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. "
-            f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
-        ),
-        "",
-        f"Source commits of the runs: {', '.join(f'`{g}`' for g in gits) or 'unknown'}.",
-        "",
-        "## Generalisation gap",
-        "",
-        gap_summary(runs),
-        "",
-        (
-            "Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
-            "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
-            "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
-            'runs. "(paper)": the published number (Tables 1-3 of the paper; * marks a transcription note).'
-        ),
-        "",
-    ]
+def _paper_tables(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """Tables 1-3: ours beside the paper's, with the transcription and pooling notes."""
+    md: list[str] = []
     for table in tables.TABLES.values():
-        long = tables.paper_table(runs, table)
+        long = tables.paper_table(loaded.runs, table)
         files[f"tables/{table.name}.csv"] = _csv(long)
         md += [f"## {table.title}", "", tables.paper_table_markdown(long, table), ""]
         notes = _table_notes(long)
         md += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return md
 
-    results = tables.results_table(runs)
+
+def _results_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    results = tables.results_table(loaded.runs)
     files["tables/results.csv"] = _csv(results)
-    md += [
+    pooled = [
+        f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows() if r["pooled"]
+    ]
+    return [
         "## Every regime variant",
         "",
         "All (dataset, network, regime) combinations present, including those outside the paper's tables.",
         "",
         tables.results_markdown(results),
         "",
+        *pooled,
+        "",
     ]
-    md += [
-        f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows() if r["pooled"]
-    ] + [""]
 
-    md += [
-        "## Throughput",
-        "",
-        (
-            "Samples per second over all workers and per worker: the mean over a run's epochs after the first "
-            "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
-            "same dataset, model, regime, device and global batch."
-        ),
-        "",
-    ]
-    throughput = tables.throughput_table(runs, loaded.epochs)
+
+def _throughput_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    md = ["## Throughput", "", _THROUGHPUT_NOTE, ""]
+    throughput = tables.throughput_table(loaded.runs, loaded.epochs)
     if throughput.empty:
-        md += ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
-    else:
-        files["tables/throughput.csv"] = _csv(throughput)
-        md += [tables.throughput_markdown(throughput), ""]
+        return md + ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
+    files["tables/throughput.csv"] = _csv(throughput)
+    return md + [tables.throughput_markdown(throughput), ""]
 
-    md += ["## Sharpness", ""]
-    sharp = tables.sharpness_table(runs)
+
+def _sharpness_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    md = ["## Sharpness", ""]
+    sharp = tables.sharpness_table(loaded.runs)
     if sharp.empty:
-        md += ["No run has sharpness.json (`hpcnoise sharpness`), so there is no sharpness table.", ""]
-    else:
-        files["tables/sharpness.csv"] = _csv(sharp)
-        md += [
-            (
-                "Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
-                "over seeds; temperature: the fitted softmax temperature, mean."
-            ),
-            "",
-            tables.sharpness_markdown(sharp),
-            "",
-        ]
+        return md + ["No run has sharpness.json (`hpcnoise sharpness`), so there is no sharpness table.", ""]
+    files["tables/sharpness.csv"] = _csv(sharp)
+    return md + [_SHARPNESS_NOTE, "", tables.sharpness_markdown(sharp), ""]
 
-    md += ["## Figures", ""]
+
+def _figures_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """Every figure: embedded by relative path when drawn, else why not."""
+    md = ["## Figures", ""]
     drawn, no_data = figures.render(loaded)
     for spec in figures.FIGURES:
         md += [f"### {spec.title}", ""]
-        if spec.name in drawn:
-            files[f"figures/{spec.name}"] = drawn[spec.name]
-            md += [
-                f"![{spec.title}](figures/{spec.name})",
-                "",
-                spec.caption + " Bands and bars: 95% t interval over seeds.",
-                "",
-            ]
-        else:
+        if spec.name not in drawn:
             md += [f"Not drawn: {no_data[spec.name]}.", ""]
+            continue
+        files[f"figures/{spec.name}"] = drawn[spec.name]
+        caption = spec.caption + " Bands and bars: 95% t interval over seeds."
+        md += [f"![{spec.title}](figures/{spec.name})", "", caption, ""]
+    return md
 
-    md += ["## Skipped", ""]
-    if loaded.skipped:
-        md += [
-            f"- `{s.run}`" + (f" ({s.what} ignored, run kept)" if s.what != "run" else "") + f": {s.reason}"
-            for s in loaded.skipped
-        ]
-    else:
-        md += ["Nothing was skipped."]
+
+def _skipped_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """The runs (and optional files of kept runs) that were skipped, and why."""
     skipped_df = pd.DataFrame([vars(s) for s in loaded.skipped], columns=["run", "what", "reason"])
     files["tables/skipped.csv"] = _csv(skipped_df)
-    files["tables/runs.csv"] = _csv(runs)
-    md += [
-        "",
-        "## Files",
-        "",
-        "CSV (tidy long form) of every table: "
-        + ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv"))
-        + ".",
-        "",
+    if not loaded.skipped:
+        return ["## Skipped", "", "Nothing was skipped."]
+    return ["## Skipped", ""] + [
+        f"- `{s.run}`" + (f" ({s.what} ignored, run kept)" if s.what != "run" else "") + f": {s.reason}"
+        for s in loaded.skipped
     ]
+
+
+_SECTIONS: tuple[_Section, ...] = (
+    _header,
+    _gap_section,
+    _paper_tables,
+    _results_section,
+    _throughput_section,
+    _sharpness_section,
+    _figures_section,
+    _skipped_section,
+)
+
+
+def build(loaded: Loaded) -> dict[str, bytes]:
+    """Every output file (path relative to the report directory -> content), report.md last."""
+    files: dict[str, bytes] = {}
+    md: list[str] = []
+    for section in _SECTIONS:
+        md += section(loaded, files)
+    files["tables/runs.csv"] = _csv(loaded.runs)
+    csvs = ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv"))
+    md += ["", "## Files", "", f"CSV (tidy long form) of every table: {csvs}.", ""]
     files[REPORT_NAME] = "\n".join(md).encode()
     return files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write(out: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` under ``out`` (report.md last) and remove our own outputs that this report no longer has."""
     for sub in ("figures", "tables"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for rel, data in files.items():
-        if rel != REPORT_NAME:
-            _write_atomic(out / rel, data)
+    write_files_atomic({out / rel: data for rel, data in files.items() if rel != REPORT_NAME})
     owned = [f"figures/{s.name}" for s in figures.FIGURES] + [f"tables/{n}.csv" for n in _CSV_NAMES]
     for rel in owned:
         if rel not in files:
             (out / rel).unlink(missing_ok=True)
-    _write_atomic(out / REPORT_NAME, files[REPORT_NAME])
+    write_bytes_atomic(out / REPORT_NAME, files[REPORT_NAME])
 
 
 def _check_out(out: Path) -> None:
-    probe = out.absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ReportError(f"cannot write the report to {out}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ReportError(f"cannot write the report to {out}: {probe} is not writable")
+    problem = unwritable(out)
+    if problem is not None:
+        raise ReportError(f"cannot write the report to {out}: {problem[1]}")
 
 
 def _check_root(root: Path) -> None:
@@ -315,7 +308,8 @@ def _load_checked(root: Path) -> Loaded:
 
 def main(argv: list[str] | None = None) -> int:
     """`hpcnoise report RUNS_DIR [--out DIR]`: write the report; bad input: one line on stderr, exit 2."""
-    parser = _Parser(prog="hpcnoise report", description=__doc__.splitlines()[0] if __doc__ else None)
+    description = __doc__.splitlines()[0] if __doc__ else None
+    parser = Parser(prog="hpcnoise report", description=description, error_type=ReportError)
     parser.add_argument("runs_dir", type=Path, help="root of run directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUNS_DIR/report)")
     try:
@@ -328,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         write(out, files)
     except (ReportError, OSError) as exc:
         print(f"hpcnoise report: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     n_skipped = sum(s.what == "run" for s in loaded.skipped)
     print(f"hpcnoise report: {len(loaded.runs)} runs ({n_skipped} skipped) -> {out / REPORT_NAME}")
     return 0

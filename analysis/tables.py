@@ -11,7 +11,7 @@ Markdown rendering of the paper's layout (rows (dataset, network), columns regim
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,8 @@ import pandas as pd
 from scipy import stats
 
 from analysis.load import pooled_differences
-from analysis.published import published, published_any
+from analysis.published import COLUMNS as PUBLISHED_COLUMNS
+from analysis.published import TITLES, published, published_any
 from analysis.published import rows as published_rows
 
 LEVEL = 0.95
@@ -40,6 +41,11 @@ class Estimate:
     @property
     def high(self) -> float:
         return self.mean + self.half if self.half is not None else math.nan
+
+    @property
+    def ci(self) -> float:
+        """The half-width, NaN when there is none (as the tables store it)."""
+        return self.half if self.half is not None else math.nan
 
 
 def mean_ci(values: Iterable[float], level: float = LEVEL) -> Estimate:
@@ -99,38 +105,22 @@ class TableSpec:
     columns: tuple[Column, ...]
 
 
-_SB = Column("sb", "SB", "sb", None, None)
+def _spec(name: str, lr_scaling: str, title: str) -> TableSpec:
+    """A published table's columns: SB (the reference batch, unscaled), then LB regimes at ``lr_scaling``.
+
+    A column id ending '+gbn' is that regime with ghost batch norm; without it, either setting is used.
+    """
+    columns = []
+    for cid in PUBLISHED_COLUMNS[name]:
+        regime, gbn = cid.removesuffix("+gbn"), True if cid.endswith("+gbn") else None
+        columns.append(Column(cid, TITLES[cid], regime, gbn, None if regime == "sb" else lr_scaling))
+    return TableSpec(name, title, tuple(columns))
+
+
 TABLES: dict[str, TableSpec] = {
-    "table1": TableSpec(
-        "table1",
-        "Table 1: validation accuracy (%), linear LR scaling",
-        (
-            _SB,
-            Column("lb+gbn", "LB+GBN", "lb", True, "linear"),
-            Column("trace+gbn", "Fisher Trace+GBN", "trace", True, "linear"),
-            Column("diagf+gbn", "Diag-F+GBN", "diagf", True, "linear"),
-        ),
-    ),
-    "table2": TableSpec(
-        "table2",
-        "Table 2: validation accuracy (%) of BatchChange, Multiplicative, K-FAC",
-        (
-            _SB,
-            Column("batchchange", "BatchChange", "batchchange", None, "linear"),
-            Column("multiplicative", "Multiplicative", "multiplicative", None, "linear"),
-            Column("kfac", "K-FAC", "kfac", None, "linear"),
-            Column("diagf+gbn", "Diag-F+GBN", "diagf", True, "linear"),
-        ),
-    ),
-    "table3": TableSpec(
-        "table3",
-        "Table 3: validation accuracy (%), square-root LR scaling",
-        (
-            _SB,
-            Column("lb+gbn", "LB+GBN", "lb", True, "sqrt"),
-            Column("diagf+gbn", "Diag-F+GBN", "diagf", True, "sqrt"),
-        ),
-    ),
+    "table1": _spec("table1", "linear", "Table 1: validation accuracy (%), linear LR scaling"),
+    "table2": _spec("table2", "linear", "Table 2: validation accuracy (%) of BatchChange, Multiplicative, K-FAC"),
+    "table3": _spec("table3", "sqrt", "Table 3: validation accuracy (%), square-root LR scaling"),
 }
 
 
@@ -186,7 +176,7 @@ def paper_table(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
                     "n_seeds": est.n,
                     "seeds": _seeds_text(cell),
                     "accuracy": est.mean,
-                    "ci": est.half if est.half is not None else math.nan,
+                    "ci": est.ci,
                     "ci_low": est.low,
                     "ci_high": est.high,
                     "published": pub.mean if pub and pub.mean is not None else math.nan,
@@ -247,6 +237,20 @@ def paper_table_markdown(long: pd.DataFrame, spec: TableSpec) -> str:
 
 
 # --- every variant ---------------------------------------------------------------------------------------------
+def _variant_cell(dataset: str, network: str, regime: str, cell: pd.DataFrame, est: Estimate) -> dict[str, object]:
+    """The columns every per-variant table starts with: which variant, how many runs and seeds."""
+    return {"dataset": dataset, "network": network, "regime": regime, "n_runs": len(cell), "n_seeds": est.n}
+
+
+def _markdown_rows(df: pd.DataFrame, row: Callable[[pd.Series], dict[str, object]]) -> str:
+    """``markdown`` of one rendered row (``row``) per row of ``df``."""
+    return markdown(pd.DataFrame([row(r) for _, r in df.iterrows()]))
+
+
+def _variant_names(r: pd.Series) -> dict[str, object]:
+    return {"Dataset": r["dataset"], "Network": r["network"], "Regime": r["regime"]}
+
+
 def results_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Every (dataset, network, regime variant) present: final test accuracy and train error over seeds."""
     out: list[dict[str, object]] = []
@@ -256,23 +260,16 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
         acc = mean_ci(per_seed(cell, "test_accuracy"))
         train = mean_ci(100.0 * per_seed(cell, "final_train_error")) if "final_train_error" in cell else None
         variant, scaling = cell["variant"].iloc[0], cell["lr_scaling"].iloc[0]
-        pub = (
-            published("table3", dataset, network, variant)
-            if scaling == "sqrt" and variant != "sb"
-            else (published_any(dataset, network, variant))
-        )
+        table3 = scaling == "sqrt" and variant != "sb"  # Table 3: the square-root scaled LB regimes
+        pub = published("table3", dataset, network, variant) if table3 else published_any(dataset, network, variant)
         out.append(
             {
-                "dataset": dataset,
-                "network": network,
-                "regime": lab,
-                "n_runs": len(cell),
-                "n_seeds": acc.n,
+                **_variant_cell(dataset, network, lab, cell, acc),
                 "seeds": _seeds_text(cell),
                 "accuracy": acc.mean,
-                "ci": acc.half if acc.half is not None else math.nan,
+                "ci": acc.ci,
                 "train_error": train.mean if train else math.nan,
-                "train_error_ci": train.half if train and train.half is not None else math.nan,
+                "train_error_ci": train.ci if train else math.nan,
                 "published": pub.mean if pub and pub.mean is not None else math.nan,
                 "published_source": pub.source if pub else "",
                 "pooled": _pooled_note(cell),
@@ -282,20 +279,16 @@ def results_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_markdown(df: pd.DataFrame) -> str:
-    rows = []
-    for _, r in df.iterrows():
-        rows.append(
-            {
-                "Dataset": r["dataset"],
-                "Network": r["network"],
-                "Regime": r["regime"],
-                "Test accuracy (%)": fmt_estimate(r["accuracy"], r["ci"], int(r["n_seeds"]), int(r["n_runs"])),
-                "Final train error (%)": fmt_estimate(r["train_error"], r["train_error_ci"], int(r["n_seeds"])),
-                "Paper": f"{r['published']:.2f}" if math.isfinite(r["published"]) else "",
-                "Seeds": r["seeds"],
-            }
-        )
-    return markdown(pd.DataFrame(rows))
+    return _markdown_rows(
+        df,
+        lambda r: {
+            **_variant_names(r),
+            "Test accuracy (%)": fmt_estimate(r["accuracy"], r["ci"], int(r["n_seeds"]), int(r["n_runs"])),
+            "Final train error (%)": fmt_estimate(r["train_error"], r["train_error_ci"], int(r["n_seeds"])),
+            "Paper": f"{r['published']:.2f}" if math.isfinite(r["published"]) else "",
+            "Seeds": r["seeds"],
+        },
+    )
 
 
 # --- throughput and sharpness -----------------------------------------------------------------------------------
@@ -334,9 +327,9 @@ def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
                 **dict(zip(_THROUGHPUT_KEYS + ["world_size"], key)),
                 "n_runs": len(cell),
                 "samples_per_s": total.mean,
-                "samples_per_s_ci": total.half if total.half is not None else math.nan,
+                "samples_per_s_ci": total.ci,
                 "per_worker": worker.mean,
-                "per_worker_ci": worker.half if worker.half is not None else math.nan,
+                "per_worker_ci": worker.ci,
             }
         )
     table = pd.DataFrame(out)
@@ -347,22 +340,20 @@ def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
 
 
 def throughput_markdown(df: pd.DataFrame) -> str:
-    rows = []
-    for _, r in df.iterrows():
-        rows.append(
-            {
-                "Dataset": r["dataset"],
-                "Model": r["model"],
-                "Regime": r["label"],
-                "Device": r["device_used"],
-                "Batch": int(r["batch"]),
-                "Workers": int(r["world_size"]),
-                "Samples/s": fmt_estimate(r["samples_per_s"], r["samples_per_s_ci"], int(r["n_runs"]), digits=0),
-                "Samples/s per worker": fmt_estimate(r["per_worker"], r["per_worker_ci"], int(r["n_runs"]), digits=0),
-                "Scaling efficiency": f"{r['efficiency']:.2f}" if math.isfinite(r["efficiency"]) else "",
-            }
-        )
-    return markdown(pd.DataFrame(rows))
+    return _markdown_rows(
+        df,
+        lambda r: {
+            "Dataset": r["dataset"],
+            "Model": r["model"],
+            "Regime": r["label"],
+            "Device": r["device_used"],
+            "Batch": int(r["batch"]),
+            "Workers": int(r["world_size"]),
+            "Samples/s": fmt_estimate(r["samples_per_s"], r["samples_per_s_ci"], int(r["n_runs"]), digits=0),
+            "Samples/s per worker": fmt_estimate(r["per_worker"], r["per_worker_ci"], int(r["n_runs"]), digits=0),
+            "Scaling efficiency": f"{r['efficiency']:.2f}" if math.isfinite(r["efficiency"]) else "",
+        },
+    )
 
 
 def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -373,32 +364,23 @@ def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (dataset, network, lab), cell in have.groupby(["dataset", "model", "label"], sort=True):
         est = mean_ci(per_seed(cell, "max_eigenvalue"))
-        temp = mean_ci(per_seed(cell, "temperature"))
         out.append(
             {
-                "dataset": dataset,
-                "network": network,
-                "regime": lab,
-                "n_runs": len(cell),
-                "n_seeds": est.n,
+                **_variant_cell(dataset, network, lab, cell, est),
                 "max_eigenvalue": est.mean,
-                "ci": est.half if est.half is not None else math.nan,
-                "temperature": temp.mean,
+                "ci": est.ci,
+                "temperature": mean_ci(per_seed(cell, "temperature")).mean,
             }
         )
     return pd.DataFrame(out)
 
 
 def sharpness_markdown(df: pd.DataFrame) -> str:
-    rows = []
-    for _, r in df.iterrows():
-        rows.append(
-            {
-                "Dataset": r["dataset"],
-                "Network": r["network"],
-                "Regime": r["regime"],
-                "Max eigenvalue": fmt_estimate(r["max_eigenvalue"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), 3),
-                "Temperature": f"{r['temperature']:.3f}" if math.isfinite(r["temperature"]) else "",
-            }
-        )
-    return markdown(pd.DataFrame(rows))
+    return _markdown_rows(
+        df,
+        lambda r: {
+            **_variant_names(r),
+            "Max eigenvalue": fmt_estimate(r["max_eigenvalue"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), 3),
+            "Temperature": f"{r['temperature']:.3f}" if math.isfinite(r["temperature"]) else "",
+        },
+    )

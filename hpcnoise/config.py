@@ -1,8 +1,9 @@
 """The one frozen config, its type-checked overrides, and presets as Python functions.
 
 A run is fully described by a ``Config``. The CLI builds one from a preset function and
-``--key=value`` overrides (type-checked; unknown keys are errors); ``validate`` checks it against the
-registries and the world size before anything is written. The config is written to config.json and
+``--key=value`` overrides (type-checked; unknown keys are errors); ``check_values`` checks the values
+that need nothing else, and ``hpcnoise.workload.validate`` checks the rest against the registries and
+the world size, before anything is written. The config is written to config.json and
 copied into every result row.
 """
 
@@ -14,10 +15,7 @@ import typing
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """Bad input: the message names the field, what is wrong and what is valid."""
-
+from hpcnoise.errors import ConfigError
 
 NOISE_PLACEMENTS = ("gradient", "parameter")
 
@@ -131,16 +129,17 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return replace(cfg, **changes)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Check a config against the registries and the world size; raise one ConfigError on the first problem."""
-    from hpcnoise.data import DATASETS
-    from hpcnoise.models import MODELS
-    from hpcnoise.regimes import REGIMES
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from its JSON form through the type-checked overrides (unknown keys are errors)."""
 
-    for key, registry in (("dataset", DATASETS), ("model", MODELS), ("regime", REGIMES)):
-        value = getattr(cfg, key)
-        if value not in registry:
-            raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(sorted(registry))}")
+    def text(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return apply_overrides(Config(), [f"{k}={text(v)}" for k, v in values.items()])
+
+
+def check_values(cfg: Config) -> None:
+    """Check the values that need no registry or world size; raise one ConfigError on the first problem."""
     for key in ("batch_size", "small_batch", "epochs", "train_samples", "test_samples"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
@@ -175,15 +174,3 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"dtype must be one of float32, float64, got {cfg.dtype!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda, got {cfg.device!r}")
-    for batch_key in REGIMES[cfg.regime].batch_keys:
-        batch = getattr(cfg, batch_key)
-        if batch % world_size:
-            raise ConfigError(
-                f"{batch_key}={batch} is not divisible by the world size {world_size}; use a multiple of {world_size}"
-            )
-        local = batch // world_size
-        if cfg.ghost_bn and (cfg.ghost_size <= 0 or local % cfg.ghost_size):
-            raise ConfigError(
-                f"ghost_size={cfg.ghost_size} must be positive and divide the local batch of {local} samples "
-                f"({batch_key}={batch} over {world_size} workers)"
-            )

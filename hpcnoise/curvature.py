@@ -304,9 +304,12 @@ HANDLERS: dict[type[nn.Module], LayerHandler] = {
 QUANTITIES = ("sum_grad_squared", "signed_sum", "kfac")
 
 
-@dataclass
+@dataclass(frozen=True)
 class KFactors:
-    """One layer's K-FAC factors over a batch, and where its parameters sit in ``params``."""
+    """One layer's K-FAC factors and where its parameters sit in ``params``.
+
+    The hooks return sums over a batch; the ``kfac`` statistic divides them by the global batch size.
+    """
 
     A: Tensor  # (K, K): sum_i (1/T) sum_t a a^T, a with a trailing 1 when the layer has a bias
     G: Tensor  # (O, O): sum_{i,t} g g^T of the per-sample output gradients g (mean-loss 1/m undone)

@@ -33,7 +33,9 @@ class Parser(argparse.ArgumentParser):
     ``prefix_prog`` puts the program name in front of the message (``hpcnoise sweep run: ...``).
     """
 
-    def __init__(self, *args: object, error_type: type[Exception] = ConfigError, prefix_prog: bool = False, **kwargs: object):
+    def __init__(
+        self, *args: object, error_type: type[Exception] = ConfigError, prefix_prog: bool = False, **kwargs: object
+    ):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.error_type = error_type
         self.prefix_prog = prefix_prog

@@ -12,6 +12,7 @@ norm in every network comes from that factory, so ghost batch norm is a config s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -156,47 +157,28 @@ def build_model(
         return MODELS[name].build(in_shape, num_classes, norm)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def _dense(fan_in: int, widths: tuple[int, ...], num_classes: int, norm: NormFactory) -> list[nn.Module]:
+    """Hidden layers linear (no bias) -> batch norm -> ReLU of the given widths, then the linear classifier."""
+    layers: list[nn.Module] = []
+    for width in widths:
+        layers += [nn.Linear(fan_in, width, bias=False), norm(width), nn.ReLU()]
+        fan_in = width
+    return [*layers, nn.Linear(fan_in, num_classes)]
 
 
 @register("mlp", "MLP: 2 hidden layers of 512 units, batch norm, ReLU")
 def mlp(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, width: int = 512) -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(_numel(in_shape), width, bias=False),
-        norm(width),
-        nn.ReLU(),
-        nn.Linear(width, width, bias=False),
-        norm(width),
-        nn.ReLU(),
-        nn.Linear(width, num_classes),
-    )
+    return nn.Sequential(nn.Flatten(), *_dense(math.prod(in_shape), (width, width), num_classes, norm))
 
 
 @register("cnn1d", "1-D CNN: 3 conv layers of 32 channels (kernel 5), batch norm, ReLU, linear head")
 def cnn1d(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, width: int = 32) -> nn.Module:
     channels, length = (1, in_shape[0]) if len(in_shape) == 1 else in_shape
-    out_len = length
+    layers: list[nn.Module] = [nn.Unflatten(1, (channels, length))]
     for stride in (1, 2, 2):
-        out_len = (out_len - 1) // stride + 1
-    return nn.Sequential(
-        nn.Unflatten(1, (channels, length)),
-        nn.Conv1d(channels, width, 5, padding=2, bias=False),
-        norm(width),
-        nn.ReLU(),
-        nn.Conv1d(width, width, 5, stride=2, padding=2, bias=False),
-        norm(width),
-        nn.ReLU(),
-        nn.Conv1d(width, width, 5, stride=2, padding=2, bias=False),
-        norm(width),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(width * out_len, num_classes),
-    )
+        layers += [nn.Conv1d(channels, width, 5, stride=stride, padding=2, bias=False), norm(width), nn.ReLU()]
+        channels, length = width, (length - 1) // stride + 1
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * length, num_classes))
 
 
 # --- the paper's networks (Table 1) ------------------------------------------------------------------
@@ -234,13 +216,7 @@ def mnist_mlp(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory, wi
 
     Each hidden layer is linear -> batch norm -> ReLU; PyTorch's default initialisation, as in that code.
     """
-    layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = _numel(in_shape)
-    for _ in range(5):
-        layers += [nn.Linear(fan_in, width, bias=False), norm(width), nn.ReLU()]
-        fan_in = width
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(nn.Flatten(), *_dense(math.prod(in_shape), (width,) * 5, num_classes, norm))
 
 
 @register("lenet5", "LeNet-5 (LeCun et al. 1998) with batch norm; 28x28 inputs padded to its 32x32 retina")
@@ -269,13 +245,7 @@ def lenet5(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory) -> nn
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(16 * features(h) * features(w), 120, bias=False),
-        norm(120),
-        nn.ReLU(),
-        nn.Linear(120, 84, bias=False),
-        norm(84),
-        nn.ReLU(),
-        nn.Linear(84, num_classes),
+        *_dense(16 * features(h) * features(w), (120, 84), num_classes, norm),
     )
 
 
@@ -305,13 +275,7 @@ def alexnet(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory) -> n
         norm(64),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(64 * features(h) * features(w), 384, bias=False),
-        norm(384),
-        nn.ReLU(),
-        nn.Linear(384, 192, bias=False),
-        norm(192),
-        nn.ReLU(),
-        nn.Linear(192, num_classes),
+        *_dense(64 * features(h) * features(w), (384, 192), num_classes, norm),
     )
 
 
@@ -335,9 +299,7 @@ def vgg16_bn(in_shape: tuple[int, ...], num_classes: int, norm: NormFactory) -> 
             assert isinstance(v, int)
             layers += [nn.Conv2d(channels, v, 3, padding=1, bias=False), norm(v), nn.ReLU()]
             channels = v
-    layers += [nn.Flatten(), nn.Linear(channels * h * w, 512, bias=False), norm(512), nn.ReLU()]
-    layers.append(nn.Linear(512, num_classes))
-    return _he_init_convs(nn.Sequential(*layers))
+    return _he_init_convs(nn.Sequential(*layers, nn.Flatten(), *_dense(channels * h * w, (512,), num_classes, norm)))
 
 
 class ZeroPadShortcut(nn.Module):

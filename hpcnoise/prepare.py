@@ -8,21 +8,21 @@ after both splits have been read, so a failure leaves no prepared file half-writ
 only these files (``--data_root=DIR``).
 
 Bad input (unknown NAME, unwritable DIR, raw files neither present nor downloadable) gets one line on
-stderr and exit status 2.
+stderr and exit status 2 (``EXIT_USAGE``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
 
-from hpcnoise.data import IMAGE_SETS, cache_dir, make_split, prepare_command, save_atomic, split_path
+from hpcnoise.data import IMAGE_SETS, cache_dir, make_split, prepare_command, split_path
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import save_torch_atomic, unwritable
 
 # The torchvision.datasets class that reads each dataset's raw upstream files.
 SOURCES: dict[str, str] = {
@@ -33,19 +33,13 @@ SOURCES: dict[str, str] = {
 }
 
 
-class PrepareError(Exception):
+class PrepareError(ConfigError):
     """Bad input to ``prepare``: the message is the one line the user sees."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (a PrepareError), not usage text and SystemExit."""
-
-    def error(self, message: str) -> NoReturn:
-        raise PrepareError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
+        error_type=PrepareError,
         prog="hpcnoise data prepare",
         description="Download (or read already present) raw files of an image dataset and write one "
         "compact file per split (uint8 images, int64 labels, checksummed header) into --root.",
@@ -69,10 +63,11 @@ def _check_writable(root: Path) -> None:
     """Create ``root`` if needed and prove a file can be written there."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
     except OSError as e:
         raise PrepareError(f"cannot write to --root {root}: {e.strerror or e}") from e
+    problem = unwritable(root)
+    if problem is not None:
+        raise PrepareError(f"cannot write to --root {root}: {problem[1]}")
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -124,7 +119,7 @@ def prepare(name: str, root: Path, download: bool = True) -> list[Path]:
     for split, (images, labels) in splits.items():
         path = split_path(root, name, split)
         blob = make_split(name, split, images, labels, source=f"torchvision.datasets.{SOURCES[name]}")
-        save_atomic(blob, path)
+        save_torch_atomic(blob, path)
         written.append(path)
         n, c, h, w = images.shape
         print(f"hpcnoise: wrote {path}: {n} images {c}x{h}x{w} uint8, sha256 {blob['sha256'][:16]}...")
@@ -140,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.name, root, download=not args.no_download)
     except PrepareError as e:
         print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
     except OSError as e:  # writing the prepared files (disk full, quota): no file is left half-written
         msg = f"cannot write the prepared files: {_one_line(e)}"
         print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_USAGE
     return 0
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
-from hpcnoise.config import Config, ConfigError
+from hpcnoise.config import Config
+from hpcnoise.errors import ConfigError
 
 PresetFn = Callable[[bool], Config]  # smoke -> config
 PRESETS: dict[str, PresetFn] = {}
@@ -43,6 +45,27 @@ def _cells(names: list[str], smoke: bool) -> list[Config]:
     return [replace(get_preset(n, smoke), seed=seed) for n in names for seed in SEEDS]
 
 
+def _protocol(
+    regime: str, ghost_bn: bool, large: int, small: int, epochs: int, sb_lr: float, factor: float, smoke: bool
+) -> dict[str, Any]:
+    """The Config fields of the SB/LB protocol that every preset sets alike.
+
+    SB trains at ``sb_lr``, LB regimes at ``sb_lr * factor`` (the scaling rule) reached by a linear warmup
+    over 5 epochs (none for SB, nor in smoke runs); ghost batches of M_S; a 10x decay at 1/2 and 3/4 of training.
+    """
+    return dict(
+        regime=regime,
+        batch_size=large,
+        small_batch=small,
+        ghost_bn=ghost_bn,
+        ghost_size=small,
+        epochs=epochs,
+        lr=sb_lr if regime == "sb" else sb_lr * factor,
+        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
+        lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
+    )
+
+
 # --- MNIST-1D: the embedded default ------------------------------------------------------------------
 def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
     """MNIST-1D (generated offline): the paper's SB/LB protocol at a CPU-friendly scale.
@@ -56,21 +79,12 @@ def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
     epochs = 4 if smoke else 32
     sb_lr = 0.05  # per 128 samples
     large, small = (512, 64) if smoke else (4096, 128)
-    lr = sb_lr if regime == "sb" else sb_lr * large / small  # linear scaling rule
     return Config(
+        **_protocol(regime, ghost_bn, large, small, epochs, sb_lr, large / small, smoke),  # linear scaling rule
         dataset="mnist1d",
         model="mlp",
         train_samples=4096 if smoke else 60_000,
         test_samples=1024 if smoke else 10_000,
-        regime=regime,
-        batch_size=large,
-        small_batch=small,
-        ghost_bn=ghost_bn,
-        ghost_size=small,
-        epochs=epochs,
-        lr=lr,
-        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
-        lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
         noise_epochs=max(epochs // 4, 1),
     )
 
@@ -132,23 +146,13 @@ def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: s
     large, small, epochs = (32, 8, 2) if smoke else (4096, 128, int(r["epochs"]))
     ratio = large / small
     factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
-    lr = r["lr"] if regime == "sb" else r["lr"] * factor
-    noise_epochs = 1 if smoke else 50
     return Config(
+        **_protocol(regime, ghost_bn, large, small, epochs, r["lr"], factor, smoke),
         dataset=dataset,
         model=model,
-        regime=regime,
-        batch_size=large,
-        small_batch=small,
-        ghost_bn=ghost_bn,
-        ghost_size=small,
-        epochs=epochs,
-        lr=lr,
         lr_scaling="none" if regime == "sb" else scaling,
-        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
-        lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
         weight_decay=r["weight_decay"],
-        noise_epochs=noise_epochs,
+        noise_epochs=1 if smoke else 50,
         batchchange_epochs=1 if smoke else 50,
         # smoke: synthetic data of the dataset's shape, so every cell runs without downloads
         synthetic_data=smoke,

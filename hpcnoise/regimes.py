@@ -1,5 +1,9 @@
 """Training regimes: which batch each epoch uses, which curvature statistics a step needs, and the noise.
 
+The statistics are named by their keys in ``hpcnoise.statistics.STATISTICS``; the step computes,
+reduces and normalises them and hands them to ``noise`` in ``NoiseInput.stats``. A regime that keeps
+state between steps (K-FAC's square roots) keeps it in ``NoiseInput.state``, apart from the statistics.
+
 A regime is a small record of functions over the shared machinery (curvature hooks, the one fused
 allreduce), registered in ``REGIMES`` under its CLI name, which is also the ``regime`` column of every
 result. There is no class hierarchy: adding a regime is adding one entry.
@@ -23,28 +27,6 @@ import torch
 
 from hpcnoise.config import Config
 
-# Curvature statistics a regime can ask the step for. The step computes each requested one on every
-# worker in the same backward pass (hpcnoise.curvature hooks), sums it over workers in the one fused
-# allreduce and hands the normalised result to ``noise``:
-#   "diag_fisher": diag F = (1/M_L) sum_i g_i^2 over the global batch, one tensor per parameter;
-#                  refreshed every ``fisher_every`` steps and reused in between.
-#   "signed_sum":  r = sum_i sigma_i g_i over the global batch with Rademacher sigma_i (distinct per
-#                  sample, drawn for the global batch from the (seed, step) stream), per parameter.
-#   "kfac":        per Linear/Conv layer, A = (1/M_L) sum_i (1/T) sum_t a a^T and
-#                  G = (1/M_L) sum_{i,t} g g^T; refreshed every ``kfac_every`` steps.
-# The statistics, each with the hpcnoise.curvature quantity that computes its local sums.
-HOOK_QUANTITY = {"diag_fisher": "sum_grad_squared", "signed_sum": "signed_sum", "kfac": "kfac"}
-
-
-@dataclass(frozen=True)
-class KFacLayer:
-    """A layer's normalised K-FAC factors and where its parameters sit in the parameter list."""
-
-    A: torch.Tensor
-    G: torch.Tensor
-    weight: int
-    bias: int | None
-
 
 @dataclass(frozen=True)
 class NoiseInput:
@@ -52,7 +34,7 @@ class NoiseInput:
 
     cfg: Config
     grads: list[torch.Tensor]  # the global mean gradient g_LB, one tensor per parameter
-    stats: dict[str, list[Any]]  # the requested curvature statistics (keys of HOOK_QUANTITY)
+    stats: dict[str, list[Any]]  # the regime's curvature statistics (keys of hpcnoise.statistics.STATISTICS)
     generator: torch.Generator  # the (seed, step) noise stream: identical on all ranks
     state: dict[str, Any]  # per-run state a regime keeps between steps (e.g. K-FAC square roots)
     refreshed: frozenset[str]  # statistics recomputed at this step
@@ -67,7 +49,7 @@ class Regime:
     batch_keys: tuple[str, ...]  # the config batch sizes this regime trains with (validated against W)
     batch: Callable[[Config, int], int]  # global batch size used in a given epoch
     noise: NoiseFn | None = None  # None: no noise
-    needs: frozenset[str] = field(default_factory=frozenset)  # keys of HOOK_QUANTITY
+    statistics: frozenset[str] = field(default_factory=frozenset)  # keys of hpcnoise.statistics.STATISTICS
     lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
 
 

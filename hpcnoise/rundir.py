@@ -18,74 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from hpcnoise.config import ConfigError
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically: a temporary file in the same directory, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def check_writable(out_dir: Path) -> None:
-    """Raise ConfigError unless ``out_dir`` exists as a writable directory or could be created.
-
-    Creates nothing that stays: it probes the nearest existing ancestor with a temporary file.
-    """
-    probe = out_dir.absolute()
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"out_dir {str(out_dir)!r} is not usable: {str(probe)!r} is not a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".hpcnoise-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ConfigError(f"out_dir {str(out_dir)!r} is not writable: {e.strerror} ({str(probe)!r})") from e
-
-
-def git_hash() -> str:
-    """The source tree's commit (with '-dirty' if it has local changes), or 'unknown'."""
-    src = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=src,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+from hpcnoise.config import Config, config_from_dict
+from hpcnoise.errors import ConfigError
+from hpcnoise.files import append_jsonl, rewrite_jsonl, save_torch_atomic, write_json_atomic
 
 
 def default_run_name(cfg: Any) -> str:
@@ -138,7 +78,7 @@ class RunDir:
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace metrics.jsonl with the rows a checkpoint holds, and drop diagnostics logged after it."""
-        self._rewrite_jsonl(self.metrics_path, rows)
+        rewrite_jsonl(self.metrics_path, rows)
         diagnostics = self.path / "diagnostics.jsonl"
         if diagnostics.exists():
             kept = []
@@ -149,15 +89,7 @@ class RunDir:
                     continue  # a line cut by the kill
                 if row.get("epoch", 0) <= len(rows):
                     kept.append(row)
-            self._rewrite_jsonl(diagnostics, kept)
-
-    def _rewrite_jsonl(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            rewrite_jsonl(diagnostics, kept)
 
     def create(self, config_record: dict[str, Any]) -> None:
         """Make the directory and write config.json; the directory appears only with its config in it."""
@@ -186,9 +118,7 @@ class RunDir:
         return self.path / "model.pt"
 
     def save_model(self, model: Any) -> None:
-        from hpcnoise.data import save_atomic
-
-        save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)
+        save_torch_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the run finished; its checkpoint is superseded by model.pt and removed."""
@@ -197,3 +127,18 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text())
+
+
+def load_config(run_dir: Path) -> Config:
+    """The Config of a finished run directory; ConfigError (one clear line) for anything missing."""
+    run = RunDir(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
+    for path in (run.config_path, run.summary_path, run.model_path):
+        if not path.exists():
+            what = "unfinished run" if path != run.config_path else "not a run directory"
+            raise ConfigError(f"{str(run_dir)!r}: {what}, no {path.name}")
+    try:
+        return config_from_dict(json.loads(run.config_path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{str(run.config_path)!r} does not hold a valid config: {e}") from e

@@ -19,7 +19,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from hpcnoise.config import ConfigError
+from hpcnoise.config import config_from_dict
+from hpcnoise.errors import EXIT_USAGE, ConfigError
+from hpcnoise.files import check_writable
+from hpcnoise.sweep import cell_lines, read_cell, run_name, table_cells, write_file
 
 QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (noise for 4, decays at 8 and 12)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
@@ -27,8 +30,6 @@ FULL_EPOCHS = 64  # --full: twice the presets' epochs
 
 def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
     """The MNIST-1D table's cells with the study's epochs, sharpness and diagnostics switched on."""
-    from hpcnoise.sweep import run_name, table_cells
-
     cells = []
     for cfg in table_cells("mnist1d", smoke=False, out_dir=str(out_dir)):
         cfg = replace(
@@ -49,7 +50,6 @@ def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
 def run_cells(path: Path) -> int:
     """Train every cell of a sweep file in this launcher world (the worker side of ``study``)."""
     from hpcnoise.comm import init
-    from hpcnoise.sweep import config_from_dict, read_cell
     from hpcnoise.train import train
 
     comm = init("cpu")
@@ -85,16 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_cells(args.run_cells)
     if args.np < 1 or (args.launcher == "none" and args.np != 1):
         print("hpcnoise study: error: --np must be >= 1, and 1 with --launcher=none", file=sys.stderr)
-        return 2
-    from hpcnoise.rundir import check_writable
-    from hpcnoise.sweep import cell_lines, write_file
-
+        return EXIT_USAGE
     out = (args.out or Path("runs/study-full" if args.full else "runs/study")).absolute()
     try:
         check_writable(out)
     except ConfigError as e:
         print(f"hpcnoise study: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     epochs = FULL_EPOCHS if args.full else QUICK_EPOCHS
     cells = study_cells(epochs, out, args.threads)
     sweep = out / "study.sweep.jsonl"

@@ -20,20 +20,20 @@ Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from hpcnoise.config import Config, ConfigError, apply_overrides
+from hpcnoise.config import Config, apply_overrides, config_from_dict
+from hpcnoise.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, Parser, Preempted
+from hpcnoise.files import write_text_atomic
 from hpcnoise.presets import TABLES
 
 # Fields that say where and how a cell runs, not what it computes: left out of the run-name digest, so
@@ -42,15 +42,13 @@ PLACEMENT_FIELDS = frozenset({"out_dir", "run_name", "device", "threads", "progr
 SWEEP_SCRIPT = Path(__file__).resolve().parent.parent / "jobs" / "sweep.sbatch"
 
 
-class SweepError(Exception):
+class SweepError(ConfigError):
     """Bad input: the message is the one line the user sees."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises SweepError instead of printing usage and exiting, so errors are one line."""
-
-    def error(self, message: str) -> NoReturn:
-        raise SweepError(f"{self.prog}: {message}")
+def _parser(prog: str, description: str) -> Parser:
+    """argparse that raises SweepError (prefixed with the program) instead of printing usage and exiting."""
+    return Parser(prog=prog, description=description, error_type=SweepError, prefix_prog=True)
 
 
 def run_name(cfg: Config) -> str:
@@ -85,28 +83,12 @@ def cell_lines(table: str, cells: list[Config]) -> list[str]:
 
 
 def write_file(path: Path, lines: list[str]) -> None:
-    """Write the sweep file atomically (temporary file in the same directory, then rename)."""
+    """Write the sweep file atomically (temporary file in the same directory, fsync, rename)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
     except OSError as e:
         raise SweepError(f"cannot write {str(path)!r}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config from its JSON form through the type-checked overrides (unknown keys are errors)."""
-
-    def text(v: Any) -> str:
-        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-    return apply_overrides(Config(), [f"{k}={text(v)}" for k, v in values.items()])
 
 
 def read_cell(path: Path, index: int) -> dict[str, Any]:
@@ -127,7 +109,7 @@ def read_cell(path: Path, index: int) -> dict[str, Any]:
 
 
 def cmd_write(argv: list[str]) -> int:
-    p = _Parser(prog="hpcnoise sweep write", description="Write the cells of a table as a sweep file.")
+    p = _parser(prog="hpcnoise sweep write", description="Write the cells of a table as a sweep file.")
     p.add_argument("table", help=f"one of: {', '.join(sorted(TABLES))}")
     p.add_argument("--out", type=Path, required=True, help="the sweep file to write")
     p.add_argument("--smoke", action="store_true", help="the presets' seconds-long smoke variants")
@@ -143,7 +125,7 @@ def cmd_write(argv: list[str]) -> int:
 
 
 def cmd_run(argv: list[str]) -> int:
-    p = _Parser(prog="hpcnoise sweep run", description="Train one cell of a sweep file.")
+    p = _parser(prog="hpcnoise sweep run", description="Train one cell of a sweep file.")
     p.add_argument("file", type=Path)
     p.add_argument("--index", type=int, default=None, help="the cell (default: $SLURM_ARRAY_TASK_ID)")
     args, overrides = p.parse_known_args(argv)
@@ -155,9 +137,8 @@ def cmd_run(argv: list[str]) -> int:
         index = int(task)
     cell = read_cell(args.file, index)
     cfg = apply_overrides(config_from_dict(cell["config"]), overrides)
-    from hpcnoise.cli import EXIT_PREEMPTED  # torch and Horovod load only once the input is known good
-    from hpcnoise.comm import init
-    from hpcnoise.train import Preempted, train
+    from hpcnoise.comm import init  # torch and Horovod load only once the input is known good
+    from hpcnoise.train import train
 
     try:
         train(cfg, init(cfg.device))
@@ -168,7 +149,7 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def cmd_submit(argv: list[str]) -> int:
-    p = _Parser(prog="hpcnoise sweep submit", description="Write a table's sweep file and submit it as a job array.")
+    p = _parser(prog="hpcnoise sweep submit", description="Write a table's sweep file and submit it as a job array.")
     p.add_argument("table", help=f"one of: {', '.join(sorted(TABLES))}")
     p.add_argument("--smoke", action="store_true", help="the presets' seconds-long smoke variants")
     p.add_argument("--out_dir", "--out-dir", default=None, help="where the runs go (default: each cell's out_dir)")
@@ -239,10 +220,10 @@ def main(argv: list[str]) -> int:
         if argv[0] not in COMMANDS:
             raise SweepError(f"unknown sweep command {argv[0]!r}; valid: {', '.join(COMMANDS)}")
         return COMMANDS[argv[0]](argv[1:])
-    except (SweepError, ConfigError) as e:
+    except ConfigError as e:  # SweepError included
         # only `run` is started by a launcher (the others print at once, without loading torch for the rank)
         _say(f"hpcnoise: error: {e}", rank0_only=argv[0] == "run")
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

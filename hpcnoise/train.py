@@ -1,22 +1,16 @@
 """``train(cfg) -> summary``: the one training loop that the CLI, tests and sweeps all call.
 
-One step on each of W workers (global batch M, local batch m = M / W):
-1. forward + backward of the local MEAN loss; when the regime needs curvature statistics, module hooks
-   compute the local sums (squared per-sample gradients, Rademacher-signed sums, K-FAC factors) in the
-   same backward pass;
-2. ONE fused sum-allreduce of a flat buffer holding the local mean gradients, those sums, the
-   ghost-batch-norm statistic sums, the loss/error counts and the stop flag; then g_LB = sum / W,
-   diag F = sum / M, and batch-norm running statistics move towards the average over all ghost
-   batches of the global batch;
-3. the regime's noise, drawn from the (seed, step) stream: identical on every rank, no communication;
-4. the optimiser step (SGD with momentum and weight decay), identical on every rank.
-Parameters and buffers therefore stay bit-identical across ranks, and for a fixed global batch the
-trajectory does not depend on W (up to float rounding of the sums).
+The loop schedules, evaluates, logs and checkpoints; the step itself (local contribution, one fused
+allreduce, noise and optimiser) is hpcnoise.step. Phases of a run:
+1. check the config and the run directory (rank 0 decides, everyone agrees): finished, resume or new;
+2. build the workload (data, model) and the step's trainer (hooks for the regime's statistics, SGD);
+3. epochs of steps; after each epoch evaluate, log a metrics row, maybe diagnostics and a checkpoint;
+4. the summary (and the final model's sharpness), written last: it marks a finished run.
 
 Every random stream is a function of (seed, stream, step or epoch) (hpcnoise.seeding), so a checkpoint
-holding the model, optimiser, position and regime state resumes bit-identically on CPU. Rank 0 writes
-one every ``checkpoint_every`` epochs and after the step during which any rank got SIGTERM or SIGUSR1
-(the flag travels in the fused allreduce, so all ranks stop after the same step).
+holding the model, optimiser, position, statistics cache and regime state resumes bit-identically on
+CPU. Rank 0 writes one every ``checkpoint_every`` epochs and after the step during which any rank got
+SIGTERM or SIGUSR1 (the flag travels in the fused allreduce, so all ranks stop after the same step).
 """
 
 from __future__ import annotations
@@ -26,7 +20,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,17 +30,20 @@ from torch import nn
 from tqdm import tqdm
 
 from hpcnoise.comm import Comm, init
-from hpcnoise.config import Config, ConfigError, validate
-from hpcnoise.curvature import CurvatureHooks
-from hpcnoise.data import DATASETS, Data, epoch_batches, local_share, save_atomic
-from hpcnoise.models import build_model, ghost_norms
-from hpcnoise.regimes import HOOK_QUANTITY, REGIMES, KFacLayer, NoiseInput, Regime
-from hpcnoise.rundir import RunDir, check_writable, default_run_name, git_hash
-from hpcnoise.seeding import generator, stream_seed
+from hpcnoise.config import Config
+from hpcnoise.data import Data, epoch_batches, local_share
+from hpcnoise.errors import ConfigError, Preempted
+from hpcnoise.files import check_writable, git_hash, save_torch_atomic
+from hpcnoise.measure import diagnostics_row, sharpness_of
+from hpcnoise.regimes import REGIMES
+from hpcnoise.rundir import RunDir, default_run_name
+from hpcnoise.seeding import generator
+from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, reduce, train_step
+from hpcnoise.workload import check_batches, data_and_model, validate
 
+__all__ = ["Preempted", "StepInfo", "evaluate", "fused_allreduce", "lr_at", "make_optimizer", "train"]
 
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun the same command to resume."""
+fused_allreduce = reduce  # the one collective of a step, under the name the docs use
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -61,21 +57,6 @@ def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> 
         if epoch >= boundary:
             lr *= cfg.lr_decay_factor
     return lr
-
-
-def fused_allreduce(comm: Comm, groups: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
-    tensors = [t for ts in groups.values() for t in ts]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.allreduce_sum_(flat)
-    out: dict[str, list[torch.Tensor]] = {}
-    offset = 0
-    for name, ts in groups.items():
-        out[name] = []
-        for t in ts:
-            out[name].append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-    return out
 
 
 @torch.no_grad()
@@ -121,7 +102,8 @@ class Position:
     sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # this epoch's loss sum, error count
     epoch_time_s: float = 0.0  # training time spent in this epoch so far
     history: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' metrics rows
-    regime_state: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC roots)
+    statistics: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC factors)
+    regime_state: dict[str, Any] = field(default_factory=dict)  # the regime's own state (K-FAC square roots)
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
 
 
@@ -179,25 +161,50 @@ def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[s
     return cfg, run, outcome
 
 
-def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
-    """The run's data (in its dtype, on its device) and its freshly initialised model.
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional."""
+    params = list(model.parameters())
+    if cfg.decay_bn_and_bias:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
-    Rank 0 loads first, so that a dataset generated or cached on first use is built only once.
-    """
-    data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
-    comm.broadcast_object("data ready")
-    data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
-    dtype = getattr(torch, cfg.dtype)
-    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
-    model = build_model(
-        cfg.model,
-        data.in_shape,
-        data.num_classes,
-        ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
-        bn_momentum=cfg.bn_momentum,
-        seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device, dtype)
-    return data, model
+
+def _start(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[str, Any]) -> Position:
+    """Resume from the checkpoint, or record the new run's config.json; the position to start from."""
+    if outcome.get("resume"):
+        # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
+        path = Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt"
+        ckpt = torch.load(path, map_location=t.comm.device, weights_only=False)
+        t.net.model.load_state_dict(ckpt["model"])
+        t.opt.load_state_dict(ckpt["optimizer"])
+        position: Position = ckpt["position"]
+        if run is not None:
+            run.rewrite_metrics(position.history)
+            print(f"hpcnoise: resuming {run.path} at epoch {position.epoch + 1}, step {position.step}", flush=True)
+        return position
+    if run is not None:
+        record = {
+            "config": cfg.to_dict(),
+            "git": git_hash(),
+            "world_size": t.comm.size,
+            "launcher": t.comm.launcher,
+            "device": str(t.comm.device),
+            "torch_threads": torch.get_num_threads(),
+            "noise_scale": cfg.noise_scale,
+            "num_params": sum(p.numel() for p in t.net.params),
+            "versions": t.comm.versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
+            run.restart(record)
+        else:
+            run.create(record)
+    return Position()
 
 
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
@@ -215,260 +222,165 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         if run is not None:
             print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
         return outcome["finished"]
-
     regime = REGIMES[cfg.regime]
     data, model = data_and_model(cfg, comm)
-    for batch_key in regime.batch_keys:
-        if getattr(cfg, batch_key) > data.x_train.shape[0]:
-            raise ConfigError(
-                f"{batch_key}={getattr(cfg, batch_key)} exceeds the {data.x_train.shape[0]} training samples "
-                f"of {cfg.dataset}"
-            )
-    opt = make_optimizer(cfg, model)
-    position = Position()
-    if outcome.get("resume"):
-        # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
-        ckpt = torch.load(
-            Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt", map_location=comm.device, weights_only=False
-        )
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        position = ckpt["position"]
-        if run is not None:
-            run.rewrite_metrics(position.history)
-            print(f"hpcnoise: resuming {run.path} at epoch {position.epoch + 1}, step {position.step}", flush=True)
-    elif run is not None:
-        record = {
-            "config": cfg.to_dict(),
-            "git": git_hash(),
-            "world_size": comm.size,
-            "launcher": comm.launcher,
-            "device": str(comm.device),
-            "torch_threads": torch.get_num_threads(),
-            "noise_scale": cfg.noise_scale,
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "versions": comm.versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
-            run.restart(record)
-        else:
-            run.create(record)
-    return _train_loop(cfg, comm, regime, data, model, opt, position, run, step_hook)
+    check_batches(cfg, data)
+    t = Trainer(cfg, comm, regime, Net.attach(model, regime.statistics, cfg.conv_mode), make_optimizer(cfg, model))
+    pos = _start(cfg, t, run, outcome)
+    try:
+        _train_epochs(t, data, pos, run, step_hook)
+    finally:
+        t.net.detach()
+    return _finish(t, data, pos, run)
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional."""
-    params = list(model.parameters())
-    if cfg.decay_bn_and_bias:
-        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-        ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+class _Session:
+    """What the epochs of one session share: the stop flag, the run directory, the clock and the bar."""
+
+    def __init__(self, t: Trainer, pos: Position, run: RunDir | None, stop: StopFlag):
+        cfg = t.cfg
+        self.stop, self.run = stop, run
+        self.show_bar = t.comm.is_main and cfg.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=cfg.epochs, initial=pos.epoch, desc=cfg.run_name, unit="epoch", disable=not self.show_bar)
+        self.t_session = time.perf_counter()
+
+    def session_time(self) -> float:
+        return time.perf_counter() - self.t_session
+
+    def restart_clock(self) -> float:
+        """Seconds of this session so far; the session clock starts again."""
+        elapsed = self.session_time()
+        self.t_session = time.perf_counter()
+        return elapsed
 
 
-class PhaseTimer:
-    """Seconds per phase of a step, summed over an epoch (synchronising the GPU at phase ends)."""
+@dataclass(frozen=True)
+class _Epoch:
+    """The schedule of one epoch."""
 
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self._t = 0.0
-
-    def start(self) -> None:
-        self._t = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
-        self._t = now
+    index: int  # 0-based
+    global_batch: int
+    batches: torch.Tensor  # (steps, global_batch) sample indices
+    timer: PhaseTimer
+    started: float  # perf_counter at the start of this session's part of the epoch
 
 
-def _train_loop(
-    cfg: Config,
-    comm: Comm,
-    regime: Regime,
-    data: Data,
-    model: nn.Module,
-    opt: torch.optim.SGD,
-    pos: Position,
-    run: RunDir | None,
-    step_hook: StepHook | None,
-) -> dict[str, Any]:
-    params = list(model.parameters())
-    norms = ghost_norms(model)
-    quantities = tuple(HOOK_QUANTITY[s] for s in sorted(regime.needs))
-    hooks = CurvatureHooks(model, conv_mode=cfg.conv_mode, quantities=quantities) if quantities else None
-    n_train = data.x_train.shape[0]
-    show_bar = comm.is_main and cfg.progress and sys.stderr.isatty()
-    bar = tqdm(total=cfg.epochs, initial=pos.epoch, desc=cfg.run_name, unit="epoch", disable=not show_bar)
-    t_session = time.perf_counter()
-    stats = pos.regime_state  # cached statistics, reused between refreshes
+def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, step_hook: StepHook | None) -> None:
+    """Epochs from ``pos`` to cfg.epochs: steps, then evaluation, logging, diagnostics and checkpoints."""
+    cfg = t.cfg
     with StopFlag() as stop:
+        session = _Session(t, pos, run, stop)
         while pos.epoch < cfg.epochs:
-            epoch = pos.epoch
-            global_batch = regime.batch(cfg, epoch)
-            local_batch = global_batch // comm.size
-            ghosts_per_step = global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch)
-            batches = epoch_batches(n_train, global_batch, epoch, cfg.seed)
-            noise_on = regime.noise is not None and epoch < cfg.noise_epochs
-            timer = PhaseTimer(comm.device)
-            t_epoch = time.perf_counter()
+            global_batch = t.regime.batch(cfg, pos.epoch)
+            batches = epoch_batches(data.x_train.shape[0], global_batch, pos.epoch, cfg.seed)
+            ep = _Epoch(pos.epoch, global_batch, batches, PhaseTimer(t.comm.device), time.perf_counter())
             while pos.batch < len(batches):
-                i, step = pos.batch, pos.step
-                timer.start()
-                lr = lr_at(cfg, epoch, i, len(batches))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                idx = local_share(batches[i], comm.rank, comm.size).to(comm.device)
-                x, y = data.x_train[idx], data.y_train[idx]
-                if data.augment is not None:
-                    gen = generator(cfg.seed, "augment", step, device=comm.device)
-                    x = data.augment(x, gen, comm.rank * local_batch, global_batch)
-                # Which statistics this step recomputes (only while the noise is on).
-                refresh = set()
-                if noise_on:
-                    refresh = {s for s in regime.needs if s == "signed_sum" or s not in stats}
-                    if "diag_fisher" in regime.needs and step % cfg.fisher_every == 0:
-                        refresh.add("diag_fisher")
-                    if "kfac" in regime.needs and step % cfg.kfac_every == 0:
-                        refresh.add("kfac")
-                signs = None
-                if "signed_sum" in refresh:  # Rademacher signs for the global batch, this rank's share
-                    gen = generator(cfg.seed, "rademacher", step)
-                    signs = (torch.randint(0, 2, (global_batch,), generator=gen) * 2 - 1).to(
-                        comm.device, data.x_train.dtype
-                    )
-                    signs = signs[comm.rank * local_batch : (comm.rank + 1) * local_batch]
-                opt.zero_grad(set_to_none=True)  # the last step left p.grad as views of its fused buffer
-                active = tuple(HOOK_QUANTITY[s] for s in sorted(refresh))
-                with hooks.recording(local_batch, signs, active) if hooks and active else nullcontext():
-                    out = model(x)
-                    loss = F.cross_entropy(out, y)
-                    loss.backward()
-                timer.lap("forward_backward")
-                groups: dict[str, list[torch.Tensor]] = {
-                    "grad": [p.grad for p in params],  # type: ignore[misc]
-                    "bn": [bn.stat_sums for bn in norms],  # type: ignore[misc]
-                    "counts": [
-                        torch.stack(
-                            [
-                                loss.detach() * local_batch,
-                                (out.detach().argmax(1) != y).sum().to(loss.dtype),
-                                torch.tensor(float(stop.raised), dtype=loss.dtype, device=loss.device),
-                            ]
-                        )
-                    ],
-                }
-                if "diag_fisher" in refresh:
-                    groups["diag_fisher"] = hooks.result("sum_grad_squared")  # type: ignore[union-attr]
-                if "signed_sum" in refresh:
-                    groups["signed_sum"] = hooks.result("signed_sum")  # type: ignore[union-attr]
-                if "kfac" in refresh:
-                    factors = hooks.kfac_result()  # type: ignore[union-attr]
-                    groups["kfac_A"] = [f.A for f in factors]
-                    groups["kfac_G"] = [f.G for f in factors]
-                red = fused_allreduce(comm, groups)
-                timer.lap("allreduce")
-                grads = [g.div_(comm.size) for g in red["grad"]]  # average of the W local means
-                for p, g in zip(params, grads):
-                    p.grad = g
-                for bn, c in zip(norms, red["bn"]):
-                    mean_var = c.view(2, -1).div(ghosts_per_step)  # averages over all ghost batches
-                    bn.update_running_stats(mean_var[0], mean_var[1])
-                if "diag_fisher" in refresh:
-                    stats["diag_fisher"] = [s.div_(global_batch) for s in red["diag_fisher"]]
-                if "signed_sum" in refresh:
-                    stats["signed_sum"] = red["signed_sum"]
-                if "kfac" in refresh:
-                    stats["kfac"] = [
-                        KFacLayer(a.div_(global_batch), g.div_(global_batch), f.weight, f.bias)
-                        for a, g, f in zip(red["kfac_A"], red["kfac_G"], factors)
-                    ]
-                counts = red["counts"][0]
-                pos.sums[0] += counts[0].item()
-                pos.sums[1] += counts[1].item()
-                noise = None
-                g_lb = [g.clone() for g in grads] if step_hook is not None else grads  # before noise
-                if noise_on:
-                    gen = generator(cfg.seed, "noise", step, device=comm.device)
-                    noise = regime.noise(NoiseInput(cfg, grads, stats, gen, stats, frozenset(refresh)))  # type: ignore[misc]
-                    if cfg.noise_placement == "gradient":
-                        for g, z in zip(grads, noise):
-                            g.add_(z)
-                timer.lap("noise")
-                opt.step()
-                if noise is not None and cfg.noise_placement == "parameter":
-                    with torch.no_grad():
-                        for p, z in zip(params, noise):
-                            p.add_(z, alpha=-lr)
-                timer.lap("optimizer")
-                if step_hook is not None:
-                    step_hook(StepInfo(step, epoch, lr, g_lb, stats.get("diag_fisher"), noise, model))
-                pos.batch, pos.step = i + 1, step + 1
-                if counts[2].item() > 0:  # some rank was asked to stop: all stop after this same step
-                    pos.epoch_time_s += time.perf_counter() - t_epoch
-                    pos.elapsed_s += time.perf_counter() - t_session
-                    _checkpoint(run, model, opt, pos)
-                    # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon
-                    # as one exits, which must not happen while the checkpoint is being written
-                    comm.broadcast_object("checkpointed")
-                    raise Preempted(f"stopped by signal at epoch {epoch + 1}, step {pos.step}; checkpoint written")
-            train_time = pos.epoch_time_s + time.perf_counter() - t_epoch
-            n_seen = len(batches) * global_batch
-            test_loss, test_err = evaluate(model, data.x_test, data.y_test, comm)
-            row = {
-                "epoch": epoch + 1,
-                "step": pos.step,
-                "train_loss": pos.sums[0] / n_seen,
-                "train_error": pos.sums[1] / n_seen,
-                "test_loss": test_loss,
-                "test_error": test_err,
-                "lr": lr_at(cfg, epoch, len(batches) - 1, len(batches)),
-                "noise": noise_on,
-                "batch_size": global_batch,
-                "world_size": comm.size,
-                "epoch_time_s": train_time,
-                "wall_time_s": pos.elapsed_s + time.perf_counter() - t_session,
-                "samples_per_s": n_seen / train_time,
-                "samples_per_s_per_worker": n_seen / train_time / comm.size,
-                # seconds per phase this epoch, this session (hook work is inside forward_backward)
-                **{f"time_{k}_s": v for k, v in timer.seconds.items()},
-            }
-            if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
-                raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower lr")
+                _one_step(t, data, pos, ep, session, step_hook)
+            row = _epoch_row(t, data, pos, ep, session)
             pos.history.append(row)
-            pos.epoch, pos.batch, pos.sums, pos.epoch_time_s = epoch + 1, 0, [0.0, 0.0], 0.0
-            if run is not None:
-                run.log_epoch(row)
-                msg = (
-                    f"epoch {epoch + 1:3d}/{cfg.epochs}  "
-                    f"train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
-                    f"test loss {test_loss:.4f} err {test_err:.4f}  lr {row['lr']:.4g}  "
-                    f"noise {'on ' if noise_on else 'off'}"
-                    f"  {row['samples_per_s']:.0f} samples/s"
-                )
-                bar.write(msg) if show_bar else print(msg, flush=True)
-            bar.update(1)
+            pos.epoch, pos.batch, pos.sums, pos.epoch_time_s = ep.index + 1, 0, [0.0, 0.0], 0.0
+            _log_epoch(t, row, session)
             if cfg.diagnostics_every and pos.epoch % cfg.diagnostics_every == 0:
-                from hpcnoise.measure import diagnostics_row  # measure imports this module
-
-                diag = diagnostics_row(model, data, cfg, comm, pos.epoch)
+                diag = diagnostics_row(t.net.model, data, cfg, t.comm, pos.epoch)
                 if run is not None:
                     run.log_diagnostics(diag)
             if cfg.checkpoint_every and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs:
-                pos.elapsed_s += time.perf_counter() - t_session
-                t_session = time.perf_counter()
-                _checkpoint(run, model, opt, pos)
-    bar.close()
-    if hooks is not None:
-        hooks.remove()
-    history = pos.history
+                pos.elapsed_s += session.restart_clock()
+                _checkpoint(run, t, pos)
+        session.bar.close()
+        pos.elapsed_s += session.restart_clock()
+
+
+def _step_input(t: Trainer, data: Data, pos: Position, ep: _Epoch, stop: bool) -> StepInput:
+    """The schedule of the step at ``pos``: its learning rate, this rank's (augmented) samples, noise on/off."""
+    cfg, comm = t.cfg, t.comm
+    local_batch = ep.global_batch // comm.size
+    idx = local_share(ep.batches[pos.batch], comm.rank, comm.size).to(comm.device)
+    x, y = data.x_train[idx], data.y_train[idx]
+    if data.augment is not None:
+        gen = generator(cfg.seed, "augment", pos.step, device=comm.device)
+        x = data.augment(x, gen, comm.rank * local_batch, ep.global_batch)
+    return StepInput(
+        step=pos.step,
+        lr=lr_at(cfg, ep.index, pos.batch, len(ep.batches)),
+        x=x,
+        y=y,
+        global_batch=ep.global_batch,
+        ghosts=ep.global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch),
+        noise_on=t.regime.noise is not None and ep.index < cfg.noise_epochs,
+        stop=stop,
+    )
+
+
+def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session, step_hook: StepHook | None) -> None:
+    """Take the step at ``pos`` and book it; when any rank was asked to stop, checkpoint and raise
+    ``Preempted`` (all ranks, after this same step)."""
+    ep.timer.start()
+    inp = _step_input(t, data, pos, ep, session.stop.raised)
+    out = train_step(t, inp, pos.statistics, pos.regime_state, ep.timer, keep_g_lb=step_hook is not None)
+    pos.sums[0] += out.reduced.loss_sum
+    pos.sums[1] += out.reduced.errors
+    if step_hook is not None:
+        diag = pos.statistics.get("diag_fisher")
+        step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
+    pos.batch, pos.step = pos.batch + 1, pos.step + 1
+    if out.reduced.stop:
+        pos.epoch_time_s += time.perf_counter() - ep.started
+        pos.elapsed_s += session.restart_clock()
+        _checkpoint(session.run, t, pos)
+        # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon as one
+        # exits, which must not happen while the checkpoint is being written
+        t.comm.broadcast_object("checkpointed")
+        raise Preempted(f"stopped by signal at epoch {ep.index + 1}, step {pos.step}; checkpoint written")
+
+
+def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session) -> dict[str, Any]:
+    """The epoch's metrics.jsonl row (after evaluating on the test split)."""
+    train_time = pos.epoch_time_s + time.perf_counter() - ep.started
+    n_seen = len(ep.batches) * ep.global_batch
+    test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
+    row = {
+        "epoch": ep.index + 1,
+        "step": pos.step,
+        "train_loss": pos.sums[0] / n_seen,
+        "train_error": pos.sums[1] / n_seen,
+        "test_loss": test_loss,
+        "test_error": test_err,
+        "lr": lr_at(t.cfg, ep.index, len(ep.batches) - 1, len(ep.batches)),
+        "noise": t.regime.noise is not None and ep.index < t.cfg.noise_epochs,
+        "batch_size": ep.global_batch,
+        "world_size": t.comm.size,
+        "epoch_time_s": train_time,
+        "wall_time_s": pos.elapsed_s + session.session_time(),
+        "samples_per_s": n_seen / train_time,
+        "samples_per_s_per_worker": n_seen / train_time / t.comm.size,
+        # seconds per phase this epoch, this session (hook work is inside forward_backward)
+        **{f"time_{k}_s": v for k, v in ep.timer.seconds.items()},
+    }
+    if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
+        raise FloatingPointError(f"training diverged at epoch {ep.index + 1} (loss is not finite); lower lr")
+    return row
+
+
+def _log_epoch(t: Trainer, row: dict[str, Any], session: _Session) -> None:
+    """Rank 0 appends the row to metrics.jsonl and prints one line; everyone advances the bar."""
+    if session.run is not None:
+        session.run.log_epoch(row)
+        msg = (
+            f"epoch {row['epoch']:3d}/{t.cfg.epochs}  "
+            f"train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
+            f"test loss {row['test_loss']:.4f} err {row['test_error']:.4f}  lr {row['lr']:.4g}  "
+            f"noise {'on ' if row['noise'] else 'off'}"
+            f"  {row['samples_per_s']:.0f} samples/s"
+        )
+        session.bar.write(msg) if session.show_bar else print(msg, flush=True)
+    session.bar.update(1)
+
+
+def _finish(t: Trainer, data: Data, pos: Position, run: RunDir | None) -> dict[str, Any]:
+    """The run's summary on every rank (with the final model's sharpness when asked); rank 0 writes
+    model.pt and then summary.json, which marks the run finished."""
+    cfg, history = t.cfg, pos.history
     last = history[-1]
     summary = {
         "run_name": cfg.run_name,
@@ -476,7 +388,7 @@ def _train_loop(
         "model": cfg.model,
         "dataset": cfg.dataset,
         "seed": cfg.seed,
-        "world_size": comm.size,
+        "world_size": t.comm.size,
         "epochs": cfg.epochs,
         "steps": pos.step,
         "final_test_error": last["test_error"],
@@ -484,19 +396,14 @@ def _train_loop(
         "final_train_error": last["train_error"],
         "final_train_loss": last["train_loss"],
         "best_test_error": min(r["test_error"] for r in history),
-        "total_time_s": pos.elapsed_s + time.perf_counter() - t_session,
+        "total_time_s": pos.elapsed_s,
         "mean_samples_per_s": sum(r["samples_per_s"] for r in history) / len(history),
     }
+    model = t.net.model
     if cfg.sharpness:
-        from hpcnoise.measure import sharpness_of
-
+        samples = min(cfg.sharpness_samples, data.x_train.shape[0])
         sharp = sharpness_of(
-            model,
-            data.x_train,
-            data.y_train,
-            comm,
-            samples=min(cfg.sharpness_samples, n_train),
-            heldout=(data.x_test, data.y_test),
+            model, data.x_train, data.y_train, t.comm, samples=samples, heldout=(data.x_test, data.y_test)
         )
         summary["max_eigenvalue"] = sharp["max_eigenvalue"]
         if run is not None:
@@ -508,7 +415,8 @@ def _train_loop(
     return summary
 
 
-def _checkpoint(run: RunDir | None, model: nn.Module, opt: torch.optim.SGD, pos: Position) -> None:
+def _checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
     """Rank 0 writes model, optimiser and position atomically (the random streams are keyed by step)."""
     if run is not None:
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "position": pos}, run.checkpoint_path)
+        state = {"model": t.net.model.state_dict(), "optimizer": t.opt.state_dict(), "position": pos}
+        save_torch_atomic(state, run.checkpoint_path)

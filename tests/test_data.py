@@ -22,11 +22,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from hpcnoise import cli, prepare
 from hpcnoise.comm import init
-from hpcnoise.config import Config, ConfigError
+from hpcnoise.config import Config
 from hpcnoise.data import (
     DATASETS,
     IMAGE_SETS,
-    DataFileError,
     crop_flip,
     crop_flip_augment,
     crop_flip_choices,
@@ -34,9 +33,10 @@ from hpcnoise.data import (
     local_share,
     make_split,
     normalise,
-    save_atomic,
     split_path,
 )
+from hpcnoise.errors import ConfigError, DataFileError
+from hpcnoise.files import save_torch_atomic as save_atomic
 from hpcnoise.seeding import generator
 from hpcnoise.train import train
 

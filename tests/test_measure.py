@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from hpcnoise.cli.sharpness import main
 from hpcnoise.comm import init
 from hpcnoise.curvature import SumGradSquared
 from hpcnoise.measure import (
@@ -33,7 +34,6 @@ from hpcnoise.measure import (
     gradient_variance,
     load_run,
     logits_of,
-    main,
     max_eigenvalue,
     sharpness_of,
 )

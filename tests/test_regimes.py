@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcnoise.config import Config
-from hpcnoise.curvature import CurvatureHooks
-from hpcnoise.regimes import REGIMES, KFacLayer, NoiseInput, _psd_sqrt
+from hpcnoise.curvature import CurvatureHooks, KFactors
+from hpcnoise.regimes import REGIMES, NoiseInput, _psd_sqrt
 
 M = 16  # batch size of the tiny problem
 DRAWS = 5_000
@@ -81,7 +81,7 @@ def problem() -> dict:
         "grads": grads,
         "cfg": cfg,
         "diag": [s / M for s in hooks.result("sum_grad_squared")],
-        "kfac": [KFacLayer(f.A / M, f.G / M, f.weight, f.bias) for f in hooks.kfac_result()],
+        "kfac": [KFactors(f.A / M, f.G / M, f.weight, f.bias) for f in hooks.kfac_result()],
         "F": g.T @ g / M,  # the empirical Fisher, explicitly
     }
 

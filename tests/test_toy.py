@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 
 from hpcnoise import toy
+from hpcnoise.cli import toy as toy_cli
 from hpcnoise.toy import Noise
+from hpcnoise.toy import runner as toy_runner
 
 CFG = toy.ToyConfig()
 A = CFG.matrix
@@ -233,7 +236,7 @@ def test_run_is_deterministic_for_a_seed(run_result: tuple[Path, dict[str, Any]]
 
 def test_main_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert toy.main(["--out", str(out), "--chains", "2000", "--seed", "2"]) == 0
+    assert toy_cli.main(["--out", str(out), "--chains", "2000", "--seed", "2"]) == 0
     text = capsys.readouterr().out
     assert "Tr(A^2) = ||A||_F^2 = 58" in text
     assert "||diag A||_F^2 = 40" in text
@@ -256,7 +259,7 @@ def test_main_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 )
 def test_main_rejects_bad_input(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert toy.main(["--out", str(out), *args]) == 2
+    assert toy_cli.main(["--out", str(out), *args]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
@@ -268,7 +271,7 @@ def test_main_rejects_unwritable_out(tmp_path: Path, capsys: pytest.CaptureFixtu
     blocker = tmp_path / "file"
     blocker.write_text("keep")
     for out in (blocker, blocker / "sub"):
-        assert toy.main(["--out", str(out), "--chains", "50"]) == 2
+        assert toy_cli.main(["--out", str(out), "--chains", "50"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not a directory" in err[0]
     assert blocker.read_text() == "keep"
@@ -279,7 +282,7 @@ def test_run_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def broken(*args: object, **kwargs: object) -> bytes:
         raise RuntimeError("drawing failed")
 
-    monkeypatch.setattr(toy, "draw_theorem", broken)
+    monkeypatch.setattr(toy_runner, "draw_theorem", broken)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="drawing failed"):
         toy.run(out, chains=50, seed=0)
@@ -292,9 +295,9 @@ def test_run_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def no_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(toy.os, "replace", no_replace)
+    monkeypatch.setattr(os, "replace", no_replace)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        assert toy.main(["--out", str(out), "--chains", "50"]) == 2
+        assert toy_cli.main(["--out", str(out), "--chains", "50"]) == 2
     assert "No space left on device" in stderr.getvalue()
     assert list(out.iterdir()) == []

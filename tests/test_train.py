@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcnoise.comm import init
-from hpcnoise.config import Config, ConfigError, apply_overrides, validate
+from hpcnoise.config import Config, ConfigError, apply_overrides
+from hpcnoise.workload import validate
 from hpcnoise.train import lr_at, train
 from tests.conftest import small_config
 

@@ -20,7 +20,6 @@ worker start-up. On a CPU shared with other jobs, --threads 1 avoids OpenMP thre
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from hpcnoise.data import IMAGE_SETS, crop_flip_augment, epoch_batches, normalise
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.seeding import generator
 
 SPEC = IMAGE_SETS["cifar10"]
@@ -128,14 +128,18 @@ def time_loader(dataset: Dataset, batch: int, workers: int, steps: int, device: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hpcnoise bench data", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="hpcnoise bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=50_000, help="images in the split (CIFAR: 50,000)")
     p.add_argument("--batches", default="128,512", help="comma-separated batch sizes")
     p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except ConfigError as e:
+        print(f"hpcnoise: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
     worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
     if args.threads:
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples < required:
         msg = f"--samples must be at least {required} (largest batch x (steps + {WARMUP}))"
         print(f"hpcnoise: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.samples, *SPEC.shape), dtype=torch.uint8, generator=g)  # N, C, H, W

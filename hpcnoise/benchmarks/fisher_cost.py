@@ -33,9 +33,9 @@ all of them alike; the table gives the median over rounds after warm-up.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from hpcnoise.curvature import SumGradSquared
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.models import GhostBatchNorm, build_model
 
 IN_SHAPE = (40,)  # MNIST-1D: 40 features per sample
@@ -171,27 +172,49 @@ def time_methods(methods: list[Method], model: nn.Module, x: Tensor, y: Tensor, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def agreement(methods: list[Method], model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
-    """Max over parameters of max|S - S_ref| / max|S_ref| on the same samples, S_ref from exact hooks."""
-    x, y = x[:AGREE_SAMPLES], y[:AGREE_SAMPLES]
+def exact_sums(model: nn.Module, x: Tensor, y: Tensor) -> list[Tensor]:
+    """The reference: sums of squared per-sample gradients from the exact hooks, on a copy of ``model``."""
     reference = hooks("exact", record_eval=not model.training)(copy.deepcopy(model), x, y)
     assert reference is not None
+    return reference
+
+
+def max_rel_diff(sums: list[Tensor], reference: list[Tensor]) -> float:
+    """Max over parameters of max|S - S_ref| / max|S_ref|."""
+    return max(
+        ((s - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for s, r in zip(sums, reference, strict=True)
+    )
+
+
+def agreement(methods: list[Method], model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Per method, its max rel diff to the exact hooks on the same AGREE_SAMPLES samples."""
+    x, y = x[:AGREE_SAMPLES], y[:AGREE_SAMPLES]
+    reference = exact_sums(model, x, y)
     out = {}
     for m in methods:
         sums = m.compute(copy.deepcopy(model), x, y)
         if sums is not None and m.name != "hooks exact":
-            out[m.name] = max(
-                ((s - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                for s, r in zip(sums, reference, strict=True)
-            )
+            out[m.name] = max_rel_diff(sums, reference)
     return out
+
+
+def inputs(shape: tuple[int, ...], batch: int) -> tuple[Tensor, Tensor]:
+    """A fixed synthetic batch: standard normal inputs of ``shape``, uniform labels of NUM_CLASSES."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(batch, *shape, generator=gen), torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+
+
+def table_row(
+    name: str, bn: str, method: str, ms: dict[str, float], diffs: dict[str, float], note: str
+) -> dict[str, object]:
+    """One table row: the method's time per step, its ratio to the plain step, its diffs and a note."""
+    t = ms.get(method, float("nan"))
+    return {"model": name, "bn": bn, "method": method, "ms/step": t, "x plain": t / ms["plain"], **diffs, "note": note}
 
 
 def benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, object]]:
     """Rows of the table for one network and one batch-norm mode ("train" or "eval")."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *IN_SHAPE, generator=gen)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    x, y = inputs(IN_SHAPE, batch)
     model = build_model(name, IN_SHAPE, NUM_CLASSES)
     model.train(bn == "train")
     has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d)) for m in model.modules())
@@ -209,17 +232,7 @@ def benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, obje
         note = "reference for max rel diff" if m.name == "hooks exact" else ""
         if m.samples is not None and m.samples < batch:
             note = f"timed on {m.samples} samples, scaled x{batch / m.samples:g}"
-        rows.append(
-            {
-                "model": name,
-                "bn": bn,
-                "method": m.name,
-                "ms/step": ms[m.name],
-                "x plain": ms[m.name] / ms["plain"],
-                "max rel diff": diff.get(m.name, float("nan")),
-                "note": note,
-            }
-        )
+        rows.append(table_row(name, bn, m.name, ms, {"max rel diff": diff.get(m.name, float("nan"))}, note))
     return rows
 
 
@@ -320,8 +333,7 @@ def conv_agreement(
     hide whether the methods compute the same thing. Methods that fail are returned with their error.
     """
     model, x = copy.deepcopy(model).double(), x.double()
-    reference = hooks("exact", record_eval=not model.training)(copy.deepcopy(model), x, y)
-    assert reference is not None
+    reference = exact_sums(model, x, y)
     convs = _conv_weights(model)
     out: dict[str, tuple[float, float]] = {}
     errors: dict[str, str] = {}
@@ -335,9 +347,7 @@ def conv_agreement(
             continue
         if sums is None:
             continue
-        rel = max(
-            ((s - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for s, r in zip(sums, reference, strict=True)
-        )
+        rel = max_rel_diff(sums, reference)
         num = sum(((sums[i] - reference[i]).square().sum() for i in convs), torch.zeros(()))
         den = sum((reference[i].square().sum() for i in convs), torch.zeros(()))
         out[m.name] = (rel, (num.sqrt() / den.sqrt().clamp_min(1e-30)).item())
@@ -346,11 +356,8 @@ def conv_agreement(
 
 def conv_benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, object]]:
     """Rows of the conv-network table for one network and one batch-norm mode ("train" or "eval")."""
-    shape = CONV_SHAPES[name]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=gen)
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
-    model = build_model(name, shape, NUM_CLASSES)
+    x, y = inputs(CONV_SHAPES[name], batch)
+    model = build_model(name, CONV_SHAPES[name], NUM_CLASSES)
     calibrate(model, x)
     evaluating = bn == "eval"
     model.train(not evaluating)
@@ -372,22 +379,11 @@ def conv_benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str,
     if "BackPACK" in ms:
         notes["BackPACK"] = f"{ms['BackPACK'] / ms['plain, nn.BatchNorm']:.2f}x plain, nn.BatchNorm"
     names = [m.name for m in methods] + [n for n in notes if n not in {m.name for m in methods}]
-    nan = float("nan")
     rows: list[dict[str, object]] = []
     for method in names:
-        t = ms.get(method, nan)
-        rel, frob = diff.get(method, (nan, nan))
+        rel, frob = diff.get(method, (float("nan"), float("nan")))
         rows.append(
-            {
-                "model": name,
-                "bn": bn,
-                "method": method,
-                "ms/step": t,
-                "x plain": t / ms["plain"],
-                "max rel diff": rel,
-                "conv frob diff": frob,
-                "note": notes.get(method, ""),
-            }
+            table_row(name, bn, method, ms, {"max rel diff": rel, "conv frob diff": frob}, notes.get(method, ""))
         )
     return rows
 
@@ -403,8 +399,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print(table.to_string(index=False, na_rep="", formatters={c: f for c, f in formatters.items() if c in table}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _parser() -> Parser:
+    parser = Parser(prog="hpcnoise bench fisher", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--models",
         nargs="+",
@@ -421,69 +417,72 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=20, help="timed rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    args = parser.parse_args(argv)
-    if args.conv and args.models is not None:
-        parser.error("--conv and --models are exclusive")
+    return parser
+
+
+def _header(batch: int, steps: int) -> None:
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, "
+        f"{WARMUP} warm-up steps, median of {steps} interleaved rounds"
+    )
+
+
+def run_flat(models: list[str], batch: int, steps: int) -> None:
+    """The table of ``mlp`` and ``cnn1d``: train- and eval-mode batch norm, hooks vs torch.func and a loop."""
+    _header(batch, steps)
+    _print_table([r for name in models for bn in ("train", "eval") for r in benchmark(name, bn, batch, steps)])
+    print(
+        "x plain: ratio to the plain step of the same network and batch-norm mode. max rel diff: "
+        f"max|S - S_hooks exact| / max|S_hooks exact| on the first {AGREE_SAMPLES} samples (spatial: the "
+        "Appendix-C approximation error; train-mode BN has no per-sample reference). Eval-mode BN makes "
+        "samples independent so torch.func and the loop compute the same sums as the hooks."
+    )
+
+
+def run_conv(models: list[str], batch: int, steps: int) -> None:
+    """The table of the convolutional networks (hooks vs BackPACK) and the verdict on SPATIAL_TARGET."""
+    _header(batch, steps)
+    rows = [r for name in models for bn in ("train", "eval") for r in conv_benchmark(name, bn, batch, steps)]
+    _print_table(rows)
+    print(
+        "x plain: ratio to the plain step of the same network and batch-norm mode. Diffs: to the exact hooks "
+        f"on the same {batch} samples, in float64. max rel diff = max over parameters of max|S - S_exact| / "
+        "max|S_exact|; conv frob diff = ||S - S_exact||_F / ||S_exact||_F over all conv weights together "
+        "(spatial: the Appendix-C approximation error; only conv weights differ). Eval rows: every method "
+        "on the same weights with batch norm in eval mode, running statistics set from one train-mode "
+        "forward of the batch; BackPACK and 'plain, nn.BatchNorm' on a copy with each GhostBatchNorm "
+        "replaced by nn.BatchNorm1d/2d in eval mode (same weights, running statistics, eps). BackPACK does "
+        "not run under train-mode batch norm. ResNet44's option-A shortcut (slice and zero-pad, no "
+        "parameters) has no BackPACK extension; first-order extensions need none, as autograd carries "
+        "the output gradients of every conv, batch norm and linear layer through it, so BackPACK runs "
+        "on the whole network; its warning that BasicBlock (a container) has no extension is silenced."
+    )
+    table = pd.DataFrame(rows).set_index(["model", "bn", "method"])["x plain"]
+    checks = []
+    for name in models:
+        ratio = table[(name, "train", "hooks spatial")]
+        checks.append(f"{name} {ratio:.2f}x ({'met' if ratio <= SPATIAL_TARGET else 'NOT met'})")
+    print(f"Target: hooks spatial <= {SPATIAL_TARGET}x plain with train-mode BN: {'; '.join(checks)}.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.conv and args.models is not None:
+            raise ConfigError("--conv and --models are exclusive")
+    except ConfigError as e:
+        print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     models = list(CONV_SHAPES) if args.conv else args.models or list(MODELS)
     torch.set_num_threads(args.threads)
     flat = [name for name in models if name in MODELS]
     conv = [name for name in models if name in CONV_SHAPES]
-
-    def header(batch: int) -> None:
-        print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {batch}, "
-            f"{WARMUP} warm-up steps, median of {args.steps} interleaved rounds"
-        )
-
     if flat:
-        batch = args.batch or DEFAULT_BATCH[flat[0]]
-        header(batch)
-        rows = [row for name in flat for bn in ("train", "eval") for row in benchmark(name, bn, batch, args.steps)]
-        table = pd.DataFrame(rows)
-        with pd.option_context("display.width", 200, "display.max_columns", None):
-            print(
-                table.to_string(
-                    index=False,
-                    formatters={
-                        "ms/step": "{:.2f}".format,
-                        "x plain": "{:.2f}".format,
-                        "max rel diff": lambda v: "" if pd.isna(v) else f"{v:.1e}",
-                    },
-                )
-            )
-        print(
-            "x plain: ratio to the plain step of the same network and batch-norm mode. max rel diff: "
-            f"max|S - S_hooks exact| / max|S_hooks exact| on the first {AGREE_SAMPLES} samples (spatial: the "
-            "Appendix-C approximation error; train-mode BN has no per-sample reference). Eval-mode BN makes "
-            "samples independent so torch.func and the loop compute the same sums as the hooks."
-        )
+        run_flat(flat, args.batch or DEFAULT_BATCH[flat[0]], args.steps)
     if conv:
-        batch = args.batch or DEFAULT_BATCH[conv[0]]
         if flat:
             print()
-        header(batch)
-        rows = [row for name in conv for bn in ("train", "eval") for row in conv_benchmark(name, bn, batch, args.steps)]
-        _print_table(rows)
-        print(
-            "x plain: ratio to the plain step of the same network and batch-norm mode. Diffs: to the exact hooks "
-            f"on the same {batch} samples, in float64. max rel diff = max over parameters of max|S - S_exact| / "
-            "max|S_exact|; conv frob diff = ||S - S_exact||_F / ||S_exact||_F over all conv weights together "
-            "(spatial: the Appendix-C approximation error; only conv weights differ). Eval rows: every method "
-            "on the same weights with batch norm in eval mode, running statistics set from one train-mode "
-            "forward of the batch; BackPACK and 'plain, nn.BatchNorm' on a copy with each GhostBatchNorm "
-            "replaced by nn.BatchNorm1d/2d in eval mode (same weights, running statistics, eps). BackPACK does "
-            "not run under train-mode batch norm. ResNet44's option-A shortcut (slice and zero-pad, no "
-            "parameters) has no BackPACK extension; first-order extensions need none, as autograd carries "
-            "the output gradients of every conv, batch norm and linear layer through it, so BackPACK runs "
-            "on the whole network; its warning that BasicBlock (a container) has no extension is silenced."
-        )
-        table = pd.DataFrame(rows).set_index(["model", "bn", "method"])["x plain"]
-        checks = []
-        for name in conv:
-            ratio = table[(name, "train", "hooks spatial")]
-            verdict = "met" if ratio <= SPATIAL_TARGET else "NOT met"
-            checks.append(f"{name} {ratio:.2f}x ({verdict})")
-        print(f"Target: hooks spatial <= {SPATIAL_TARGET}x plain with train-mode BN: {'; '.join(checks)}.")
+        run_conv(conv, args.batch or DEFAULT_BATCH[conv[0]], args.steps)
     return 0
 
 

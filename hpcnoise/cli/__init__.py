@@ -19,16 +19,18 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from hpcnoise.config import ConfigError, apply_overrides
+from hpcnoise.config import apply_overrides
+from hpcnoise.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, Preempted
 from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+# Commands import torch, Horovod and the training code only once they run (inside the functions below,
+# and through ``_delegate``), so that `hpcnoise --help` and bad input answer at once.
 
 
 def _error(msg: str, rank0: bool = True) -> int:
     if rank0:
         print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
-    return 2
+    return EXIT_USAGE
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -41,7 +43,7 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--smoke", action="store_true", help="the preset's seconds-long smoke variant")
     args, overrides = parser.parse_known_args(argv)
     from hpcnoise.comm import init, launcher_rank
-    from hpcnoise.train import Preempted, train
+    from hpcnoise.train import train
 
     try:
         cfg = apply_overrides(get_preset(args.preset, args.smoke), overrides)
@@ -110,9 +112,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "presets": cmd_presets,
     "data": _choose("data", {"prepare": _delegate("hpcnoise.prepare")}),
     "sweep": _delegate("hpcnoise.sweep"),
-    "sharpness": _delegate("hpcnoise.measure"),
+    "sharpness": _delegate("hpcnoise.cli.sharpness"),
     "report": _delegate("analysis.report"),
-    "toy": _delegate("hpcnoise.toy"),
+    "toy": _delegate("hpcnoise.cli.toy"),
     "bench": _choose(
         "bench",
         {
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return 0 if argv else 2
+        return 0 if argv else EXIT_USAGE
     if argv[0] not in COMMANDS:
         return _error(f"unknown command {argv[0]!r}; valid: {', '.join(COMMANDS)}")
     return COMMANDS[argv[0]](argv[1:])

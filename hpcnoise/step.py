@@ -1,0 +1,243 @@
+"""One training step, as functions of explicit inputs (the loop in hpcnoise.train only schedules).
+
+One step on each of W workers (global batch M, local batch m = M / W), in three parts:
+(a) ``local_contribution``: forward + backward of the local MEAN loss; when statistics are due, the
+    curvature hooks compute their local sums in the same backward pass. Returns the named groups of
+    tensors to sum over workers: the local mean gradients, the ghost-batch-norm statistic sums, the
+    loss/error counts with the stop flag, and each due statistic's packed sums.
+(b) ``reduce`` sums every group over all workers in ONE collective (a flat buffer); ``finish`` turns
+    the sums into g_LB = sum / W (set as p.grad), the batch-norm running statistics (the average over
+    all ghost batches of the global batch) and the normalised statistics (``STATISTICS[...].unpack``).
+(c) ``update``: the regime's noise, drawn from the (seed, step) stream (identical on every rank, no
+    communication), added to the gradient or to the parameters, and the optimiser step.
+Every rank runs the same (b) and (c) on the same sums, so parameters and buffers stay bit-identical
+across ranks, and for a fixed global batch the trajectory does not depend on W (up to float rounding).
+
+Adding W workers' local contributions and running (b) and (c) once equals the step of W ranks; that is
+what tests/test_step.py checks in-process, and what hpcnoise.measure reuses for frozen-network draws.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpcnoise.comm import Comm
+from hpcnoise.config import Config
+from hpcnoise.curvature import CurvatureHooks
+from hpcnoise.models import GhostBatchNorm, ghost_norms
+from hpcnoise.regimes import NoiseInput, Regime
+from hpcnoise.seeding import generator
+from hpcnoise.statistics import STATISTICS, quantities
+
+Groups = dict[str, list[Tensor]]  # named tensors summed over workers in one collective
+
+
+@dataclass(frozen=True)
+class Net:
+    """The model as the step sees it: its parameters, its ghost batch norms and its curvature hooks."""
+
+    model: nn.Module
+    params: list[nn.Parameter]
+    norms: list[GhostBatchNorm]
+    hooks: CurvatureHooks | None  # None when the regime needs no statistics
+
+    @staticmethod
+    def attach(model: nn.Module, statistics: frozenset[str], conv_mode: str, record_eval: bool = False) -> Net:
+        """Hooks for the hook quantities of ``statistics`` (none when empty)."""
+        wanted = quantities(statistics)
+        hooks = (
+            CurvatureHooks(model, conv_mode=conv_mode, record_eval=record_eval, quantities=wanted) if wanted else None
+        )
+        return Net(model, list(model.parameters()), ghost_norms(model), hooks)
+
+    def detach(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A step's result after the reduction, identical on every rank."""
+
+    grads: list[Tensor]  # g_LB: the average of the W local mean gradients (also each p.grad)
+    loss_sum: float  # summed per-sample losses of the global batch
+    errors: float  # misclassified samples of the global batch
+    stop: bool  # some rank got SIGTERM/SIGUSR1
+
+
+def due_statistics(regime: Regime, cfg: Config, step: int, cache: dict[str, Any]) -> frozenset[str]:
+    """The statistics this step recomputes (while the noise is on): due ones, and any not cached yet."""
+    return frozenset(s for s in regime.statistics if s not in cache or STATISTICS[s].due(cfg, step))
+
+
+def rademacher(gen: torch.Generator, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """n independent +-1 signs from ``gen``."""
+    return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(device, dtype)
+
+
+def rank_signs(cfg: Config, step: int, global_batch: int, comm: Comm, dtype: torch.dtype) -> Tensor:
+    """This rank's share of the step's Rademacher signs, drawn for the whole global batch, so the signs
+    differ per sample and rank and do not depend on W."""
+    local = global_batch // comm.size
+    signs = rademacher(generator(cfg.seed, "rademacher", step), global_batch, comm.device, dtype)
+    return signs[comm.rank * local : (comm.rank + 1) * local]
+
+
+def local_contribution(
+    net: Net, x: Tensor, y: Tensor, statistics: frozenset[str], signs: Tensor | None = None, stop: bool = False
+) -> Groups:
+    """(a) One worker's forward and backward of its mean loss; the groups to sum over workers.
+
+    p.grad holds the local mean gradient afterwards (the ``grad`` group is those tensors).
+    """
+    for p in net.params:
+        p.grad = None  # the last step left p.grad as views of its fused buffer
+    active = quantities(statistics)
+    hooks = net.hooks
+    with hooks.recording(len(y), signs, active) if hooks is not None and active else nullcontext():
+        out = net.model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+    loss, out = loss.detach(), out.detach()
+    flag = torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)
+    groups: Groups = {
+        "grad": [p.grad for p in net.params],  # type: ignore[misc]
+        "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
+        "counts": [torch.stack([loss * len(y), (out.argmax(1) != y).sum().to(loss.dtype), flag])],
+    }
+    for name in sorted(statistics):
+        groups[name] = STATISTICS[name].pack(hooks)  # type: ignore[arg-type]
+    return groups
+
+
+def reduce(comm: Comm, groups: Groups) -> Groups:
+    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
+    tensors = [t for ts in groups.values() for t in ts]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    comm.allreduce_sum_(flat)
+    out: Groups = {}
+    offset = 0
+    for name, ts in groups.items():
+        out[name] = []
+        for t in ts:
+            out[name].append(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return out
+
+
+def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
+    """(b) From the summed groups: g_LB into p.grad, the batch-norm running statistics (``ghosts``: ghost
+    batches in the global batch), and the normalised statistics into ``cache``."""
+    grads = [g.div_(workers) for g in summed["grad"]]  # average of the W local means
+    for p, g in zip(net.params, grads):
+        p.grad = g
+    for bn, c in zip(net.norms, summed["bn"]):
+        mean_var = c.view(2, -1).div(ghosts)  # averages over all ghost batches
+        bn.update_running_stats(mean_var[0], mean_var[1])
+    for name in STATISTICS:
+        if name in summed:
+            cache[name] = STATISTICS[name].unpack(summed[name], global_batch, net.hooks)  # type: ignore[arg-type]
+    counts = summed["counts"][0]
+    return Reduced(grads, counts[0].item(), counts[1].item(), counts[2].item() > 0)
+
+
+def update(
+    net: Net, opt: torch.optim.Optimizer, cfg: Config, lr: float, grads: list[Tensor], noise: list[Tensor] | None
+) -> None:
+    """(c) Apply the noise where ``noise_placement`` says and take the optimiser step at rate ``lr``.
+
+    ``gradient``: g_LB + noise goes through momentum and weight decay, as small-batch noise does;
+    ``parameter``: theta -= lr * noise after the optimiser step (see hpcnoise.regimes).
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    if noise is not None and cfg.noise_placement == "gradient":
+        for g, z in zip(grads, noise):
+            g.add_(z)
+    opt.step()
+    if noise is not None and cfg.noise_placement == "parameter":
+        with torch.no_grad():
+            for p, z in zip(net.params, noise):
+                p.add_(z, alpha=-lr)
+
+
+class PhaseTimer:
+    """Seconds per phase of a step, summed over an epoch (synchronising the GPU at phase ends)."""
+
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What every step of one run shares."""
+
+    cfg: Config
+    comm: Comm
+    regime: Regime
+    net: Net
+    opt: torch.optim.Optimizer
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One step's position and this rank's samples."""
+
+    step: int  # steps taken before this one: keys the random streams
+    lr: float
+    x: Tensor  # this rank's share of the global batch
+    y: Tensor
+    global_batch: int
+    ghosts: int  # ghost batches (batch-norm statistic groups) in the global batch
+    noise_on: bool
+    stop: bool  # this rank got SIGTERM/SIGUSR1
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    reduced: Reduced
+    g_lb: list[Tensor]  # g_LB before the noise (a copy when asked for, else the noisy p.grad itself)
+    noise: list[Tensor] | None  # the noise drawn at this step, None when off
+    refreshed: frozenset[str]  # statistics recomputed at this step
+
+
+def train_step(
+    t: Trainer, inp: StepInput, cache: dict[str, Any], state: dict[str, Any], timer: PhaseTimer, keep_g_lb: bool = False
+) -> StepOutput:
+    """(a), (b), (c) for one step. ``cache``: the statistics, reused between refreshes; ``state``: the
+    regime's own state (K-FAC square roots). Both persist across steps and go into checkpoints."""
+    refresh = due_statistics(t.regime, t.cfg, inp.step, cache) if inp.noise_on else frozenset()
+    signed = any(STATISTICS[s].needs_signs for s in refresh)
+    signs = rank_signs(t.cfg, inp.step, inp.global_batch, t.comm, inp.x.dtype) if signed else None
+    groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop)
+    timer.lap("forward_backward")
+    reduced = finish(t.net, reduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
+    timer.lap("allreduce")
+    g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads
+    noise = None
+    if inp.noise_on and t.regime.noise is not None:
+        gen = generator(t.cfg.seed, "noise", inp.step, device=t.comm.device)
+        noise = t.regime.noise(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh))
+    timer.lap("noise")
+    update(t.net, t.opt, t.cfg, inp.lr, reduced.grads, noise)
+    timer.lap("optimizer")
+    return StepOutput(reduced, g_lb, noise, refresh)
