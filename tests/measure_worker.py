@@ -5,7 +5,7 @@
 Every rank builds the same tiny network and data (``tiny_problem``), runs the sharpness protocol, the
 Fisher norms and the gradient variances with the launcher's Comm, and writes OUT_DIR/rank<R>.json. The
 tests compare these with an exact Hessian and with the same measurements on one process. Given a
-finished RUN_DIR, it also runs ``hpcnoise sharpness RUN_DIR`` (hpcnoise.measure.main) on all ranks.
+finished RUN_DIR, it also runs ``hpcnoise sharpness RUN_DIR`` (hpcnoise.cli.sharpness.main) on all ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data
 from hpcnoise.measure import fisher_norms, gradient_variance, sharpness_of
-from hpcnoise.measure import main as sharpness_main
+from hpcnoise.cli.sharpness import main as sharpness_main
 from hpcnoise.models import GhostBatchNorm, mlp
 
 # The tiny problem: 5 inputs, 3 classes, an MLP of width 6 with batch norm, float64.
