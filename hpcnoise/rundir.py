@@ -39,22 +39,11 @@ class RunDir:
 
     def __init__(self, path: Path):
         self.path = path
-
-    @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        self.config_path = path / "config.json"
+        self.metrics_path = path / "metrics.jsonl"
+        self.summary_path = path / "summary.json"
+        self.checkpoint_path = path / "checkpoint.pt"
+        self.model_path = path / "model.pt"
 
     def is_finished(self) -> bool:
         return self.summary_path.exists()
@@ -112,10 +101,6 @@ class RunDir:
 
     def write_sharpness(self, result: dict[str, Any]) -> None:
         write_json_atomic(self.path / "sharpness.json", result)
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / "model.pt"
 
     def save_model(self, model: Any) -> None:
         save_torch_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)

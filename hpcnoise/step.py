@@ -5,7 +5,7 @@ One step on each of W workers (global batch M, local batch m = M / W), in three 
     curvature hooks compute their local sums in the same backward pass. Returns the named groups of
     tensors to sum over workers: the local mean gradients, the ghost-batch-norm statistic sums, the
     loss/error counts with the stop flag, and each due statistic's packed sums.
-(b) ``reduce`` sums every group over all workers in ONE collective (a flat buffer); ``finish`` turns
+(b) ``fused_allreduce`` sums every group over all workers in ONE collective (a flat buffer); ``finish`` turns
     the sums into g_LB = sum / W (set as p.grad), the batch-norm running statistics (the average over
     all ghost batches of the global batch) and the normalised statistics (``STATISTICS[...].unpack``).
 (c) ``update``: the regime's noise, drawn from the (seed, step) stream (identical on every rank, no
@@ -117,7 +117,7 @@ def local_contribution(
     return groups
 
 
-def reduce(comm: Comm, groups: Groups) -> Groups:
+def fused_allreduce(comm: Comm, groups: Groups) -> Groups:
     """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
     tensors = [t for ts in groups.values() for t in ts]
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -230,7 +230,7 @@ def train_step(
     signs = rank_signs(t.cfg, inp.step, inp.global_batch, t.comm, inp.x.dtype) if signed else None
     groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop)
     timer.lap("forward_backward")
-    reduced = finish(t.net, reduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
+    reduced = finish(t.net, fused_allreduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
     g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads
     noise = None

@@ -20,8 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,21 +28,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from hpcnoise.checkpoint import Position, prepare_run, save_checkpoint, start_or_resume
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data, epoch_batches, local_share
-from hpcnoise.errors import ConfigError, Preempted
-from hpcnoise.files import check_writable, git_hash, save_torch_atomic
+from hpcnoise.errors import Preempted
 from hpcnoise.measure import diagnostics_row, sharpness_of
 from hpcnoise.regimes import REGIMES
-from hpcnoise.rundir import RunDir, default_run_name
+from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
-from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, reduce, train_step
+from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
 from hpcnoise.workload import check_batches, data_and_model, validate
 
-__all__ = ["Preempted", "StepInfo", "evaluate", "fused_allreduce", "lr_at", "make_optimizer", "train"]
-
-fused_allreduce = reduce  # the one collective of a step, under the name the docs use
+__all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "make_optimizer", "train"]
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -92,21 +89,6 @@ class StepInfo:
 StepHook = Callable[[StepInfo], None]
 
 
-@dataclass
-class Position:
-    """Where training stands: everything besides model and optimiser that a checkpoint must restore."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch: int = 0  # next batch index within the epoch
-    step: int = 0  # steps taken so far
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # this epoch's loss sum, error count
-    epoch_time_s: float = 0.0  # training time spent in this epoch so far
-    history: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' metrics rows
-    statistics: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC factors)
-    regime_state: dict[str, Any] = field(default_factory=dict)  # the regime's own state (K-FAC square roots)
-    elapsed_s: float = 0.0  # wall time of earlier sessions of this run
-
-
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
 
@@ -127,40 +109,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def _prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, Any]]:
-    """Check the output location and pick the run directory on rank 0; agree on the outcome everywhere.
-
-    Returns (cfg with run_name set, run directory on rank 0 else None, outcome) where outcome may hold
-    "finished" (the summary of a finished run) or "resume" (True when a checkpoint exists).
-    """
-    outcome: dict[str, Any] = {}
-    if comm.is_main:
-        try:
-            check_writable(Path(cfg.out_dir))
-            name = cfg.run_name or default_run_name(cfg)
-            run = RunDir(Path(cfg.out_dir) / name)
-            outcome = {"name": name}
-            if run.is_finished():
-                outcome["finished"] = run.read_summary()
-            elif run.path.exists():
-                previous = run.read_config()
-                if previous is not None and previous["config"] != run.jsonable(cfg.to_dict() | {"run_name": name}):
-                    raise ConfigError(
-                        f"run directory {str(run.path)!r} holds a different configuration; "
-                        "choose another run_name or remove it"
-                    )
-                outcome["resume"] = run.checkpoint_path.exists()
-                outcome["exists"] = True
-        except ConfigError as e:
-            outcome = {"error": str(e)}
-    outcome = comm.broadcast_object(outcome)
-    if "error" in outcome:
-        raise ConfigError(outcome["error"])
-    cfg = replace(cfg, run_name=outcome["name"])
-    run = RunDir(Path(cfg.out_dir) / cfg.run_name) if comm.is_main else None
-    return cfg, run, outcome
-
-
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
     """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional."""
     params = list(model.parameters())
@@ -174,39 +122,6 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def _start(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[str, Any]) -> Position:
-    """Resume from the checkpoint, or record the new run's config.json; the position to start from."""
-    if outcome.get("resume"):
-        # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
-        path = Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt"
-        ckpt = torch.load(path, map_location=t.comm.device, weights_only=False)
-        t.net.model.load_state_dict(ckpt["model"])
-        t.opt.load_state_dict(ckpt["optimizer"])
-        position: Position = ckpt["position"]
-        if run is not None:
-            run.rewrite_metrics(position.history)
-            print(f"hpcnoise: resuming {run.path} at epoch {position.epoch + 1}, step {position.step}", flush=True)
-        return position
-    if run is not None:
-        record = {
-            "config": cfg.to_dict(),
-            "git": git_hash(),
-            "world_size": t.comm.size,
-            "launcher": t.comm.launcher,
-            "device": str(t.comm.device),
-            "torch_threads": torch.get_num_threads(),
-            "noise_scale": cfg.noise_scale,
-            "num_params": sum(p.numel() for p in t.net.params),
-            "versions": t.comm.versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
-            run.restart(record)
-        else:
-            run.create(record)
-    return Position()
-
-
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
@@ -217,7 +132,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     validate(cfg, comm.size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, run, outcome = _prepare_run(cfg, comm)
+    cfg, run, outcome = prepare_run(cfg, comm)
     if "finished" in outcome:
         if run is not None:
             print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
@@ -226,7 +141,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     data, model = data_and_model(cfg, comm)
     check_batches(cfg, data)
     t = Trainer(cfg, comm, regime, Net.attach(model, regime.statistics, cfg.conv_mode), make_optimizer(cfg, model))
-    pos = _start(cfg, t, run, outcome)
+    pos = start_or_resume(cfg, t, run, outcome)
     try:
         _train_epochs(t, data, pos, run, step_hook)
     finally:
@@ -286,7 +201,7 @@ def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, ste
                     run.log_diagnostics(diag)
             if cfg.checkpoint_every and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs:
                 pos.elapsed_s += session.restart_clock()
-                _checkpoint(run, t, pos)
+                save_checkpoint(run, t, pos)
         session.bar.close()
         pos.elapsed_s += session.restart_clock()
 
@@ -327,7 +242,7 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
     if out.reduced.stop:
         pos.epoch_time_s += time.perf_counter() - ep.started
         pos.elapsed_s += session.restart_clock()
-        _checkpoint(session.run, t, pos)
+        save_checkpoint(session.run, t, pos)
         # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon as one
         # exits, which must not happen while the checkpoint is being written
         t.comm.broadcast_object("checkpointed")
@@ -413,10 +328,3 @@ def _finish(t: Trainer, data: Data, pos: Position, run: RunDir | None) -> dict[s
         run.finish(summary)
         print(f"hpcnoise: finished; results in {run.path}", flush=True)
     return summary
-
-
-def _checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
-    """Rank 0 writes model, optimiser and position atomically (the random streams are keyed by step)."""
-    if run is not None:
-        state = {"model": t.net.model.state_dict(), "optimizer": t.opt.state_dict(), "position": pos}
-        save_torch_atomic(state, run.checkpoint_path)

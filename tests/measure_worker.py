@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcnoise.cli.sharpness import main as sharpness_main
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data
 from hpcnoise.measure import fisher_norms, gradient_variance, sharpness_of
-from hpcnoise.cli.sharpness import main as sharpness_main
 from hpcnoise.models import GhostBatchNorm, mlp
 
 # The tiny problem: 5 inputs, 3 classes, an MLP of width 6 with batch norm, float64.

@@ -11,8 +11,8 @@ import pytest
 
 from hpcnoise.comm import init
 from hpcnoise.config import Config, ConfigError, apply_overrides
-from hpcnoise.workload import validate
 from hpcnoise.train import lr_at, train
+from hpcnoise.workload import validate
 from tests.conftest import small_config
 
 

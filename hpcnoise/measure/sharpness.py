@@ -175,17 +175,15 @@ def sharpness_of(
     samples: int = 4096,
     heldout: tuple[Tensor, Tensor] | None = None,
     fold: bool = True,
-    method: str = "lanczos",
-    chunk: int = 1024,
-    tol: float = 1e-6,
-    max_products: int = 2000,
     seed: int = 0,
+    **solver: Any,
 ) -> dict[str, Any]:
     """The paper's sharpness protocol on the training set (x, y), on every rank; returns the result record.
 
     Folds batch norm into the weights (``fold``), fits the temperature on ``heldout`` (skipped when None:
     T = 1), and takes the largest Hessian eigenvalue over a fixed seeded subset of ``samples`` training
-    samples, of which each rank handles a contiguous share. ``model`` is not modified.
+    samples, of which each rank handles a contiguous share. ``model`` is not modified. ``seed`` picks the
+    subset and the start vector; ``solver`` (method, chunk, tol, max_products) goes to ``max_eigenvalue``.
     """
     t0 = time.perf_counter()
     if comm.size > samples:
@@ -203,13 +201,12 @@ def sharpness_of(
     idx = fixed_subset(x.shape[0], samples, seed)
     lo, hi = samples * comm.rank // comm.size, samples * (comm.rank + 1) // comm.size
     mine = idx[lo:hi].to(x.device)
-    value, count = max_eigenvalue(net, x[mine], y[mine], comm, temperature=temperature, method=method,
-                                  chunk=chunk, tol=tol, max_products=max_products, seed=seed)  # fmt: skip
+    value, count = max_eigenvalue(net, x[mine], y[mine], comm, temperature=temperature, seed=seed, **solver)
     return {
         "max_eigenvalue": value,
         "temperature": temperature,
         "samples": samples,
-        "method": method,
+        "method": solver.get("method", "lanczos"),
         "folded_bn": fold and bool(ghost_norms(model)),
         "iterations": count,  # Hessian-vector products
         "wall_time_s": time.perf_counter() - t0,

@@ -18,7 +18,7 @@ from hpcnoise.config import Config
 from hpcnoise.data import Data
 from hpcnoise.measure.fisher import fisher_norms
 from hpcnoise.measure.sharpness import fixed_subset
-from hpcnoise.regimes import REGIMES, NoiseInput
+from hpcnoise.regimes import REGIMES, NoiseInput, Regime
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import Net, local_contribution, rademacher
@@ -86,12 +86,8 @@ def gradient_variance(
         raise ValueError(f"a variance needs at least 2 draws, got {batches}")
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     seed = cfg.seed if seed is None else seed
-    m = regime.batch(cfg, epoch)
-    n = data.x_train.shape[0]
-    device = data.x_train.device
     named = list(model.named_parameters())
-    d = sum(p.numel() for _, p in named)
-    sums = torch.zeros(2, d, dtype=torch.float64, device=device)  # sum over draws of g and of g^2
+    sums = torch.zeros(2, sum(p.numel() for _, p in named), dtype=torch.float64, device=data.x_train.device)
     pieces = size if train_mode and not cfg.ghost_bn else 1
     statistics = regime.statistics if regime.noise is not None else frozenset()
     net = Net.attach(model, statistics, cfg.conv_mode, record_eval=not train_mode)
@@ -99,16 +95,7 @@ def gradient_variance(
     model.train(train_mode)
     try:
         for draw in range(rank, batches, size):
-            idx = torch.randperm(n, generator=generator(seed, "gradvar", m, draw))[:m].to(device)
-            signs = None
-            if any(STATISTICS[s].needs_signs for s in statistics):  # Rademacher signs of the draw's samples
-                signs = rademacher(generator(seed, "gradvar-rademacher", draw), m, device, data.x_train.dtype)
-            grads, stats = _draw_gradient(net, data.x_train[idx], data.y_train[idx], pieces, statistics, signs)
-            if regime.noise is not None:
-                gen = generator(seed, "gradvar-noise", draw, device=device)
-                noise = regime.noise(NoiseInput(cfg, grads, stats, gen, {}, statistics))
-                grads = [g + z for g, z in zip(grads, noise, strict=True)]
-            flat = torch.cat([g.reshape(-1) for g in grads]).double()
+            flat = _step_gradient(net, regime, cfg, data, epoch, pieces, statistics, seed, draw)
             sums[0] += flat
             sums[1] += flat.square()
     finally:
@@ -123,6 +110,32 @@ def gradient_variance(
         out[name] = var[offset : offset + p.numel()].mean().item()
         offset += p.numel()
     return out
+
+
+def _step_gradient(
+    net: Net,
+    regime: Regime,
+    cfg: Config,
+    data: Data,
+    epoch: int,
+    pieces: int,
+    statistics: frozenset[str],
+    seed: int,
+    draw: int,
+) -> Tensor:
+    """The flattened float64 gradient (plus noise) a regime's step would use on draw ``draw``."""
+    m = regime.batch(cfg, epoch)
+    device = data.x_train.device
+    idx = torch.randperm(data.x_train.shape[0], generator=generator(seed, "gradvar", m, draw))[:m].to(device)
+    signs = None
+    if any(STATISTICS[s].needs_signs for s in statistics):  # Rademacher signs of the draw's samples
+        signs = rademacher(generator(seed, "gradvar-rademacher", draw), m, device, data.x_train.dtype)
+    grads, stats = _draw_gradient(net, data.x_train[idx], data.y_train[idx], pieces, statistics, signs)
+    if regime.noise is not None:
+        gen = generator(seed, "gradvar-noise", draw, device=device)
+        noise = regime.noise(NoiseInput(cfg, grads, stats, gen, {}, statistics))
+        grads = [g + z for g, z in zip(grads, noise, strict=True)]
+    return torch.cat([g.reshape(-1) for g in grads]).double()
 
 
 def diagnostics_row(
