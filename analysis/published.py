@@ -23,6 +23,7 @@ Transcription notes (paper.txt is a PDF-to-text conversion):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,12 @@ def _lost(mean: float, printed: str) -> _Cell:
 
 def _table(table: str, source: str, rows: tuple[_Row, ...]) -> list[Published]:
     """The cells of a printed table: each row is (dataset, network, one cell per column), in the paper's order."""
-    return [
-        Published(table, dataset, network, column, mean, ci, source, note)
-        for dataset, network, *cells in rows
-        for column, (mean, ci, note) in zip(COLUMNS[table], cells, strict=True)
-    ]
+    out = []
+    for row in rows:
+        dataset, network, cells = cast(str, row[0]), cast(str, row[1]), cast(tuple[_Cell, ...], row[2:])
+        for column, (mean, ci, note) in zip(COLUMNS[table], cells, strict=True):
+            out.append(Published(table, dataset, network, column, mean, ci, source, note))
+    return out
 
 
 _COLON = "printed with ':' for the decimal point"

@@ -49,18 +49,18 @@ def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[st
         try:
             check_writable(Path(cfg.out_dir))
             name = cfg.run_name or default_run_name(cfg)
-            run = RunDir(Path(cfg.out_dir) / name)
+            here = RunDir(Path(cfg.out_dir) / name)
             outcome = {"name": name}
-            if run.is_finished():
-                outcome["finished"] = run.read_summary()
-            elif run.path.exists():
-                previous = run.read_config()
-                if previous is not None and previous["config"] != run.jsonable(cfg.to_dict() | {"run_name": name}):
+            if here.is_finished():
+                outcome["finished"] = here.read_summary()
+            elif here.path.exists():
+                previous = here.read_config()
+                if previous is not None and previous["config"] != here.jsonable(cfg.to_dict() | {"run_name": name}):
                     raise ConfigError(
-                        f"run directory {str(run.path)!r} holds a different configuration; "
+                        f"run directory {str(here.path)!r} holds a different configuration; "
                         "choose another run_name or remove it"
                     )
-                outcome["resume"] = run.checkpoint_path.exists()
+                outcome["resume"] = here.checkpoint_path.exists()
                 outcome["exists"] = True
         except ConfigError as e:
             outcome = {"error": str(e)}

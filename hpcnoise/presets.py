@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from hpcnoise.config import Config
@@ -90,7 +91,7 @@ def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
 
 
 MNIST1D = [
-    _register(f"mnist1d-{regime}" + ("-gbn" if gbn else ""), lambda smoke, r=regime, g=gbn: mnist1d(r, g, smoke))
+    _register(f"mnist1d-{regime}" + ("-gbn" if gbn else ""), partial(mnist1d, regime, gbn))
     for regime, gbn in (("sb", False), ("lb", False), ("lb", True), ("diagf", False), ("diagf", True), ("trace", True))
 ]
 
@@ -174,7 +175,7 @@ def _table(name: str) -> TableFn:
             names.append(
                 _register(
                     preset_name,
-                    lambda smoke, d=dataset, m=model, r=regime, g=gbn: paper_cell(d, m, r, g, scaling, smoke),
+                    partial(paper_cell, dataset, model, regime, gbn, scaling),
                 )
             )
     return lambda smoke: _cells(names, smoke)

@@ -49,7 +49,7 @@ def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
 
 def run_cells(path: Path) -> int:
     """Train every cell of a sweep file in this launcher world (the worker side of ``study``)."""
-    from hpcnoise.comm import init
+    from hpcnoise.comm import init  # lazy: torch and Horovod load only in the launched workers
     from hpcnoise.train import train
 
     comm = init("cpu")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             f"hpcnoise study: error: training exited with status {proc.returncode}; rerun to continue", file=sys.stderr
         )
         return proc.returncode
-    from analysis.report import main as report
+    from analysis.report import main as report  # lazy: pandas and seaborn load only for the report
 
     return report([str(out), "--out", str(out / "report")])
 

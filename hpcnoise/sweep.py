@@ -201,7 +201,7 @@ def cmd_submit(argv: list[str]) -> int:
 def _say(msg: str, rank0_only: bool = False) -> None:
     """Print to stderr; with ``rank0_only``, only on the launcher's rank 0 (costs loading torch)."""
     if rank0_only:
-        from hpcnoise.comm import launcher_rank
+        from hpcnoise.comm import launcher_rank  # lazy: torch
 
         if launcher_rank() != 0:
             return

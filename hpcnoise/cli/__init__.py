@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
-from hpcnoise.config import apply_overrides
+from hpcnoise.config import Config, apply_overrides
 from hpcnoise.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, Preempted
 from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
 
@@ -61,10 +63,7 @@ def cmd_presets(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hpcnoise presets", description="List presets and registries.")
     parser.add_argument("--fields", action="store_true", help="also list every config field and its default")
     args = parser.parse_args(argv)
-    from dataclasses import fields
-
-    from hpcnoise.config import Config
-    from hpcnoise.data import DATASETS
+    from hpcnoise.data import DATASETS  # lazy: torch
     from hpcnoise.models import MODELS
     from hpcnoise.regimes import REGIMES
 
@@ -75,7 +74,8 @@ def cmd_presets(argv: list[str]) -> int:
             f"  {name:24s} {c.dataset}/{c.model} {c.regime}{'+gbn' if c.ghost_bn else ''} "
             f"batch {c.batch_size if c.regime != 'sb' else c.small_batch} lr {c.lr:g} epochs {c.epochs}"
         )
-    for title, registry in (("regimes", REGIMES), ("models", MODELS), ("datasets", DATASETS)):
+    registries: list[tuple[str, dict[str, Any]]] = [("regimes", REGIMES), ("models", MODELS), ("datasets", DATASETS)]
+    for title, registry in registries:
         print(f"{title}:")
         for name, spec in sorted(registry.items()):
             print(f"  {name:24s} {spec.description}")

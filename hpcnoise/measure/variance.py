@@ -34,7 +34,7 @@ def _draw_gradient(
     normalised by m. p.grad is left as it was.
     """
     m = x.shape[0]
-    saved = [p.grad for p in net.params]
+    saved: list[Tensor | None] = [p.grad for p in net.params]
     grads = [torch.zeros_like(p) for p in net.params]
     sums: dict[str, list[Tensor]] = {}
     try:
@@ -48,8 +48,8 @@ def _draw_gradient(
                 part = groups[name]
                 sums[name] = part if name not in sums else [a + b for a, b in zip(sums[name], part, strict=True)]
     finally:
-        for p, g in zip(net.params, saved, strict=True):
-            p.grad = g
+        for p, old in zip(net.params, saved, strict=True):
+            p.grad = old
     stats = {name: STATISTICS[name].unpack(sums[name], m, net.hooks) for name in statistics}  # type: ignore[arg-type]
     return grads, stats
 
