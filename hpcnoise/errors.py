@@ -12,6 +12,9 @@ import argparse
 from typing import NoReturn
 
 EXIT_USAGE = 2  # bad input: one line on stderr, nothing written
+EXIT_DIVERGED = 65  # EX_DATAERR: the loss became non-finite; RUN_DIR/diverged.json says where (not retried)
+EXIT_LOCKED = 73  # EX_CANTCREAT: another job holds the run directory's lock; nothing written
+EXIT_IO = 74  # EX_IOERR: a write failed (disk full, ...); the previous checkpoint and metrics are intact
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
 
 
@@ -25,6 +28,18 @@ class DataFileError(ConfigError):
 
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun the same command to resume."""
+
+
+class Diverged(Exception):
+    """The loss became non-finite; the run directory is marked diverged (diverged.json) and not retried."""
+
+
+class RunLocked(Exception):
+    """Another process holds the run directory's lock (RUN_DIR/.lock); this one wrote nothing."""
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint to resume from: the message names the file and what to do."""
 
 
 class Parser(argparse.ArgumentParser):
