@@ -1,10 +1,16 @@
 """Load a root of run directories into tidy pandas DataFrames, listing (never raising on) bad runs.
 
 A run directory is any directory holding config.json (see ``hpcnoise.rundir``); directories whose name starts
-with '.' (RunDir's half-created temporaries) are not searched. A run is used only when it is finished
-(summary.json present) and every file it needs parses: config.json, metrics.jsonl, summary.json. The optional
-sharpness.json and diagnostics.jsonl are dropped on their own when corrupt; the run itself is kept. Every
-skip is recorded with its reason so the report can list it.
+with '.' (RunDir's half-created temporaries) are not searched. Every run directory found ends up in exactly one
+of three places:
+- ``runs``: finished (summary.json present) and every file it needs parses: config.json, metrics.jsonl,
+  summary.json. The optional sharpness.json and diagnostics.jsonl are dropped on their own when corrupt; the
+  run itself is kept. Only these runs enter means, tables' numbers and figures.
+- ``diverged``: no summary.json but diverged.json, written when the loss became non-finite
+  (``{"epoch", "step", "message", "last_good"}``; exit status ``hpcnoise.errors.EXIT_DIVERGED``). These are
+  results too (the configuration does not train at that seed), so they are kept, with the same identifying
+  and derived columns as ``runs``, and every table counts them per cell beside the mean of the finished runs.
+- ``skipped``: anything else (unfinished, corrupt), with its reason, so the report can list it.
 
 Derived columns, shared by tables and figures:
 - ``gbn``: ghost batch norm in effect, i.e. ghost_bn with ghost batches smaller than the step's batch
@@ -68,6 +74,9 @@ class Loaded:
     """Everything under one root: tidy tables plus the list of what was skipped.
 
     runs: one row per finished run (config columns, record columns, summary columns, sharpness, derived).
+    diverged: one row per diverged run (config, record and derived columns as in ``runs``, plus
+        diverged_epoch, diverged_step, diverged_message and last_good_epoch / last_good_test_error /
+        last_good_train_error from the last finished epoch, NaN when it diverged in its first).
     epochs: one row per run x epoch (metrics.jsonl plus the run's identifying columns).
     fisher: one row per run x diagnostics epoch x kind ("full" | "diagonal"): Frobenius norms.
     grad_variance: one row per run x epoch x measured regime x layer: marginal gradient variance.
@@ -79,7 +88,8 @@ class Loaded:
     fisher: pd.DataFrame
     grad_variance: pd.DataFrame
     skipped: list[Skipped] = field(default_factory=list)
-    found: int = 0  # run directories found (used + skipped runs)
+    found: int = 0  # run directories found (finished + diverged + skipped runs)
+    diverged: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(DIVERGED_COLUMNS)))
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -140,8 +150,8 @@ def label(regime: str, gbn: bool, lr_scaling: str) -> str:
     return text
 
 
-def _load_run(path: Path, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(one runs row, metrics rows) of a finished run, or RunError naming what is wrong."""
+def _load_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json record, its config) of a run directory, checked."""
     record = _read_json(path / "config.json")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         raise RunError("config.json: missing key config")
@@ -149,6 +159,39 @@ def _load_run(path: Path, run_id: str) -> tuple[dict[str, Any], list[dict[str, A
     _require(cfg, _CONFIG_REQUIRED, "config.json")
     if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
         raise RunError(f"config.json: seed is {cfg['seed']!r}, not an integer")
+    return record, cfg
+
+
+def _describe(
+    path: Path, run_id: str, record: dict[str, Any], cfg: dict[str, Any], summary: dict[str, Any], batch: int
+) -> dict[str, Any]:
+    """A run's row: config and record columns, summary scalars, and the derived columns (see the module)."""
+    row: dict[str, Any] = {"run_id": run_id, "path": str(path)}
+    for key, value in cfg.items():
+        row[key] = tuple(value) if isinstance(value, list) else value
+    row["lr_scaling"] = cfg.get("lr_scaling") or "linear"
+    row["world_size"] = int(record.get("world_size") or summary.get("world_size") or 1)
+    for key in ("launcher", "git", "started", "num_params", "noise_scale"):
+        row[key] = record.get(key)
+    row["device_used"] = str(record.get("device") or cfg.get("device") or "unknown")
+    for key, value in summary.items():
+        if key not in row and not isinstance(value, (dict, list)):
+            row[key] = value
+    ghost_bn = bool(cfg.get("ghost_bn", False))
+    row["batch"] = batch
+    row["gbn"] = ghost_bn and int(cfg.get("ghost_size", 0)) < batch
+    row["variant"] = cfg["regime"] + ("+gbn" if row["gbn"] else "")
+    row["label"] = label(cfg["regime"], row["gbn"], row["lr_scaling"])
+    experiment = {k: v for k, v in cfg.items() if k not in NON_EXPERIMENT_FIELDS and k != "lr_scaling"}
+    if cfg["regime"] != "sb":  # SB is the reference batch: no learning-rate scaling applies to it
+        experiment["lr_scaling"] = row["lr_scaling"]
+    row["experiment"] = json.dumps(experiment, sort_keys=True)
+    return row
+
+
+def _load_run(path: Path, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(one runs row, metrics rows) of a finished run, or RunError naming what is wrong."""
+    record, cfg = _load_config(path)
     if not (path / "summary.json").exists():
         n = 0
         if (path / "metrics.jsonl").exists():
@@ -177,29 +220,41 @@ def _load_run(path: Path, run_id: str) -> tuple[dict[str, Any], list[dict[str, A
         if bad:
             raise RunError(f"metrics.jsonl line {i}: {bad[0]} is {m[bad[0]]!r}, not a number")
 
-    row: dict[str, Any] = {"run_id": run_id, "path": str(path)}
-    for key, value in cfg.items():
-        row[key] = tuple(value) if isinstance(value, list) else value
-    row["lr_scaling"] = cfg.get("lr_scaling") or "linear"
-    row["world_size"] = int(record.get("world_size") or summary.get("world_size") or 1)
-    for key in ("launcher", "git", "started", "num_params", "noise_scale"):
-        row[key] = record.get(key)
-    row["device_used"] = str(record.get("device") or cfg.get("device") or "unknown")
-    for key, value in summary.items():
-        if key not in row and not isinstance(value, (dict, list)):
-            row[key] = value
-    ghost_bn = bool(cfg.get("ghost_bn", False))
     batch = int(metrics[-1].get("batch_size", cfg.get("batch_size", 0)))
-    row["batch"] = batch
-    row["gbn"] = ghost_bn and int(cfg.get("ghost_size", 0)) < batch
-    row["variant"] = cfg["regime"] + ("+gbn" if row["gbn"] else "")
-    row["label"] = label(cfg["regime"], row["gbn"], row["lr_scaling"])
+    row = _describe(path, run_id, record, cfg, summary, batch)
     row["test_accuracy"] = 100.0 * (1.0 - float(summary["final_test_error"]))
-    experiment = {k: v for k, v in cfg.items() if k not in NON_EXPERIMENT_FIELDS and k != "lr_scaling"}
-    if cfg["regime"] != "sb":  # SB is the reference batch: no learning-rate scaling applies to it
-        experiment["lr_scaling"] = row["lr_scaling"]
-    row["experiment"] = json.dumps(experiment, sort_keys=True)
     return row, metrics
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load_diverged(path: Path, run_id: str) -> dict[str, Any]:
+    """The diverged row of a run with diverged.json and no summary.json, or RunError naming what is wrong."""
+    record, cfg = _load_config(path)
+    data = _read_json(path / "diverged.json")
+    if not isinstance(data, dict):
+        raise RunError("diverged.json: not a JSON object")
+    _require(data, ("epoch",), "diverged.json")
+    if not _integer(data["epoch"]):
+        raise RunError(f"diverged.json: epoch is {data['epoch']!r}, not an integer")
+    step = data.get("step")
+    last_good = data.get("last_good")
+    if last_good is not None and not isinstance(last_good, dict):
+        raise RunError("diverged.json: last_good is neither a metrics row nor null")
+    last_good = last_good or {}
+    # The batch of the last epoch trained (SB trains with the small batch), as for finished runs.
+    default_batch = cfg.get("small_batch" if cfg["regime"] == "sb" else "batch_size", 0)
+    batch = last_good.get("batch_size", default_batch)
+    row = _describe(path, run_id, record, cfg, {}, int(batch) if _number(batch) else 0)
+    row["diverged_epoch"] = data["epoch"]
+    row["diverged_step"] = step if _integer(step) else None
+    row["diverged_message"] = " ".join(str(data.get("message") or "").split())  # one line
+    for key in ("epoch", "test_error", "train_error"):
+        value = last_good.get(key)
+        row[f"last_good_{key}"] = float(value) if _number(value) else math.nan
+    return row
 
 
 def _load_sharpness(path: Path) -> dict[str, Any]:
@@ -248,17 +303,38 @@ def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], li
 
 
 _ID_COLUMNS = ("run_id", "dataset", "model", "regime", "variant", "label", "lr_scaling", "seed", "world_size")
+# The columns a diverged frame always has (so that tables can select from it when no run diverged).
+DIVERGED_COLUMNS = (
+    *_ID_COLUMNS,
+    "path",
+    "gbn",
+    "batch",
+    "device_used",
+    "experiment",
+    "diverged_epoch",
+    "diverged_step",
+    "diverged_message",
+    "last_good_epoch",
+    "last_good_test_error",
+    "last_good_train_error",
+)
 
 
 def load(root: Path) -> Loaded:
-    """Load every run directory under ``root``; bad runs are listed in ``skipped``, never raised."""
+    """Load every run directory under ``root``; diverged runs go to ``diverged``, bad ones to ``skipped``.
+
+    Nothing is raised for a bad run. summary.json marks a run finished even beside a diverged.json.
+    """
     root = Path(root)
-    runs, epochs, fisher, variance = [], [], [], []
+    runs, epochs, fisher, variance, diverged = [], [], [], [], []
     skipped: list[Skipped] = []
     dirs = find_run_dirs(root)
     for path in dirs:
         run_id = path.relative_to(root).as_posix() if path != root else "."
         try:
+            if (path / "diverged.json").exists() and not (path / "summary.json").exists():
+                diverged.append(_load_diverged(path, run_id))
+                continue
             row, metrics = _load_run(path, run_id)
         except RunError as e:
             skipped.append(Skipped(run_id, str(e)))
@@ -295,7 +371,17 @@ def load(root: Path) -> Loaded:
         ),
         skipped=skipped,
         found=len(dirs),
+        diverged=_diverged_frame(diverged),
     )
+
+
+def _diverged_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The diverged runs: every column of their rows, DIVERGED_COLUMNS at least (also with no rows)."""
+    df = pd.DataFrame(rows)
+    for col in DIVERGED_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype=object)
+    return df
 
 
 def _with_ids(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

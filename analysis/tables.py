@@ -4,6 +4,11 @@ Every number is a mean over seeds with a 95% Student-t confidence interval: mean
 (sd with n - 1 degrees of freedom). Runs that repeat a seed are averaged first, so n counts seeds, not runs.
 With one seed there is no interval, and the table says so rather than printing a zero-width one.
 
+Means are over finished runs only. Diverged runs (``analysis.load``: the loss became non-finite) are counted
+per cell beside the mean, never dropped silently: ``n_diverged`` in every long table, and "k diverged" in the
+cell's text (``fmt_estimate``); a cell whose runs all diverged reads "none finished (k diverged)". The
+``diverged`` argument of the table functions is ``Loaded.diverged`` (None: no diverged runs).
+
 Each table exists twice: a tidy long DataFrame (one row per cell, every number; written as CSV) and a
 Markdown rendering of the paper's layout (rows (dataset, network), columns regimes, each beside the paper's).
 """
@@ -81,6 +86,20 @@ def welch_diff(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> 
     return Estimate(diff, float(stats.t.ppf(0.5 + level / 2, dof) * se), min(ea.n, eb.n))
 
 
+def _or_empty(diverged: pd.DataFrame | None) -> pd.DataFrame:
+    return diverged if diverged is not None else pd.DataFrame()
+
+
+def _matching(df: pd.DataFrame, **values: object) -> pd.DataFrame:
+    """The rows of ``df`` whose columns equal ``values`` (all of ``df`` when it is empty)."""
+    if df.empty:
+        return df
+    mask = pd.Series(True, index=df.index)
+    for column, value in values.items():
+        mask &= df[column] == value
+    return df[mask]
+
+
 def per_seed(runs: pd.DataFrame, column: str) -> pd.Series:
     """``column`` averaged over runs that share a seed: one value per seed."""
     return runs.groupby("seed")[column].mean()
@@ -145,24 +164,29 @@ def _seeds_text(cell: pd.DataFrame) -> str:
     return ",".join(str(s) for s in sorted(cell["seed"].unique())) if len(cell) else ""
 
 
-def paper_table(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
+def paper_table(runs: pd.DataFrame, spec: TableSpec, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Tidy long form of one paper table: one row per (dataset, network, column), published numbers beside ours.
 
     Rows are the paper's rows (always, so the table renders with no runs) followed by any other
-    (dataset, network) that has runs of one of the table's LB regimes at the table's LR scaling.
+    (dataset, network) that has runs (finished or diverged) of one of the table's LB regimes at the table's
+    LR scaling. ``n_diverged``: the cell's diverged runs, which are not in its mean.
     """
+    diverged = _or_empty(diverged)
     row_keys = published_rows(spec.name)
-    if not runs.empty:
-        extra = set()
+    extra = set()
+    for df in (runs, diverged):
+        if df.empty:
+            continue
         for col in spec.columns:
             if col.regime != "sb":  # SB alone, shared by every table, does not make a row
-                sel = runs[(runs["regime"] == col.regime) & (runs["lr_scaling"] == col.lr_scaling)]
+                sel = df[(df["regime"] == col.regime) & (df["lr_scaling"] == col.lr_scaling)]
                 extra |= set(zip(sel["dataset"], sel["model"]))
-        row_keys += sorted(k for k in extra if k not in row_keys)
+    row_keys += sorted(k for k in extra if k not in row_keys)
     out = []
     for dataset, network in row_keys:
         for col in spec.columns:
             cell = select(runs, dataset, network, col)
+            n_diverged = len(select(diverged, dataset, network, col))
             est = mean_ci(per_seed(cell, "test_accuracy")) if len(cell) else Estimate(math.nan, None, 0)
             pub = published(spec.name, dataset, network, col.id)
             out.append(
@@ -174,6 +198,7 @@ def paper_table(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
                     "title": col.title,
                     "n_runs": len(cell),
                     "n_seeds": est.n,
+                    "n_diverged": n_diverged,
                     "seeds": _seeds_text(cell),
                     "accuracy": est.mean,
                     "ci": est.ci,
@@ -191,14 +216,24 @@ def paper_table(runs: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
 
 
 # --- formatting ----------------------------------------------------------------------------------------------
-def fmt_estimate(mean: float, ci: float, n_seeds: int, n_runs: int | None = None, digits: int = 2) -> str:
-    """A cell: mean ± CI half-width (n=seeds[, runs]); one seed: mean (n=1, no CI); no runs: empty."""
+def fmt_estimate(
+    mean: float, ci: float, n_seeds: int, n_runs: int | None = None, digits: int = 2, n_diverged: int = 0
+) -> str:
+    """A cell: mean ± CI half-width (n=seeds[, runs][, k diverged]); one seed: mean (n=1, no CI);
+    no runs: empty; only diverged runs: "none finished (k diverged)"."""
+    div = f", {n_diverged} diverged" if n_diverged else ""
     if n_seeds == 0 or not math.isfinite(mean):
-        return ""
+        return f"none finished ({n_diverged} diverged)" if n_diverged else ""
     runs = f", {n_runs} runs" if n_runs is not None and n_runs != n_seeds else ""
     if n_seeds == 1 or not math.isfinite(ci):
-        return f"{mean:.{digits}f} (n=1, no CI{runs})"
-    return f"{mean:.{digits}f} ± {ci:.{digits}f} (n={n_seeds}{runs})"
+        return f"{mean:.{digits}f} (n=1, no CI{runs}{div})"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f} (n={n_seeds}{runs}{div})"
+
+
+def _n_diverged(row: pd.Series) -> int:
+    """A long table row's diverged count (0 for tables written before the column existed)."""
+    value = row.get("n_diverged", 0)
+    return int(value) if pd.notna(value) else 0
 
 
 def fmt_published(row: pd.Series) -> str:
@@ -230,16 +265,27 @@ def paper_table_markdown(long: pd.DataFrame, spec: TableSpec) -> str:
         row = {"Dataset": dataset, "Network": network}
         for col in spec.columns:
             cell = group[group["column"] == col.id].iloc[0]
-            row[col.title] = fmt_estimate(cell["accuracy"], cell["ci"], int(cell["n_seeds"]), int(cell["n_runs"]))
+            row[col.title] = fmt_estimate(
+                cell["accuracy"], cell["ci"], int(cell["n_seeds"]), int(cell["n_runs"]), n_diverged=_n_diverged(cell)
+            )
             row[f"{col.title} (paper)"] = fmt_published(cell)
         wide.append(row)
     return markdown(pd.DataFrame(wide))
 
 
 # --- every variant ---------------------------------------------------------------------------------------------
-def _variant_cell(dataset: str, network: str, regime: str, cell: pd.DataFrame, est: Estimate) -> dict[str, object]:
-    """The columns every per-variant table starts with: which variant, how many runs and seeds."""
-    return {"dataset": dataset, "network": network, "regime": regime, "n_runs": len(cell), "n_seeds": est.n}
+def _variant_cell(
+    dataset: str, network: str, regime: str, cell: pd.DataFrame, est: Estimate, n_diverged: int
+) -> dict[str, object]:
+    """The columns every per-variant table starts with: which variant, how many runs, seeds and diverged runs."""
+    return {
+        "dataset": dataset,
+        "network": network,
+        "regime": regime,
+        "n_runs": len(cell),
+        "n_seeds": est.n,
+        "n_diverged": n_diverged,
+    }
 
 
 def _markdown_rows(df: pd.DataFrame, row: Callable[[pd.Series], dict[str, object]]) -> str:
@@ -251,20 +297,28 @@ def _variant_names(r: pd.Series) -> dict[str, object]:
     return {"Dataset": r["dataset"], "Network": r["network"], "Regime": r["regime"]}
 
 
-def results_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Every (dataset, network, regime variant) present: final test accuracy and train error over seeds."""
+def results_table(runs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every (dataset, network, regime variant) present, finished or diverged: final test accuracy and train
+    error over the seeds of its finished runs, and how many of its runs diverged."""
+    diverged = _or_empty(diverged)
     out: list[dict[str, object]] = []
-    if runs.empty:
-        return pd.DataFrame(out)
-    for (dataset, network, lab), cell in runs.groupby(["dataset", "model", "label"], sort=True):
-        acc = mean_ci(per_seed(cell, "test_accuracy"))
-        train = mean_ci(100.0 * per_seed(cell, "final_train_error")) if "final_train_error" in cell else None
-        variant, scaling = cell["variant"].iloc[0], cell["lr_scaling"].iloc[0]
+    keys: set[tuple[str, str, str]] = set()
+    for df in (runs, diverged):
+        if not df.empty:
+            keys |= set(zip(df["dataset"], df["model"], df["label"]))
+    for dataset, network, lab in sorted(keys):
+        cell = _matching(runs, dataset=dataset, model=network, label=lab)
+        gone = _matching(diverged, dataset=dataset, model=network, label=lab)
+        acc = mean_ci(per_seed(cell, "test_accuracy")) if len(cell) else Estimate(math.nan, None, 0)
+        has_train = len(cell) and "final_train_error" in cell
+        train = mean_ci(100.0 * per_seed(cell, "final_train_error")) if has_train else None
+        either = cell if len(cell) else gone
+        variant, scaling = either["variant"].iloc[0], either["lr_scaling"].iloc[0]
         table3 = scaling == "sqrt" and variant != "sb"  # Table 3: the square-root scaled LB regimes
         pub = published("table3", dataset, network, variant) if table3 else published_any(dataset, network, variant)
         out.append(
             {
-                **_variant_cell(dataset, network, lab, cell, acc),
+                **_variant_cell(dataset, network, lab, cell, acc, len(gone)),
                 "seeds": _seeds_text(cell),
                 "accuracy": acc.mean,
                 "ci": acc.ci,
@@ -283,7 +337,9 @@ def results_markdown(df: pd.DataFrame) -> str:
         df,
         lambda r: {
             **_variant_names(r),
-            "Test accuracy (%)": fmt_estimate(r["accuracy"], r["ci"], int(r["n_seeds"]), int(r["n_runs"])),
+            "Test accuracy (%)": fmt_estimate(
+                r["accuracy"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), n_diverged=_n_diverged(r)
+            ),
             "Final train error (%)": fmt_estimate(r["train_error"], r["train_error_ci"], int(r["n_seeds"])),
             "Paper": f"{r['published']:.2f}" if math.isfinite(r["published"]) else "",
             "Seeds": r["seeds"],
@@ -308,12 +364,14 @@ def run_throughput(epochs: pd.DataFrame) -> pd.Series:
     return epochs.groupby("run_id")[["epoch", "samples_per_s"]].apply(steady)
 
 
-def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
+def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Samples/s in total and per worker by (dataset, model, regime, device, batch, world size).
 
     Scaling efficiency = per-worker throughput at W workers / per-worker throughput at 1 worker of the same
-    (dataset, model, regime, device, batch); NaN when no 1-worker runs exist.
+    (dataset, model, regime, device, batch); NaN when no 1-worker runs exist. Means over finished runs;
+    ``n_diverged``: the cell's diverged runs (a cell with no finished run has no row).
     """
+    diverged = _or_empty(diverged)
     per_run = run_throughput(epochs)
     if per_run.empty or runs.empty:
         return pd.DataFrame()
@@ -322,10 +380,12 @@ def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     out = []
     for key, cell in df.groupby(_THROUGHPUT_KEYS + ["world_size"], sort=True, dropna=False):
         total, worker = mean_ci(cell["samples_per_s"]), mean_ci(cell["per_worker"])
+        where = dict(zip(_THROUGHPUT_KEYS + ["world_size"], key))
         out.append(
             {
-                **dict(zip(_THROUGHPUT_KEYS + ["world_size"], key)),
+                **where,
                 "n_runs": len(cell),
+                "n_diverged": len(_matching(diverged, **where)),
                 "samples_per_s": total.mean,
                 "samples_per_s_ci": total.ci,
                 "per_worker": worker.mean,
@@ -349,24 +409,32 @@ def throughput_markdown(df: pd.DataFrame) -> str:
             "Device": r["device_used"],
             "Batch": int(r["batch"]),
             "Workers": int(r["world_size"]),
-            "Samples/s": fmt_estimate(r["samples_per_s"], r["samples_per_s_ci"], int(r["n_runs"]), digits=0),
+            "Samples/s": fmt_estimate(
+                r["samples_per_s"], r["samples_per_s_ci"], int(r["n_runs"]), digits=0, n_diverged=_n_diverged(r)
+            ),
             "Samples/s per worker": fmt_estimate(r["per_worker"], r["per_worker_ci"], int(r["n_runs"]), digits=0),
             "Scaling efficiency": f"{r['efficiency']:.2f}" if math.isfinite(r["efficiency"]) else "",
         },
     )
 
 
-def sharpness_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Maximum Hessian eigenvalue of the final model (sharpness.json) by (dataset, model, regime)."""
+def sharpness_table(runs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Maximum Hessian eigenvalue of the final model (sharpness.json) by (dataset, model, regime).
+
+    ``n_diverged``: the variant's diverged runs (no final model, so never measured); a variant without a
+    measured run has no row.
+    """
+    diverged = _or_empty(diverged)
     if runs.empty or "max_eigenvalue" not in runs:
         return pd.DataFrame()
     have = runs[runs["max_eigenvalue"].notna()]
     out = []
     for (dataset, network, lab), cell in have.groupby(["dataset", "model", "label"], sort=True):
         est = mean_ci(per_seed(cell, "max_eigenvalue"))
+        gone = _matching(diverged, dataset=dataset, model=network, label=lab)
         out.append(
             {
-                **_variant_cell(dataset, network, lab, cell, est),
+                **_variant_cell(dataset, network, lab, cell, est, len(gone)),
                 "max_eigenvalue": est.mean,
                 "ci": est.ci,
                 "temperature": mean_ci(per_seed(cell, "temperature")).mean,
@@ -380,7 +448,9 @@ def sharpness_markdown(df: pd.DataFrame) -> str:
         df,
         lambda r: {
             **_variant_names(r),
-            "Max eigenvalue": fmt_estimate(r["max_eigenvalue"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), 3),
+            "Max eigenvalue": fmt_estimate(
+                r["max_eigenvalue"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), 3, _n_diverged(r)
+            ),
             "Temperature": f"{r['temperature']:.3f}" if math.isfinite(r["temperature"]) else "",
         },
     )

@@ -1,26 +1,39 @@
-"""A run's life across sessions: new, resumed from its checkpoint, or already finished.
+"""A run's life across sessions: new, resumed from its checkpoint, finished or diverged.
 
-Rank 0 decides from the run directory and every rank agrees (one broadcast). The checkpoint holds the
-model, the optimiser and the ``Position``: the place in the schedule, this epoch's sums, the finished
-epochs' metrics rows, the statistics cache and the regime's state. Every random stream is keyed by
-(seed, stream, step or epoch), so resuming from it is bit-identical on CPU.
+Rank 0 decides from the run directory, holding its lock, and every rank agrees (one broadcast). The
+checkpoint holds the model, the optimiser and the ``Position``: the place in the schedule, this epoch's
+sums, the finished epochs' metrics rows, the statistics cache and the regime's state. Every random
+stream is keyed by (seed, stream, step or epoch), so resuming from it is bit-identical on CPU.
+
+The checkpoint file is safe to load from a shared filesystem: it holds only tensors and plain values
+(no pickled classes; read with ``torch.load(weights_only=True)``), behind a header line with its format,
+length and SHA-256, so a truncated, corrupt or foreign file is recognised before anything is used.
+The previous checkpoint is kept as checkpoint.prev.pt until the new one is complete, and is the
+fallback when checkpoint.pt is unusable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
-from hpcnoise.errors import ConfigError
-from hpcnoise.files import check_writable, git_hash, save_torch_atomic
+from hpcnoise.curvature import KFactors
+from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
+from hpcnoise.files import check_writable, git_hash, write_bytes_atomic
 from hpcnoise.rundir import RunDir, default_run_name
 from hpcnoise.step import Trainer
+
+FORMAT = "hpcnoise-checkpoint-v1"
+MAGIC = b"HPCNOISE-CHECKPOINT"
 
 
 @dataclass
@@ -38,52 +51,155 @@ class Position:
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
 
 
+# --- the file format ------------------------------------------------------------------------------------
+def _plain(obj: Any) -> Any:
+    """``obj`` as tensors, plain values and containers only (what weights_only loading accepts)."""
+    if isinstance(obj, KFactors):
+        return {"__kfactors__": [obj.A, obj.G, obj.weight, obj.bias]}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if obj is None or isinstance(obj, (Tensor, str, int, float, bool)):
+        return obj
+    raise TypeError(f"a checkpoint holds tensors and plain values only, not {type(obj).__name__}")
+
+
+def _unplain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__kfactors__"}:
+            return KFactors(*obj["__kfactors__"])
+        return {k: _unplain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unplain(v) for v in obj)
+    return obj
+
+
+def encode(cfg: Config, t: Trainer, pos: Position) -> bytes:
+    """The checkpoint file's bytes: a header line (magic, format, length, SHA-256) and the payload."""
+    position = {f.name: getattr(pos, f.name) for f in fields(pos)}
+    payload = {
+        "format": FORMAT,
+        "config": cfg.to_dict(),
+        "model": t.net.model.state_dict(),
+        "optimizer": t.opt.state_dict(),
+        "position": _plain(position),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    header = b"%s %s %d %s\n" % (MAGIC, FORMAT.encode(), len(body), hashlib.sha256(body).hexdigest().encode())
+    return header + body
+
+
+def decode(data: bytes, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The checkpoint's payload, or CheckpointError saying why it cannot be used."""
+    header, sep, body = data.partition(b"\n")
+    parts = header.split(b" ")
+    if not sep or len(parts) != 4 or parts[0] != MAGIC:
+        raise CheckpointError("not an hpcnoise checkpoint (no header line)")
+    if parts[1].decode(errors="replace") != FORMAT:
+        raise CheckpointError(f"unknown format {parts[1].decode(errors='replace')!r}; this version reads {FORMAT}")
+    if not parts[2].isdigit() or int(parts[2]) != len(body):
+        raise CheckpointError(f"truncated: {len(body)} of {parts[2].decode(errors='replace')} bytes")
+    if hashlib.sha256(body).hexdigest().encode() != parts[3]:
+        raise CheckpointError("corrupt: its SHA-256 does not match")
+    payload = torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+    if RunDir.jsonable(payload["config"]) != RunDir.jsonable(cfg.to_dict()):
+        raise CheckpointError("it belongs to a different configuration")
+    payload["position"] = Position(**_unplain(payload["position"]))
+    return payload
+
+
+def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
+    """Rank 0 writes the checkpoint atomically, keeping the previous one until the new one is complete."""
+    if run is not None:
+        write_bytes_atomic(run.checkpoint_path, encode(t.cfg, t, pos), previous=run.previous_checkpoint_path)
+
+
+def load_checkpoint(run_path: Path, cfg: Config, comm: Comm) -> tuple[dict[str, Any], Path]:
+    """The newest usable checkpoint of a run (checkpoint.pt, else checkpoint.prev.pt) and its path.
+
+    Every rank reads it (a shared filesystem) and reaches the same verdict on the same bytes. An
+    unusable file is reported by rank 0 and never used; with none usable, CheckpointError.
+    """
+    run = RunDir(run_path)
+    problems = []
+    for path in (run.checkpoint_path, run.previous_checkpoint_path):
+        if not path.exists():
+            continue
+        try:
+            return decode(path.read_bytes(), cfg, comm.device), path
+        except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as e:
+            problems.append(f"{path.name}: {e}")
+            if comm.is_main:
+                print(f"hpcnoise: warning: {path} is unusable ({e})", flush=True)
+    raise CheckpointError(
+        f"no usable checkpoint in {str(run_path)!r} ({'; '.join(problems) or 'none found'}); remove "
+        f"{run.checkpoint_path.name} and {run.previous_checkpoint_path.name} there to start the run over"
+    )
+
+
+# --- deciding what to do with a run directory -----------------------------------------------------------
+def _inspect(cfg: Config, run: RunDir) -> dict[str, Any]:
+    """Rank 0, holding the lock of an existing run directory: finished, diverged, resume or restart."""
+    if run.is_finished():
+        return {"finished": run.read_summary()}
+    if run.is_diverged():
+        return {"diverged": run.read_json(run.diverged_path)}
+    previous = run.read_config()
+    if previous is not None and previous["config"] != run.jsonable(cfg.to_dict()):
+        raise ConfigError(
+            f"run directory {str(run.path)!r} holds a different configuration; choose another run_name or remove it"
+        )
+    has_checkpoint = run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()
+    return {"resume": has_checkpoint, "exists": True}
+
+
 def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, Any]]:
     """Check the output location and pick the run directory on rank 0; agree on the outcome everywhere.
 
     Returns (cfg with run_name set, run directory on rank 0 else None, outcome) where outcome may hold
-    "finished" (the summary of a finished run) or "resume" (True when a checkpoint exists).
+    "finished" (the summary of a finished run), "diverged" (its diverged.json) or "resume" (True when
+    a checkpoint exists). Rank 0 holds the directory's lock from here until ``RunDir.unlock``.
     """
     outcome: dict[str, Any] = {}
+    run = None
     if comm.is_main:
         try:
             check_writable(Path(cfg.out_dir))
             name = cfg.run_name or default_run_name(cfg)
-            here = RunDir(Path(cfg.out_dir) / name)
+            run = RunDir(Path(cfg.out_dir) / name)
             outcome = {"name": name}
-            if here.is_finished():
-                outcome["finished"] = here.read_summary()
-            elif here.path.exists():
-                previous = here.read_config()
-                if previous is not None and previous["config"] != here.jsonable(cfg.to_dict() | {"run_name": name}):
-                    raise ConfigError(
-                        f"run directory {str(here.path)!r} holds a different configuration; "
-                        "choose another run_name or remove it"
-                    )
-                outcome["resume"] = here.checkpoint_path.exists()
-                outcome["exists"] = True
-        except ConfigError as e:
-            outcome = {"error": str(e)}
+            if run.path.exists():
+                run.lock()
+                outcome |= _inspect(replace(cfg, run_name=name), run)
+        except (ConfigError, RunLocked) as e:
+            if run is not None:
+                run.unlock()
+            outcome = {"error": str(e), "locked": isinstance(e, RunLocked)}
     outcome = comm.broadcast_object(outcome)
     if "error" in outcome:
-        raise ConfigError(outcome["error"])
-    cfg = replace(cfg, run_name=outcome["name"])
-    run = RunDir(Path(cfg.out_dir) / cfg.run_name) if comm.is_main else None
-    return cfg, run, outcome
+        raise (RunLocked if outcome["locked"] else ConfigError)(outcome["error"])
+    if "diverged" in outcome:
+        if run is not None:
+            run.unlock()
+        record = outcome["diverged"]
+        raise Diverged(f"{cfg.out_dir}/{outcome['name']} diverged earlier: {record.get('message', '')}; nothing to do")
+    return replace(cfg, run_name=outcome["name"]), run, outcome
 
 
 def start_or_resume(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[str, Any]) -> Position:
     """Resume from the checkpoint, or record the new run's config.json; the position to start from."""
     if outcome.get("resume"):
-        # every rank reads the checkpoint (a shared filesystem), so no parameters need broadcasting
-        path = Path(cfg.out_dir) / cfg.run_name / "checkpoint.pt"
-        ckpt = torch.load(path, map_location=t.comm.device, weights_only=False)
+        ckpt, path = load_checkpoint(Path(cfg.out_dir) / cfg.run_name, cfg, t.comm)
         t.net.model.load_state_dict(ckpt["model"])
         t.opt.load_state_dict(ckpt["optimizer"])
         position: Position = ckpt["position"]
         if run is not None:
             run.rewrite_metrics(position.history)
-            print(f"hpcnoise: resuming {run.path} at epoch {position.epoch + 1}, step {position.step}", flush=True)
+            where = f"epoch {position.epoch + 1}, step {position.step}"
+            print(f"hpcnoise: resuming {run.path} at {where} from {path.name}", flush=True)
         return position
     if run is not None:
         record = {
@@ -103,10 +219,3 @@ def start_or_resume(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[s
         else:
             run.create(record)
     return Position()
-
-
-def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
-    """Rank 0 writes model, optimiser and position atomically (the random streams are keyed by step)."""
-    if run is not None:
-        state = {"model": t.net.model.state_dict(), "optimizer": t.opt.state_dict(), "position": pos}
-        save_torch_atomic(state, run.checkpoint_path)

@@ -38,6 +38,10 @@ class RunLocked(Exception):
     """Another process holds the run directory's lock (RUN_DIR/.lock); this one wrote nothing."""
 
 
+class WriteFailed(Exception):
+    """Rank 0 could not write a result (disk full, ...); what was written before is intact."""
+
+
 class CheckpointError(Exception):
     """No usable checkpoint to resume from: the message names the file and what to do."""
 

@@ -55,9 +55,24 @@ def write_files_atomic(files: Mapping[Path, bytes]) -> None:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably."""
-    write_files_atomic({path: data})
+def write_bytes_atomic(path: Path, data: bytes, previous: Path | None = None) -> None:
+    """Write ``data`` to ``path`` atomically and durably.
+
+    With ``previous``, the file ``path`` held so far is kept under that name until the new one is
+    complete: a crash at any moment leaves a complete file under one of the two names.
+    """
+    if previous is None:
+        write_files_atomic({path: data})
+        return
+    with _staged(path) as (f, tmp):
+        f.write(data)
+    try:
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -80,11 +95,18 @@ def save_torch_atomic(obj: object, path: Path) -> None:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it (a crash loses at most the line being written)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line and fsync it. A failed append (a full disk) is cut off again, so the file
+    holds only whole lines; a crash loses at most the line being written."""
+    line = (json.dumps(row, sort_keys=True) + "\n").encode()
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            f.truncate(size)
+            raise
 
 
 def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -5,8 +5,14 @@ A run directory holds:
 - metrics.jsonl: one JSON line per epoch (appended and flushed): epoch, step, train_loss, train_error,
   test_loss, test_error, lr, noise, batch_size, epoch_time_s, wall_time_s, samples_per_s, ...
 - checkpoint.pt: model, optimiser and training position (rank 0, atomically, every checkpoint_every
-  epochs and on SIGTERM/SIGUSR1); a run restarted in the same directory resumes from it. Removed
-  when the run finishes.
+  epochs and on SIGTERM/SIGUSR1; tensors and plain values only, checksummed: hpcnoise.checkpoint); a
+  run restarted in the same directory resumes from it. checkpoint.prev.pt: the one before, kept until
+  the new one is complete, the fallback when checkpoint.pt is unusable. Both removed when the run
+  finishes.
+- diverged.json: written instead of summary.json when the loss became non-finite (epoch, step,
+  message, last good metrics row); such a run is not retried.
+- .lock: rank 0 holds an exclusive flock on it for the whole run, so two jobs never write one
+  directory (a held lock means running; the file may stay after the run).
 - model.pt: the final model's state_dict (written before summary.json).
 - summary.json: written once at the end; its presence marks a finished run.
 - sharpness.json (optional, `hpcnoise sharpness`): {"max_eigenvalue", "temperature", "samples", ...}.
@@ -16,6 +22,7 @@ JSON and model files are written to a temporary file in the same directory and r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcnoise.config import Config, config_from_dict
-from hpcnoise.errors import ConfigError
+from hpcnoise.errors import ConfigError, RunLocked
 from hpcnoise.files import append_jsonl, rewrite_jsonl, save_torch_atomic, write_json_atomic
 
 
@@ -43,10 +50,59 @@ class RunDir:
         self.metrics_path = path / "metrics.jsonl"
         self.summary_path = path / "summary.json"
         self.checkpoint_path = path / "checkpoint.pt"
+        self.previous_checkpoint_path = path / "checkpoint.prev.pt"  # kept until a new one is complete
         self.model_path = path / "model.pt"
+        self.diverged_path = path / "diverged.json"
+        self.lock_path = path / ".lock"
+        self._lock_fd: int | None = None
+
+    # --- one writer per run directory ---------------------------------------------------------------
+    def lock(self, lock_path: Path | None = None) -> None:
+        """Take the run directory's exclusive lock (rank 0, for the whole run) or raise RunLocked.
+
+        An flock is released by the kernel when its process dies, so a job killed with SIGKILL leaves
+        no stale lock behind; the lock file itself may stay.
+        """
+        path = lock_path or self.lock_path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLocked(
+                f"run directory {str(self.path)!r} is in use by another job (it holds {self.lock_path.name}); "
+                "wait for that job or choose another run_name"
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def is_locked_elsewhere(self) -> bool:
+        """Whether another process holds the lock (without taking it)."""
+        if not self.lock_path.exists():
+            return False
+        fd = os.open(self.lock_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def is_finished(self) -> bool:
         return self.summary_path.exists()
+
+    def is_diverged(self) -> bool:
+        return self.diverged_path.exists()
+
+    def mark_diverged(self, record: dict[str, Any]) -> None:
+        """diverged.json: {"epoch", "step", "message", "last_good"} (last_good: the last finished
+        epoch's metrics row or None). The last good checkpoint stays; the run is not retried."""
+        write_json_atomic(self.diverged_path, record)
 
     @staticmethod
     def jsonable(obj: Any) -> Any:
@@ -55,8 +111,13 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any] | None:
         """The stored config.json record, or None when missing or unreadable."""
+        return self.read_json(self.config_path)
+
+    @staticmethod
+    def read_json(path: Path) -> dict[str, Any] | None:
+        """A JSON file's content, or None when missing or unreadable."""
         try:
-            return json.loads(self.config_path.read_text())
+            return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
 
@@ -85,12 +146,16 @@ class RunDir:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
         try:
+            self.lock(tmp / self.lock_path.name)  # the lock moves with the directory (same inode)
             write_json_atomic(tmp / "config.json", config_record)
             os.rename(tmp, self.path)
-        except BaseException:
+        except BaseException as e:
+            self.unlock()
             for f in tmp.iterdir():
                 f.unlink()
             tmp.rmdir()
+            if isinstance(e, OSError) and self.path.exists():
+                raise RunLocked(f"run directory {str(self.path)!r} was just created by another job") from e
             raise
 
     def log_epoch(self, row: dict[str, Any]) -> None:
@@ -105,10 +170,14 @@ class RunDir:
     def save_model(self, model: Any) -> None:
         save_torch_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.model_path)
 
-    def finish(self, summary: dict[str, Any]) -> None:
-        """Mark the run finished; its checkpoint is superseded by model.pt and removed."""
+    def finish(self, summary: dict[str, Any], model: Any = None) -> None:
+        """Mark the run finished: model.pt (when given), then summary.json; the checkpoints, superseded
+        by model.pt, are removed."""
+        if model is not None:
+            self.save_model(model)
         write_json_atomic(self.summary_path, summary)
         self.checkpoint_path.unlink(missing_ok=True)
+        self.previous_checkpoint_path.unlink(missing_ok=True)
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text())

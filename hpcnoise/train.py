@@ -21,7 +21,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from hpcnoise.checkpoint import Position, prepare_run, save_checkpoint, start_or
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data, epoch_batches, local_share
-from hpcnoise.errors import Preempted
+from hpcnoise.errors import Diverged, Preempted, WriteFailed
 from hpcnoise.measure import diagnostics_row, sharpness_of
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
@@ -125,7 +126,10 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
-    A run directory that holds a checkpoint is resumed; a finished one is returned as it is.
+    A run directory that holds a checkpoint is resumed; a finished one is returned as it is. Raises
+    Preempted (stopped by a signal after a checkpoint), Diverged (loss not finite; diverged.json
+    written), RunLocked (another job holds the directory), WriteFailed (disk full), CheckpointError
+    (no usable checkpoint) and ConfigError (bad input).
     ``step_hook``, if given, is called on every rank after every step with a ``StepInfo``.
     """
     comm = comm or init(cfg.device)
@@ -133,10 +137,21 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, run, outcome = prepare_run(cfg, comm)
-    if "finished" in outcome:
+    try:
+        if "finished" in outcome:
+            if run is not None:
+                print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
+            return outcome["finished"]
+        return _run(cfg, comm, run, outcome, step_hook)
+    finally:
         if run is not None:
-            print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
-        return outcome["finished"]
+            run.unlock()
+
+
+def _run(
+    cfg: Config, comm: Comm, run: RunDir | None, outcome: dict[str, Any], step_hook: StepHook | None
+) -> dict[str, Any]:
+    """Build the workload and the trainer, start or resume, train the epochs and finish."""
     regime = REGIMES[cfg.regime]
     data, model = data_and_model(cfg, comm)
     check_batches(cfg, data)
@@ -147,6 +162,20 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     finally:
         t.net.detach()
     return _finish(t, data, pos, run)
+
+
+def _on_rank0(comm: Comm, run: RunDir | None, write: Callable[[RunDir], None]) -> None:
+    """Rank 0's writes, and every rank learns whether they failed: a full disk stops all ranks together
+    (none is left waiting in a collective) with WriteFailed, and what was written before is intact."""
+    error = None
+    if run is not None:
+        try:
+            write(run)
+        except OSError as e:
+            error = f"cannot write to {run.path}: {e.strerror or e}"
+    error = comm.broadcast_object(error)
+    if error is not None:
+        raise WriteFailed(f"{error}; the last checkpoint and metrics are intact: free space and rerun to resume")
 
 
 class _Session:
@@ -192,16 +221,18 @@ def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, ste
             while pos.batch < len(batches):
                 _one_step(t, data, pos, ep, session, step_hook)
             row = _epoch_row(t, data, pos, ep, session)
+            if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
+                _diverge(t, pos, ep, session, "the loss is not finite at the end of the epoch")
             pos.history.append(row)
             pos.epoch, pos.batch, pos.sums, pos.epoch_time_s = ep.index + 1, 0, [0.0, 0.0], 0.0
-            _log_epoch(t, row, session)
+            diag = None
             if cfg.diagnostics_every and pos.epoch % cfg.diagnostics_every == 0:
                 diag = diagnostics_row(t.net.model, data, cfg, t.comm, pos.epoch)
-                if run is not None:
-                    run.log_diagnostics(diag)
-            if cfg.checkpoint_every and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs:
+            checkpoint = bool(cfg.checkpoint_every) and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs
+            if checkpoint:
                 pos.elapsed_s += session.restart_clock()
-                save_checkpoint(run, t, pos)
+            _on_rank0(t.comm, run, partial(_write_epoch, t=t, row=row, diag=diag, pos=pos if checkpoint else None))
+            _print_epoch(t, row, session)
         session.bar.close()
         pos.elapsed_s += session.restart_clock()
 
@@ -239,14 +270,43 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
         diag = pos.statistics.get("diag_fisher")
         step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
     pos.batch, pos.step = pos.batch + 1, pos.step + 1
+    if not math.isfinite(out.reduced.loss_sum):  # the same reduced value on every rank: all stop
+        _diverge(t, pos, ep, session, f"the training loss is not finite at step {inp.step}")
     if out.reduced.stop:
         pos.epoch_time_s += time.perf_counter() - ep.started
         pos.elapsed_s += session.restart_clock()
-        save_checkpoint(session.run, t, pos)
         # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon as one
         # exits, which must not happen while the checkpoint is being written
-        t.comm.broadcast_object("checkpointed")
+        _on_rank0(t.comm, session.run, lambda r: save_checkpoint(r, t, pos))
         raise Preempted(f"stopped by signal at epoch {ep.index + 1}, step {pos.step}; checkpoint written")
+
+
+def _diverge(t: Trainer, pos: Position, ep: _Epoch, session: _Session, what: str) -> NoReturn:
+    """Mark the run directory diverged (diverged.json, the last good checkpoint kept) and stop all ranks."""
+    lr = lr_at(t.cfg, ep.index, min(pos.batch, len(ep.batches) - 1), len(ep.batches))
+    message = (
+        f"training diverged in epoch {ep.index + 1}: {what}; try a lower lr (now {lr:.4g}), a longer "
+        "warmup_epochs or less noise"
+    )
+    record = {
+        "epoch": ep.index + 1,
+        "step": pos.step,
+        "message": message,
+        "last_good": pos.history[-1] if pos.history else None,
+    }
+    _on_rank0(t.comm, session.run, lambda r: r.mark_diverged(record))
+    raise Diverged(message)
+
+
+def _write_epoch(
+    run: RunDir, t: Trainer, row: dict[str, Any], diag: dict[str, Any] | None, pos: Position | None
+) -> None:
+    """Rank 0's files after an epoch: the metrics row, the diagnostics row, the checkpoint (when given)."""
+    run.log_epoch(row)
+    if diag is not None:
+        run.log_diagnostics(diag)
+    if pos is not None:
+        save_checkpoint(run, t, pos)
 
 
 def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session) -> dict[str, Any]:
@@ -272,15 +332,12 @@ def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sess
         # seconds per phase this epoch, this session (hook work is inside forward_backward)
         **{f"time_{k}_s": v for k, v in ep.timer.seconds.items()},
     }
-    if not all(math.isfinite(row[k]) for k in ("train_loss", "test_loss")):
-        raise FloatingPointError(f"training diverged at epoch {ep.index + 1} (loss is not finite); lower lr")
     return row
 
 
-def _log_epoch(t: Trainer, row: dict[str, Any], session: _Session) -> None:
-    """Rank 0 appends the row to metrics.jsonl and prints one line; everyone advances the bar."""
+def _print_epoch(t: Trainer, row: dict[str, Any], session: _Session) -> None:
+    """Rank 0 prints the epoch's line; everyone advances the bar."""
     if session.run is not None:
-        session.run.log_epoch(row)
         msg = (
             f"epoch {row['epoch']:3d}/{t.cfg.epochs}  "
             f"train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
@@ -321,10 +378,8 @@ def _finish(t: Trainer, data: Data, pos: Position, run: RunDir | None) -> dict[s
             model, data.x_train, data.y_train, t.comm, samples=samples, heldout=(data.x_test, data.y_test)
         )
         summary["max_eigenvalue"] = sharp["max_eigenvalue"]
-        if run is not None:
-            run.write_sharpness(sharp)
+        _on_rank0(t.comm, run, lambda r: r.write_sharpness(sharp))
+    _on_rank0(t.comm, run, partial(RunDir.finish, summary=summary, model=model))
     if run is not None:
-        run.save_model(model)
-        run.finish(summary)
         print(f"hpcnoise: finished; results in {run.path}", flush=True)
     return summary
