@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hpcnoise import faults
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import KFactors
@@ -114,7 +115,9 @@ def decode(data: bytes, cfg: Config, device: torch.device) -> dict[str, Any]:
 def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
     """Rank 0 writes the checkpoint atomically, keeping the previous one until the new one is complete."""
     if run is not None:
-        write_bytes_atomic(run.checkpoint_path, encode(t.cfg, t, pos), previous=run.previous_checkpoint_path)
+        data = encode(t.cfg, t, pos)
+        on = lambda moment: faults.reached(f"checkpoint-{moment}")  # noqa: E731
+        write_bytes_atomic(run.checkpoint_path, data, previous=run.previous_checkpoint_path, on=on)
 
 
 def load_checkpoint(run_path: Path, cfg: Config, comm: Comm) -> tuple[dict[str, Any], Path]:

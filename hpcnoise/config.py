@@ -138,28 +138,71 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return apply_overrides(Config(), [f"{k}={text(v)}" for k, v in values.items()])
 
 
+# The range of every numeric field, checked in this one place: (field, lower, upper, lower_open, upper_open),
+# None = unbounded on that side. lr_decay_epochs (a tuple of ints) is checked item by item below.
+_RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
+    ("train_samples", 1, None, False, False),
+    ("test_samples", 1, None, False, False),
+    ("data_seed", 0, None, False, False),  # numpy seeds are non-negative
+    ("batch_size", 1, None, False, False),
+    ("small_batch", 1, None, False, False),
+    ("ghost_size", 1, None, False, False),
+    ("bn_momentum", 0, 1, True, False),  # 1: the running statistics are the last step's
+    ("epochs", 1, None, False, False),
+    ("lr", 0, None, True, False),
+    ("warmup_epochs", 0, None, False, False),
+    ("lr_decay_factor", 0, 1, True, False),  # a decay: 1 keeps the rate, 0 would stop training
+    ("momentum", 0, 1, False, True),  # 1 and above never forget a gradient: the iteration diverges
+    ("weight_decay", 0, None, False, False),
+    ("noise_epochs", 0, None, False, False),
+    ("multiplicative_sigma", 0, None, False, False),
+    ("batchchange_epochs", 0, None, False, False),
+    ("fisher_every", 1, None, False, False),
+    ("kfac_every", 1, None, False, False),
+    ("seed", 0, None, False, False),  # numpy's SeedSequence takes non-negative entropy
+    ("checkpoint_every", 0, None, False, False),
+    ("diagnostics_every", 0, None, False, False),
+    ("sharpness_samples", 1, None, False, False),
+    ("threads", 0, None, False, False),
+)
+RANGES = {r[0]: r[1:] for r in _RANGES}
+
+
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def range_text(key: str) -> str:
+    """What ``key`` may be, in words: "a positive integer", "positive", ">= 0" or "in [0, 1)"."""
+    low, high, low_open, high_open = RANGES[key]
+    integer = _HINTS[key] is int
+    if high is None:
+        if low == 1 and integer and not low_open:
+            return "a positive integer"
+        if low == 0 and low_open:
+            return "positive"
+        return f"{'>' if low_open else '>='} {_number(low)}" if low is not None else "any number"
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    return f"in {left}{_number(low) if low is not None else '-inf'}, {_number(high)}{right}"
+
+
+def _in_range(key: str, value: float) -> bool:
+    low, high, low_open, high_open = RANGES[key]
+    if low is not None and (value < low or (low_open and value == low)):
+        return False
+    return high is None or value < high or (not high_open and value == high)
+
+
 def check_values(cfg: Config) -> None:
     """Check the values that need no registry or world size; raise one ConfigError on the first problem."""
-    for key in ("batch_size", "small_batch", "epochs", "train_samples", "test_samples"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
-    for key in ("lr",):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in (
-        "momentum",
-        "weight_decay",
-        "warmup_epochs",
-        "noise_epochs",
-        "lr_decay_factor",
-        "threads",
-        "checkpoint_every",
-        "diagnostics_every",
-        "multiplicative_sigma",
-        "batchchange_epochs",
-    ):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in RANGES:
+        value = getattr(cfg, key)
+        if not _in_range(key, value):
+            raise ConfigError(f"{key} must be {range_text(key)}, got {value}")
+    if any(epoch < 0 for epoch in cfg.lr_decay_epochs):
+        listed = ",".join(map(str, cfg.lr_decay_epochs))
+        raise ConfigError(f"lr_decay_epochs must be epochs >= 0 (comma-separated), got {listed}")
     if cfg.small_batch > cfg.batch_size:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.noise_placement not in NOISE_PLACEMENTS:
@@ -167,10 +210,9 @@ def check_values(cfg: Config) -> None:
     for key, valid in (("conv_mode", ("exact", "spatial")), ("lr_scaling", ("linear", "sqrt", "none"))):
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
-    for key in ("fisher_every", "kfac_every"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {getattr(cfg, key)}")
     if cfg.dtype not in ("float32", "float64"):
         raise ConfigError(f"dtype must be one of float32, float64, got {cfg.dtype!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda, got {cfg.device!r}")
+    if cfg.run_name in (".", "..") or "/" in cfg.run_name:
+        raise ConfigError(f"run_name must be a plain directory name (no '/'), got {cfg.run_name!r}")

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -55,11 +55,15 @@ def write_files_atomic(files: Mapping[Path, bytes]) -> None:
         raise
 
 
-def write_bytes_atomic(path: Path, data: bytes, previous: Path | None = None) -> None:
+def write_bytes_atomic(
+    path: Path, data: bytes, previous: Path | None = None, on: Callable[[str], None] | None = None
+) -> None:
     """Write ``data`` to ``path`` atomically and durably.
 
     With ``previous``, the file ``path`` held so far is kept under that name until the new one is
-    complete: a crash at any moment leaves a complete file under one of the two names.
+    complete: a crash at any moment leaves a complete file under one of the two names. ``on`` is
+    called at "staged" (new file complete under its temporary name) and "swapped" (old file moved to
+    ``previous``), the two moments a crash must survive (fault-injection tests).
     """
     if previous is None:
         write_files_atomic({path: data})
@@ -67,8 +71,12 @@ def write_bytes_atomic(path: Path, data: bytes, previous: Path | None = None) ->
     with _staged(path) as (f, tmp):
         f.write(data)
     try:
+        if on is not None:
+            on("staged")
         if path.exists():
             os.replace(path, previous)
+        if on is not None:
+            on("swapped")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from hpcnoise import faults
 from hpcnoise.checkpoint import Position, prepare_run, save_checkpoint, start_or_resume
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
@@ -60,6 +61,7 @@ def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Comm, chunk: int = 4096) -> tuple[float, float]:
     """(mean loss, error rate) on a split; each rank takes a contiguous shard, sums are allreduced."""
+    faults.reached("evaluate")
     model.eval()
     n = x.shape[0]
     lo, hi = n * comm.rank // comm.size, n * (comm.rank + 1) // comm.size
@@ -233,6 +235,7 @@ def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, ste
                 pos.elapsed_s += session.restart_clock()
             _on_rank0(t.comm, run, partial(_write_epoch, t=t, row=row, diag=diag, pos=pos if checkpoint else None))
             _print_epoch(t, row, session)
+            faults.reached("epoch-end")
         session.bar.close()
         pos.elapsed_s += session.restart_clock()
 
@@ -270,6 +273,7 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
         diag = pos.statistics.get("diag_fisher")
         step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
     pos.batch, pos.step = pos.batch + 1, pos.step + 1
+    faults.reached("step")
     if not math.isfinite(out.reduced.loss_sum):  # the same reduced value on every rank: all stop
         _diverge(t, pos, ep, session, f"the training loss is not finite at step {inp.step}")
     if out.reduced.stop:
