@@ -1,9 +1,12 @@
 """``hpcnoise report RUNS_DIR [--out DIR]``: the paper's tables and figures from a root of run directories.
 
 Writes, under DIR (default RUNS_DIR/report):
-    report.md               tables as Markdown, figures embedded by relative path, skipped runs with reasons
+    report.md               tables as Markdown, figures embedded by relative path, diverged runs (epoch,
+                            message), skipped runs with reasons
     figures/*.png           Figs. 3a-d and 4 (those with data)
-    tables/*.csv            every table in tidy long form, plus runs.csv (one row per run) and skipped.csv
+    tables/*.csv            every table in tidy long form, plus runs.csv (one row per finished run),
+                            diverged.csv (one row per diverged run) and skipped.csv
+Means are over finished runs; every table counts each cell's diverged runs beside its mean ("k diverged").
 Every file is written to a temporary name and renamed into place, report.md last. Everything is computed
 before anything is written, so bad input (RUNS_DIR missing, not a directory, no finished runs, DIR not
 writable) gives one line on stderr, exit status 2, and nothing written.
@@ -24,7 +27,7 @@ from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import unwritable, write_bytes_atomic, write_files_atomic
 
 REPORT_NAME = "report.md"
-_CSV_NAMES = ("table1", "table2", "table3", "results", "throughput", "sharpness", "runs", "skipped")
+_CSV_NAMES = ("table1", "table2", "table3", "results", "throughput", "sharpness", "runs", "diverged", "skipped")
 
 
 class ReportError(ConfigError):
@@ -86,28 +89,48 @@ def _gap_sentence(dataset: str, network: str, cell: pd.DataFrame) -> str | None:
     return text + (" (an interval that includes 0)." if unsure else ".")
 
 
-def gap_summary(runs_df: pd.DataFrame) -> str:
+def _linear(runs: pd.DataFrame) -> pd.DataFrame:
+    """SB and the linear-scaling runs: Table 1's setting."""
+    return runs[(runs["regime"] == "sb") | (runs["lr_scaling"] == "linear")] if not runs.empty else runs
+
+
+def _diverged_note(diverged: pd.DataFrame, pairs: set[tuple[str, str]]) -> str:
+    """The sentence naming the diverged runs of the (dataset, network) pairs discussed ("" when none)."""
+    gone = diverged[[(d, m) in pairs for d, m in zip(diverged["dataset"], diverged["model"])]]
+    if gone.empty:
+        return ""
+    counts = gone.groupby(["dataset", "model", "label"], sort=True).size()
+    parts = [f"{n} {lab} on {d}/{m}" for (d, m, lab), n in counts.items()]
+    return f" Not in these means: {len(gone)} diverged run{'s' if len(gone) != 1 else ''} ({', '.join(parts)})."
+
+
+def gap_summary(runs_df: pd.DataFrame, diverged: pd.DataFrame | None = None) -> str:
     """One paragraph, with numbers, on whether the SB-vs-LB generalisation gap appeared and DiagF closed it.
 
     Uses linear-scaling runs (Table 1's setting); test error in percent, mean over seeds; intervals are 95%
-    Welch t intervals of differences of means. Says so plainly when there is no gap or too few seeds.
+    Welch t intervals of differences of means. Says so plainly when there is no gap or too few seeds, and
+    names the diverged runs (``Loaded.diverged``) of the (dataset, network) pairs it discusses, which are not
+    in its means.
     """
     if runs_df.empty:
         return "No finished runs, so the generalisation gap cannot be assessed."
-    runs = runs_df[(runs_df["regime"] == "sb") | (runs_df["lr_scaling"] == "linear")]
-    sentences = []
+    runs = _linear(runs_df)
+    sentences, pairs = [], set()
     for (dataset, network), cell in runs.groupby(["dataset", "model"], sort=True):
         sentence = _gap_sentence(dataset, network, cell)
         if sentence is not None:
             sentences.append(sentence)
+            pairs.add((dataset, network))
     if not sentences:
         return (
             "No (dataset, network) has both SB and LB runs with linear learning-rate scaling, so the "
             "generalisation gap cannot be assessed."
         )
+    note = _diverged_note(_linear(diverged), pairs) if diverged is not None and not diverged.empty else ""
     return (
         "Generalisation gap (final test error, mean over seeds; ± is a 95% Welch t interval of the difference). "
         + " ".join(sentences)
+        + note
     )
 
 
@@ -116,7 +139,9 @@ _ACCURACY_NOTE = (
     "Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
     "confidence interval over seeds (t_{0.975, n-1} sd / sqrt(n)), with n = seeds (runs that repeat a "
     "seed are averaged first; the run count is shown when it differs). One seed: no interval. Empty: no "
-    'runs. "(paper)": the published number (Tables 1-3 of the paper; * marks a transcription note).'
+    'runs. "(paper)": the published number (Tables 1-3 of the paper; * marks a transcription note). '
+    '"k diverged": runs of the cell whose loss became non-finite; they are not in the mean (n counts the '
+    'seeds of finished runs) and are listed under "Diverged runs"; "none finished": every run diverged.'
 )
 _THROUGHPUT_NOTE = (
     "Samples per second over all workers and per worker: the mean over a run's epochs after the first "
@@ -140,13 +165,15 @@ def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     """Title, what was found and used, and the source commits."""
     runs = loaded.runs
     n_skipped = sum(s.what == "run" for s in loaded.skipped)
+    n_diverged = len(loaded.diverged)
+    diverged = f"{n_diverged} diverged (not in the means; see Diverged runs), " if n_diverged else ""
     gits = sorted({str(g) for g in runs["git"].dropna()}) if "git" in runs else []
     return [
         "# hpcnoise report",
         "",
         (
             f"Runs directory: `{loaded.root}`. {len(runs)} finished run{'s' if len(runs) != 1 else ''} used, "
-            f"{n_skipped} skipped, of {loaded.found} run directories found; "
+            f"{diverged}{n_skipped} skipped, of {loaded.found} run directories found; "
             f"{runs['seed'].nunique() if len(runs) else 0} distinct seeds. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
         ),
@@ -157,7 +184,7 @@ def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 
 def _gap_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
-    return ["## Generalisation gap", "", gap_summary(loaded.runs), "", _ACCURACY_NOTE, ""]
+    return ["## Generalisation gap", "", gap_summary(loaded.runs, loaded.diverged), "", _ACCURACY_NOTE, ""]
 
 
 def _table_notes(long: pd.DataFrame) -> list[str]:
@@ -174,7 +201,7 @@ def _paper_tables(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     """Tables 1-3: ours beside the paper's, with the transcription and pooling notes."""
     md: list[str] = []
     for table in tables.TABLES.values():
-        long = tables.paper_table(loaded.runs, table)
+        long = tables.paper_table(loaded.runs, table, loaded.diverged)
         files[f"tables/{table.name}.csv"] = _csv(long)
         md += [f"## {table.title}", "", tables.paper_table_markdown(long, table), ""]
         notes = _table_notes(long)
@@ -183,7 +210,7 @@ def _paper_tables(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 
 def _results_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
-    results = tables.results_table(loaded.runs)
+    results = tables.results_table(loaded.runs, loaded.diverged)
     files["tables/results.csv"] = _csv(results)
     pooled = [
         f"- {r['dataset']}/{r['network']} {r['regime']}: {r['pooled']}." for _, r in results.iterrows() if r["pooled"]
@@ -191,7 +218,8 @@ def _results_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     return [
         "## Every regime variant",
         "",
-        "All (dataset, network, regime) combinations present, including those outside the paper's tables.",
+        "All (dataset, network, regime) combinations present (finished or diverged), including those outside "
+        "the paper's tables.",
         "",
         tables.results_markdown(results),
         "",
@@ -202,7 +230,7 @@ def _results_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 def _throughput_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     md = ["## Throughput", "", _THROUGHPUT_NOTE, ""]
-    throughput = tables.throughput_table(loaded.runs, loaded.epochs)
+    throughput = tables.throughput_table(loaded.runs, loaded.epochs, loaded.diverged)
     if throughput.empty:
         return md + ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
     files["tables/throughput.csv"] = _csv(throughput)
@@ -211,7 +239,7 @@ def _throughput_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 def _sharpness_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     md = ["## Sharpness", ""]
-    sharp = tables.sharpness_table(loaded.runs)
+    sharp = tables.sharpness_table(loaded.runs, loaded.diverged)
     if sharp.empty:
         return md + ["No run has sharpness.json (`hpcnoise sharpness`), so there is no sharpness table.", ""]
     files["tables/sharpness.csv"] = _csv(sharp)
@@ -231,6 +259,61 @@ def _figures_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
         caption = spec.caption + " Bands and bars: 95% t interval over seeds."
         md += [f"![{spec.title}](figures/{spec.name})", "", caption, ""]
     return md
+
+
+_DIVERGED_CSV_COLUMNS = [
+    "run_id",
+    "dataset",
+    "model",
+    "label",
+    "lr_scaling",
+    "seed",
+    "world_size",
+    "diverged_epoch",
+    "diverged_step",
+    "diverged_message",
+    "last_good_epoch",
+    "last_good_test_error",
+    "last_good_train_error",
+    "path",
+]
+
+
+def _diverged_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """The diverged runs: which, where their loss became non-finite, and the last good epoch."""
+    div = loaded.diverged.sort_values("run_id") if not loaded.diverged.empty else loaded.diverged
+    files["tables/diverged.csv"] = _csv(div[[c for c in _DIVERGED_CSV_COLUMNS if c in div]])
+    md = ["## Diverged runs", ""]
+    if div.empty:
+        return md + ["No run diverged.", ""]
+    md += [
+        f"{len(div)} run{'s' if len(div) != 1 else ''} stopped because the loss became non-finite "
+        "(RUN_DIR/diverged.json). They are not retried and not in any mean; each table counts them in their "
+        "cell.",
+        "",
+    ]
+
+    def last_good(r: pd.Series) -> str:
+        if not pd.notna(r["last_good_epoch"]):
+            return "none (first epoch)"
+        err = r["last_good_test_error"]
+        return f"epoch {int(r['last_good_epoch'])}" + (f", {100.0 * err:.2f}% test error" if pd.notna(err) else "")
+
+    rows = [
+        {
+            "Run": f"`{r['run_id']}`",
+            "Dataset": r["dataset"],
+            "Network": r["model"],
+            "Regime": r["label"],
+            "Seed": r["seed"],
+            "Epoch": r["diverged_epoch"],
+            "Step": "" if r["diverged_step"] is None or pd.isna(r["diverged_step"]) else int(r["diverged_step"]),
+            "Message": r["diverged_message"],
+            "Last good": last_good(r),
+        }
+        for _, r in div.iterrows()
+    ]
+    return md + [tables.markdown(pd.DataFrame(rows)), ""]
 
 
 def _skipped_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
@@ -253,6 +336,7 @@ _SECTIONS: tuple[_Section, ...] = (
     _throughput_section,
     _sharpness_section,
     _figures_section,
+    _diverged_section,
     _skipped_section,
 )
 
@@ -300,9 +384,17 @@ def _load_checked(root: Path) -> Loaded:
     if loaded.runs.empty:
         if loaded.found == 0:
             raise ReportError(f"no run directories (directories with config.json) under {root}")
-        reasons = "; ".join(f"{s.run}: {s.reason}" for s in loaded.skipped[:3])
-        more = f"; and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else ""
-        raise ReportError(f"no finished runs under {root} ({loaded.found} run directories skipped: {reasons}{more})")
+        why = []
+        if not loaded.diverged.empty:
+            names = ", ".join(loaded.diverged["run_id"].astype(str).head(3))
+            more = ", ..." if len(loaded.diverged) > 3 else ""
+            why.append(f"{len(loaded.diverged)} diverged: {names}{more}")
+        runs_skipped = [s for s in loaded.skipped if s.what == "run"]
+        if runs_skipped:
+            reasons = "; ".join(f"{s.run}: {s.reason}" for s in runs_skipped[:3])
+            more = f"; and {len(runs_skipped) - 3} more" if len(runs_skipped) > 3 else ""
+            why.append(f"{len(runs_skipped)} run directories skipped: {reasons}{more}")
+        raise ReportError(f"no finished runs under {root} ({'; '.join(why)})")
     return loaded
 
 
@@ -324,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcnoise report: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     n_skipped = sum(s.what == "run" for s in loaded.skipped)
-    print(f"hpcnoise report: {len(loaded.runs)} runs ({n_skipped} skipped) -> {out / REPORT_NAME}")
+    n_diverged = f"{len(loaded.diverged)} diverged, " if len(loaded.diverged) else ""
+    print(f"hpcnoise report: {len(loaded.runs)} runs ({n_diverged}{n_skipped} skipped) -> {out / REPORT_NAME}")
     return 0
 
 

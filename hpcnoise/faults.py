@@ -1,10 +1,13 @@
 """Fault injection for the reliability tests: kill this process at a named point of a run.
 
 ``HPCNOISE_FAULT=POINT:N[:RANK]`` makes the process of rank RANK (default 0) kill itself with SIGKILL
-the N-th time (1-based) it reaches POINT. Points: ``step`` (after a step's update), ``evaluate`` (at
-the start of an evaluation), ``epoch-end`` (after an epoch's files are written), ``checkpoint-staged``
-(the new checkpoint is complete under its temporary name) and ``checkpoint-swapped`` (the old one has
-become checkpoint.prev.pt, the new one is not yet in place). Unset, ``reached`` costs one dict lookup.
+the N-th time (1-based) it reaches POINT. Points:
+- ``step``: inside a step, after its collective and before its update;
+- ``evaluate``: at the start of an evaluation;
+- ``epoch-end``: after an epoch's files are written;
+- ``checkpoint-staged``: the new checkpoint is complete under its temporary name;
+- ``checkpoint-swapped``: the old one has become checkpoint.prev.pt, the new one is not yet in place.
+Unset, ``reached`` costs one environment lookup.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcnoise import faults
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
@@ -232,6 +233,7 @@ def train_step(
     timer.lap("forward_backward")
     reduced = finish(t.net, fused_allreduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
+    faults.reached("step")  # between the collective and the update: a crash inside a step
     g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads
     noise = None
     if inp.noise_on and t.regime.noise is not None:

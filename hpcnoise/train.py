@@ -273,7 +273,6 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
         diag = pos.statistics.get("diag_fisher")
         step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
     pos.batch, pos.step = pos.batch + 1, pos.step + 1
-    faults.reached("step")
     if not math.isfinite(out.reduced.loss_sum):  # the same reduced value on every rank: all stop
         _diverge(t, pos, ep, session, f"the training loss is not finite at step {inp.step}")
     if out.reduced.stop:
