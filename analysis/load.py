@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import pandas as pd
 
@@ -54,6 +54,23 @@ _CONFIG_REQUIRED = ("dataset", "model", "regime", "seed")
 _METRICS_REQUIRED = ("epoch", "step", "train_error", "test_error")
 # Keys that summary.json and config.json both hold; they must agree.
 _SHARED_KEYS = ("dataset", "model", "regime", "seed", "epochs")
+
+_ID_COLUMNS = ("run_id", "dataset", "model", "regime", "variant", "label", "lr_scaling", "seed", "world_size")
+# The columns a diverged frame always has (so that tables can select from it when no run diverged).
+DIVERGED_COLUMNS = (
+    *_ID_COLUMNS,
+    "path",
+    "gbn",
+    "batch",
+    "device_used",
+    "experiment",
+    "diverged_epoch",
+    "diverged_step",
+    "diverged_message",
+    "last_good_epoch",
+    "last_good_test_error",
+    "last_good_train_error",
+)
 
 
 class RunError(ValueError):
@@ -132,7 +149,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -300,24 +317,6 @@ def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], li
                     }
                 )
     return fisher, variance
-
-
-_ID_COLUMNS = ("run_id", "dataset", "model", "regime", "variant", "label", "lr_scaling", "seed", "world_size")
-# The columns a diverged frame always has (so that tables can select from it when no run diverged).
-DIVERGED_COLUMNS = (
-    *_ID_COLUMNS,
-    "path",
-    "gbn",
-    "batch",
-    "device_used",
-    "experiment",
-    "diverged_epoch",
-    "diverged_step",
-    "diverged_message",
-    "last_good_epoch",
-    "last_good_test_error",
-    "last_good_train_error",
-)
 
 
 def load(root: Path) -> Loaded:

@@ -13,21 +13,67 @@ from torch import nn
 
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config, check_values
-from hpcnoise.data import DATASETS, Data
+from hpcnoise.data import DATASETS, IMAGE_SETS, Data
 from hpcnoise.errors import ConfigError
-from hpcnoise.models import MODELS, build_model
+from hpcnoise.models import MODELS, GhostBatchNorm, build_model
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir, load_config
 from hpcnoise.seeding import stream_seed
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Check a config against the registries and the world size; raise one ConfigError on the first problem."""
+MNIST1D_SHAPE = (40,)  # what the mnist1d package generates: 40-sample signals (hpcnoise.data.mnist1d)
+MNIST1D_CLASSES = 10
+
+
+def dataset_shape(dataset: str) -> tuple[tuple[int, ...], int]:
+    """(input shape of one sample, number of classes) of a registered dataset, without loading it."""
+    if dataset in IMAGE_SETS:
+        return IMAGE_SETS[dataset].shape, IMAGE_SETS[dataset].num_classes
+    return MNIST1D_SHAPE, MNIST1D_CLASSES
+
+
+def model_problem(model: str, dataset: str) -> str | None:
+    """Why ``model`` cannot be built for ``dataset``'s inputs (the builder's own words), or None if it can.
+
+    The network is built on the meta device: shapes only, no memory and no initialisation cost.
+    """
+    in_shape, classes = dataset_shape(dataset)
+    try:
+        with torch.device("meta"):
+            MODELS[model].build(in_shape, classes, lambda c: GhostBatchNorm(c))
+    except (ValueError, TypeError) as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def check_workload(cfg: Config) -> None:
+    """Check what a config trains and where, independent of the world size; one ConfigError on the first problem.
+
+    Registries, the values (``check_values``), whether the model fits the dataset, whether the device
+    exists here and whether ``data_root`` can be a directory.
+    """
     for key, registry in (("dataset", DATASETS), ("model", MODELS), ("regime", REGIMES)):
         value = getattr(cfg, key)
         if value not in registry:
             raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(sorted(registry))}")
     check_values(cfg)
+    problem = model_problem(cfg.model, cfg.dataset)
+    if problem is not None:
+        fits = [m for m in sorted(MODELS) if model_problem(m, cfg.dataset) is None]
+        shape = dataset_shape(cfg.dataset)[0]
+        raise ConfigError(
+            f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (inputs {shape}: {problem}); "
+            f"models for {cfg.dataset}: {', '.join(fits)}"
+        )
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' is not available on this machine (no CUDA GPU); valid here: auto, cpu")
+    if cfg.data_root and Path(cfg.data_root).exists() and not Path(cfg.data_root).is_dir():
+        raise ConfigError(f"data_root {cfg.data_root!r} is not a directory; give the directory of the prepared data")
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Check a config against the registries and the world size; raise one ConfigError on the first problem."""
+    check_workload(cfg)
     for batch_key in REGIMES[cfg.regime].batch_keys:
         batch = getattr(cfg, batch_key)
         if batch % world_size:
@@ -40,6 +86,11 @@ def validate(cfg: Config, world_size: int) -> None:
                 f"ghost_size={cfg.ghost_size} must be positive and divide the local batch of {local} samples "
                 f"({batch_key}={batch} over {world_size} workers)"
             )
+    if cfg.sharpness and cfg.sharpness_samples < world_size:
+        raise ConfigError(
+            f"sharpness_samples={cfg.sharpness_samples} cannot be shared by {world_size} workers; "
+            f"use at least {world_size}"
+        )
 
 
 def check_batches(cfg: Config, data: Data) -> None:
