@@ -95,8 +95,9 @@ def _linear(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _diverged_note(diverged: pd.DataFrame, pairs: set[tuple[str, str]]) -> str:
-    """The sentence naming the diverged runs of the (dataset, network) pairs discussed ("" when none)."""
-    gone = diverged[[(d, m) in pairs for d, m in zip(diverged["dataset"], diverged["model"])]]
+    """The sentence naming the diverged SB, LB and DiagF runs of the (dataset, network) pairs discussed."""
+    discussed = pd.Series([(d, m) in pairs for d, m in zip(diverged["dataset"], diverged["model"])], dtype=bool)
+    gone = diverged[discussed.to_numpy() & diverged["regime"].isin(["sb", "lb", "diagf"]).to_numpy()]
     if gone.empty:
         return ""
     counts = gone.groupby(["dataset", "model", "label"], sort=True).size()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hpcnoise.config import Config
+from hpcnoise.temperature import noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Regime:
     noise: NoiseFn | None = None  # None: no noise
     statistics: frozenset[str] = field(default_factory=frozenset)  # keys of hpcnoise.statistics.STATISTICS
     lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
+    # the noise's total variance given NoiseInput with diag_fisher (and the regime's own statistics)
+    injected_variance: Callable[[NoiseInput], float] = lambda x: 0.0
 
 
 def standard_normal_like(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -65,9 +68,14 @@ def standard_normal_like(tensors: list[torch.Tensor], generator: torch.Generator
     return out
 
 
+def noise_std(cfg: Config) -> float:
+    """lambda * s: the paper's s = sqrt((M_L - M_S)/(M_L M_S)) times the run's noise multiplier."""
+    return cfg.noise_scale * noise_multiplier(cfg)
+
+
 def diag_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
-    """Algorithm 1: s * sqrt(diag F) * xi with s = sqrt((M_L - M_S)/(M_L M_S)), xi ~ N(0, I)."""
-    s = x.cfg.noise_scale
+    """Algorithm 1: lambda s sqrt(diag F) xi with s = sqrt((M_L - M_S)/(M_L M_S)), xi ~ N(0, I)."""
+    s = noise_std(x.cfg)
     xi = standard_normal_like(x.grads, x.generator)
     return [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
 
@@ -82,14 +90,18 @@ def trace_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
     """
     diag = x.stats["diag_fisher"]
     d = sum(f.numel() for f in diag)
-    scale = x.cfg.noise_scale * torch.sqrt(sum(f.sum() for f in diag) / d)
+    scale = noise_std(x.cfg) * torch.sqrt(sum(f.sum() for f in diag) / d)
     return [z.mul_(scale) for z in standard_normal_like(x.grads, x.generator)]
 
 
 def multiplicative_noise(x: NoiseInput) -> list[torch.Tensor]:
-    """g * (1 + sigma * xi) with constant sigma (Hoffer et al. 2017): the noise term is sigma * g * xi."""
+    """g * (1 + sigma * xi) with constant sigma (Hoffer et al. 2017): the noise term is sigma * g * xi.
+
+    The noise multiplier lambda scales sigma (the noise term's standard deviation relative to |g|).
+    """
     xi = standard_normal_like(x.grads, x.generator)
-    return [z.mul_(g).mul_(x.cfg.multiplicative_sigma) for z, g in zip(xi, x.grads)]
+    sigma = x.cfg.multiplicative_sigma * noise_multiplier(x.cfg)
+    return [z.mul_(g).mul_(sigma) for z, g in zip(xi, x.grads)]
 
 
 def full_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
@@ -98,7 +110,7 @@ def full_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
     Cov(r) = sum_i g_i g_i^T = M_L F, so the noise has covariance s^2 F without forming F; it costs
     one extra weight-gradient-sized product per layer in the same backward pass.
     """
-    c = x.cfg.noise_scale / x.cfg.batch_size**0.5
+    c = noise_std(x.cfg) / x.cfg.batch_size**0.5
     return [r * c for r in x.stats["signed_sum"]]
 
 
@@ -114,7 +126,7 @@ def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:
 
     The square roots are recomputed only when the factors were refreshed (``kfac_every``).
     """
-    s = x.cfg.noise_scale
+    s = noise_std(x.cfg)
     if "kfac" in x.refreshed or "kfac_sqrt" not in x.state:
         x.state["kfac_sqrt"] = [(_psd_sqrt(layer.A), _psd_sqrt(layer.G), layer) for layer in x.stats["kfac"]]
     xi = standard_normal_like(x.grads, x.generator)
@@ -128,6 +140,26 @@ def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:
         if layer.bias is not None:
             noise[layer.bias].copy_(n[:, -1])
     return noise
+
+
+# --- injected variance: the noise's total variance (summed over coordinates), for the temperature -------
+def _diag_variance(x: NoiseInput) -> float:
+    """diagf, trace and fullf: (lambda s)^2 tr(diag F) (tr F = tr diag F; trace spreads the same total)."""
+    return noise_std(x.cfg) ** 2 * float(sum(f.sum() for f in x.stats["diag_fisher"]))
+
+
+def _multiplicative_variance(x: NoiseInput) -> float:
+    sigma = x.cfg.multiplicative_sigma * noise_multiplier(x.cfg)
+    return sigma**2 * float(sum(g.square().sum() for g in x.grads))
+
+
+def _kfac_variance(x: NoiseInput) -> float:
+    """(lambda s)^2 (sum over factored layers tr(A) tr(G) + tr(diag F) of the other parameters)."""
+    layers = x.stats["kfac"]
+    factored = {i for layer in layers for i in (layer.weight, layer.bias) if i is not None}
+    rest = sum(float(f.sum()) for i, f in enumerate(x.stats["diag_fisher"]) if i not in factored)
+    kron = sum(float(torch.trace(layer.A) * torch.trace(layer.G)) for layer in layers)
+    return noise_std(x.cfg) ** 2 * (kron + rest)
 
 
 def _large(cfg: Config, epoch: int) -> int:
@@ -153,13 +185,27 @@ REGIMES: dict[str, Regime] = {
     "sb": Regime("small batch M_S, no noise", ("small_batch",), _small),
     "lb": Regime("large batch M_L, no noise", ("batch_size",), _large),
     "diagf": Regime(
-        "large batch + diagonal-Fisher noise (Algorithm 1)", ("batch_size",), _large, diag_fisher_noise, _DIAG
+        "large batch + diagonal-Fisher noise (Algorithm 1)",
+        ("batch_size",),
+        _large,
+        diag_fisher_noise,
+        _DIAG,
+        injected_variance=_diag_variance,
     ),
     "trace": Regime(
-        "large batch + isotropic noise scaled by Tr(F)", ("batch_size",), _large, trace_fisher_noise, _DIAG
+        "large batch + isotropic noise scaled by Tr(F)",
+        ("batch_size",),
+        _large,
+        trace_fisher_noise,
+        _DIAG,
+        injected_variance=_diag_variance,
     ),
     "multiplicative": Regime(
-        "large batch, gradient times (1 + sigma xi) (Hoffer et al.)", ("batch_size",), _large, multiplicative_noise
+        "large batch, gradient times (1 + sigma xi) (Hoffer et al.)",
+        ("batch_size",),
+        _large,
+        multiplicative_noise,
+        injected_variance=_multiplicative_variance,
     ),
     "fullf": Regime(
         "large batch + full-Fisher noise from Rademacher signed sums",
@@ -167,6 +213,7 @@ REGIMES: dict[str, Regime] = {
         _large,
         full_fisher_noise,
         frozenset({"signed_sum"}),
+        injected_variance=_diag_variance,
     ),
     "kfac": Regime(
         "large batch + K-FAC-covariance noise (diag F for batch norm)",
@@ -174,6 +221,7 @@ REGIMES: dict[str, Regime] = {
         _large,
         kfac_noise,
         frozenset({"kfac", "diag_fisher"}),
+        injected_variance=_kfac_variance,
     ),
     "batchchange": Regime(
         "small batch for batchchange_epochs, then large batch",

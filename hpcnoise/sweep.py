@@ -4,6 +4,7 @@
     hpcnoise sweep run FILE [--index I] [--key=value ...]
     hpcnoise sweep submit TABLE [--smoke] [--out_dir RUNS] [--file FILE] [--max-parallel N]
                           [--sbatch=OPTION ...] [--script PATH] [--dry-run] [--key=value ...]
+    hpcnoise sweep status FILE_OR_RUNS_DIR [--list]
 
 A sweep file holds one JSON line per cell of a table in ``hpcnoise.config.TABLES``:
 ``{"index": I, "table": NAME, "preset": ..., "run_name": ..., "config": {the complete Config}}``.
@@ -15,11 +16,32 @@ whatever launcher started it; ``--key=value`` overrides apply to it on top of th
 writes the file (default RUNS/TABLE[-smoke].sweep.jsonl) and submits jobs/sweep.sbatch as a job array
 with one task per cell, printing the sbatch command (``--dry-run``: only printing it).
 
+A cell whose run directory is diverged (diverged.json, the loss became non-finite) is a result, not a
+failure to retry: ``run`` prints one line saying so and exits 0, so that a resubmitted array does not
+train it again. A run that diverges during ``run`` exits ``EXIT_DIVERGED`` (65); another job holding the
+run directory, ``EXIT_LOCKED`` (73); a failed write, ``EXIT_IO`` (74); preemption, ``EXIT_PREEMPTED`` (75).
+
+``status`` reads, never writes, and prints one line per table of a sweep file: how many of its cells are in
+each state of their run directory (``run_state``, first match wins):
+    finished      summary.json
+    diverged      diverged.json: the loss became non-finite; not retried
+    running       a job holds the flock on RUN_DIR/.lock (``lock_held``; the file alone means nothing)
+    preempted     checkpoint.pt or checkpoint.prev.pt: stopped after a checkpoint; rerunning resumes it
+    failed        config.json and none of the above: stopped before its first checkpoint
+    not started   no run directory (or one without config.json)
+``--list`` adds a line per cell: index, state, run name, and the final test error, where it diverged or the
+epochs logged. Given a directory, it reports every sweep file ``DIR/*.sweep.jsonl`` in it (where ``submit``
+writes them), then, as "other run directories", the run directories under DIR that no cell of those files
+names (e.g. runs of cells since changed); a "total" line follows when there are several groups. A cell's
+run directory is its config's out_dir/run_name, as ``run`` uses it (without ``run``'s overrides). The exit
+status is 0 whatever the states are.
+
 Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,12 +49,24 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from hpcnoise.config import Config, apply_overrides, config_from_dict
-from hpcnoise.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, Parser, Preempted
+from hpcnoise.errors import (
+    EXIT_DIVERGED,
+    EXIT_IO,
+    EXIT_LOCKED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    ConfigError,
+    Diverged,
+    Parser,
+    Preempted,
+    RunLocked,
+    WriteFailed,
+)
 from hpcnoise.files import write_text_atomic
 from hpcnoise.presets import TABLES
 
@@ -91,14 +125,16 @@ def write_file(path: Path, lines: list[str]) -> None:
         raise SweepError(f"cannot write {str(path)!r}: {e.strerror}") from e
 
 
-def read_cell(path: Path, index: int) -> dict[str, Any]:
-    """Line ``index`` of a sweep file, checked."""
+def _read_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text().splitlines()
+        return path.read_text().splitlines()
     except OSError as e:
         raise SweepError(f"cannot read sweep file {str(path)!r}: {e.strerror}") from e
-    if not 0 <= index < len(lines):
-        raise SweepError(f"index {index} out of range: {str(path)!r} has {len(lines)} cells (0-{len(lines) - 1})")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{str(path)!r} is not a sweep file (not text: {e.reason})") from e
+
+
+def _parse_cell(path: Path, lines: list[str], index: int) -> dict[str, Any]:
     try:
         cell = json.loads(lines[index])
     except ValueError as e:
@@ -106,6 +142,122 @@ def read_cell(path: Path, index: int) -> dict[str, Any]:
     if not isinstance(cell, dict) or cell.get("index") != index or not isinstance(cell.get("config"), dict):
         raise SweepError(f"{str(path)!r} line {index + 1} is not cell {index} of a sweep file")
     return cell
+
+
+def read_cell(path: Path, index: int) -> dict[str, Any]:
+    """Line ``index`` of a sweep file, checked."""
+    lines = _read_lines(path)
+    if not 0 <= index < len(lines):
+        raise SweepError(f"index {index} out of range: {str(path)!r} has {len(lines)} cells (0-{len(lines) - 1})")
+    return _parse_cell(path, lines, index)
+
+
+def read_cells(path: Path) -> list[dict[str, Any]]:
+    """Every cell of a sweep file, checked, each with ``run_dir`` (a Path: config.out_dir / run_name) added."""
+    lines = _read_lines(path)
+    if not lines:
+        raise SweepError(f"{str(path)!r} holds no cells (an empty file, not a sweep file)")
+    cells = []
+    for index in range(len(lines)):
+        cell = _parse_cell(path, lines, index)
+        cfg = cell["config"]
+        name = cfg.get("run_name") or cell.get("run_name")
+        if not isinstance(name, str) or not name or not isinstance(cfg.get("out_dir"), str):
+            raise SweepError(f"{str(path)!r} line {index + 1}: cell {index} has no run_name and out_dir")
+        cells.append({**cell, "run_dir": Path(cfg["out_dir"]) / name})
+    return cells
+
+
+# --- the state of a run directory --------------------------------------------------------------------------
+STATES = ("finished", "running", "preempted", "diverged", "failed", "not started")
+LOCK_NAME = ".lock"  # hpcnoise.rundir.RunDir.lock_path
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether a process holds the flock on RUN_DIR/.lock, i.e. a job is running in the directory.
+
+    Rank 0 of a running job holds an exclusive ``flock`` on RUN_DIR/.lock for the whole run; the file may
+    stay after the run, and the kernel drops the lock of a process that dies, so only a held lock means
+    running. The probe never blocks and never creates the file: it opens the file read-only and tries a
+    non-blocking lock, which fails (BlockingIOError) exactly when the job's exclusive lock is held, and
+    otherwise releases it at once (closing the descriptor). It asks for a *shared* lock: that conflicts with
+    the job's exclusive lock just as an exclusive one would, but not with another probe (two ``status``
+    calls at once do not see each other as running), and a read-only descriptor may take it on every file
+    system (NFS emulates flock with fcntl locks, whose exclusive kind needs a writable descriptor). A job
+    that tries to take its lock in the microseconds a probe holds it is refused as locked (EXIT_LOCKED).
+    A missing or unopenable lock file, or a file system without locks: False.
+    """
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock support here: cannot tell
+        return False
+    finally:
+        os.close(fd)  # releases the probe's lock when it got one
+    return False
+
+
+def run_state(run_dir: Path) -> str:
+    """The state of a cell's run directory, one of ``STATES``, decided in this order:
+
+    finished: summary.json; diverged: diverged.json (the loss became non-finite; not retried); running: a
+    job holds RUN_DIR/.lock (``lock_held``); preempted: checkpoint.pt or checkpoint.prev.pt (stopped after
+    a checkpoint, by preemption or the time limit; rerunning resumes it); failed: config.json and none of
+    the above (it stopped before its first checkpoint, or its checkpoints are gone); not started: no such
+    directory, or one without config.json or a checkpoint.
+    """
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    if (run_dir / "diverged.json").exists():
+        return "diverged"
+    if lock_held(run_dir):
+        return "running"
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "checkpoint.prev.pt").exists():
+        return "preempted"
+    if (run_dir / "config.json").exists():
+        return "failed"
+    return "not started"
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def diverged_text(run_dir: Path) -> str:
+    """One line on where a diverged run diverged, from its diverged.json."""
+    data = _json_object(run_dir / "diverged.json")
+    if data is None:
+        return "diverged (diverged.json unreadable)"
+    message = " ".join(str(data.get("message") or "").split())
+    return f"diverged in epoch {data.get('epoch', '?')}" + (f": {message}" if message else "")
+
+
+def state_detail(run_dir: Path, state: str) -> str:
+    """What ``status --list`` prints after a cell's state: the final test error, where it diverged, or how
+    many epochs are logged."""
+    if state == "finished":
+        error = (_json_object(run_dir / "summary.json") or {}).get("final_test_error")
+        if isinstance(error, (int, float)) and not isinstance(error, bool):
+            return f"final test error {100.0 * error:.2f}%"
+        return ""
+    if state == "diverged":
+        return diverged_text(run_dir).removeprefix("diverged ")
+    if state == "not started":
+        return ""
+    try:
+        n = sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        n = 0
+    return f"{n} epoch{'s' if n != 1 else ''} logged"
 
 
 def cmd_write(argv: list[str]) -> int:
@@ -137,6 +289,12 @@ def cmd_run(argv: list[str]) -> int:
         index = int(task)
     cell = read_cell(args.file, index)
     cfg = apply_overrides(config_from_dict(cell["config"]), overrides)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    if cfg.run_name and (run_dir / "diverged.json").exists() and not (run_dir / "summary.json").exists():
+        # A result, not a failure: exit 0 so that the array task is done (train itself would refuse it too).
+        what = diverged_text(run_dir)
+        _say(f"hpcnoise: cell {index} ({run_dir}) {what}; not rerun, counted as done", rank0_only=True, err=False)
+        return 0
     from hpcnoise.comm import init  # torch and Horovod load only once the input is known good
     from hpcnoise.train import train
 
@@ -145,6 +303,94 @@ def cmd_run(argv: list[str]) -> int:
     except Preempted as e:
         _say(f"hpcnoise: {e}; rerun the same command to resume", rank0_only=True)
         return EXIT_PREEMPTED
+    except Diverged as e:
+        _say(f"hpcnoise: {e}", rank0_only=True)
+        return EXIT_DIVERGED
+    except RunLocked as e:
+        _say(f"hpcnoise: {e}", rank0_only=True)
+        return EXIT_LOCKED
+    except WriteFailed as e:
+        _say(f"hpcnoise: {e}", rank0_only=True)
+        return EXIT_IO
+    return 0
+
+
+@dataclass
+class _Group:
+    """What ``status`` reports on together: one table of a sweep file, or the other run directories."""
+
+    title: str
+    noun: str  # "cell" | "run"
+    entries: list[tuple[str, Path, str]]  # (index or relative path, run directory, run name or "")
+
+
+def _status_groups(target: Path) -> list[_Group]:
+    if not target.exists():
+        raise SweepError(f"{str(target)!r} does not exist (give a sweep file or a directory of runs)")
+    files = [target] if not target.is_dir() else sorted(target.glob("*.sweep.jsonl"))
+    groups: list[_Group] = []
+    named: set[Path] = set()
+    for path in files:
+        by_table: dict[str, list[tuple[str, Path, str]]] = {}
+        for cell in read_cells(path):
+            entry = (str(cell["index"]), cell["run_dir"], cell["run_dir"].name)
+            by_table.setdefault(str(cell.get("table") or "?"), []).append(entry)
+            named.add(cell["run_dir"].resolve())
+        groups += [_Group(f"table {table} ({path})", "cell", entries) for table, entries in by_table.items()]
+    if target.is_dir():
+        others = [d for d in find_run_dirs(target) if d.resolve() not in named]
+        if others:
+            title = f"{'other ' if files else ''}run directories under {target}"
+            if not files:
+                title += " (no *.sweep.jsonl there: cells never started are not known)"
+            groups.append(_Group(title, "run", [(d.relative_to(target).as_posix(), d, "") for d in others]))
+        if not groups:
+            raise SweepError(f"{str(target)!r} holds no sweep files (*.sweep.jsonl) and no run directories")
+    return groups
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """The run directories under ``root``, itself included (holding config.json, diverged.json, a checkpoint
+    or .lock), sorted; run directories are not descended, nor directories whose name starts with '.'."""
+    marks = {"config.json", "diverged.json", "checkpoint.pt", "checkpoint.prev.pt", LOCK_NAME}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if marks.intersection(filenames):
+            found.append(Path(dirpath))
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return sorted(found)
+
+
+def _counts_text(states: list[str]) -> str:
+    """How many of ``states`` are in each state, e.g. "3 finished, 1 running, 0 preempted, ..."."""
+    return ", ".join(f"{states.count(s)} {s}" for s in STATES)
+
+
+def cmd_status(argv: list[str]) -> int:
+    p = _parser(
+        prog="hpcnoise sweep status",
+        description="Count a sweep's cells by state: finished, running, preempted, diverged, failed, not started.",
+    )
+    p.add_argument("target", type=Path, help="a sweep file, or a directory of runs holding *.sweep.jsonl files")
+    p.add_argument("--list", action="store_true", help="also one line per cell: index, state, run name, detail")
+    args = p.parse_args(argv)
+    groups = _status_groups(args.target)  # all input checked before anything is printed
+    everything: list[str] = []
+    for group in groups:
+        states = [run_state(run_dir) for _, run_dir, _ in group.entries]
+        everything += states
+        n = len(states)
+        print(f"{group.title}: {n} {group.noun}{'s' if n != 1 else ''}: {_counts_text(states)}")
+        if args.list:
+            id_width = max(len(i) for i, _, _ in group.entries)
+            name_width = max(len(name) for _, _, name in group.entries)
+            for (i, run_dir, name), state in zip(group.entries, states):
+                line = f"  {i:>{id_width}}  {state:<11}" + (f"  {name:<{name_width}}" if name_width else "")
+                print((line + "  " + state_detail(run_dir, state)).rstrip())
+    if len(groups) > 1:
+        print(f"total: {len(everything)}: {_counts_text(everything)}")
     return 0
 
 
@@ -198,17 +444,22 @@ def cmd_submit(argv: list[str]) -> int:
         raise SweepError("sbatch not found: submit from a Slurm login node (or use --dry-run)") from e
 
 
-def _say(msg: str, rank0_only: bool = False) -> None:
-    """Print to stderr; with ``rank0_only``, only on the launcher's rank 0 (costs loading torch)."""
+def _say(msg: str, rank0_only: bool = False, err: bool = True) -> None:
+    """Print to stderr (``err``) or stdout; with ``rank0_only``, only on the launcher's rank 0 (costs loading torch)."""
     if rank0_only:
         from hpcnoise.comm import launcher_rank  # lazy: torch
 
         if launcher_rank() != 0:
             return
-    print(msg, file=sys.stderr, flush=True)
+    print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"write": cmd_write, "run": cmd_run, "submit": cmd_submit}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "write": cmd_write,
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "status": cmd_status,
+}
 
 
 def main(argv: list[str]) -> int:

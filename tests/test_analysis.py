@@ -7,8 +7,10 @@ in the formats of hpcnoise.rundir, with known numbers.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -364,3 +366,120 @@ def test_report_rejects_bad_input(runs_root: Path, tmp_path: Path, capsys: pytes
     assert "is not a directory" in capsys.readouterr().err
     assert report.main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# --- diverged runs ----------------------------------------------------------------------------------------------
+def _diverged_run(
+    root: Path, src: Path, name: str, epoch: int, message: str, last_good: bool, **config: object
+) -> None:
+    """A hand-made diverged run directory in the format hpcnoise.rundir writes: ``src``'s config.json with
+    ``config`` changed, the metrics of the epochs before ``epoch``, a checkpoint, diverged.json, no summary."""
+    run = root / name
+    run.mkdir(parents=True)
+    record = json.loads((src / "config.json").read_text())
+    record["config"].update(config, run_name=run.name)
+    (run / "config.json").write_text(json.dumps(record))
+    rows = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines()][: epoch - 1]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "checkpoint.pt").write_bytes(b"last good checkpoint")
+    step = 40 if rows else 3
+    good = rows[-1] if last_good and rows else None
+    (run / "diverged.json").write_text(
+        json.dumps({"epoch": epoch, "step": step, "message": message, "last_good": good})
+    )
+
+
+def test_diverged_runs_are_counted_beside_every_mean(runs_root: Path, tmp_path: Path) -> None:
+    root = _copy(runs_root, tmp_path)
+    # LB+GBN seed 2 diverged in epoch 2, after a good first epoch; a Multiplicative run (a regime with no
+    # finished run) diverged in its first epoch.
+    _diverged_run(root, root / "lb-s0", "div/lb-s2", 2, "loss is nan at step 40\n(lr 0.2 | momentum 0.9)", True, seed=2)
+    _diverged_run(root, root / "sb-s0", "div/mult-s0", 1, "loss is inf", False, regime="multiplicative")
+    for seed, value in zip(SEEDS, (40.0, 46.0)):
+        (root / f"lb-s{seed}" / "sharpness.json").write_text(json.dumps({"max_eigenvalue": value}))
+    loaded = load(root)
+    assert loaded.skipped == [] and len(loaded.runs) == 6 and loaded.found == 8
+    div = loaded.diverged.set_index("run_id")
+    assert sorted(div.index) == ["div/lb-s2", "div/mult-s0"]
+    lb = div.loc["div/lb-s2"]
+    assert (lb["label"], lb["seed"], lb["diverged_epoch"], lb["diverged_step"]) == ("LB+GBN", 2, 2, 40)
+    assert lb["diverged_message"] == "loss is nan at step 40 (lr 0.2 | momentum 0.9)"  # one line
+    first = json.loads((root / "lb-s0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert lb["last_good_epoch"] == 1 and lb["last_good_test_error"] == pytest.approx(first["test_error"])
+    mult = div.loc["div/mult-s0"]
+    assert mult["label"] == "Multiplicative" and math.isnan(mult["last_good_epoch"])
+    assert set(loaded.runs["run_id"]) == {f"{r}-s{s}" for r, _ in REGIMES for s in SEEDS}  # not in the means
+
+    # Table 1: the LB+GBN mean is still over the 2 finished seeds, with the diverged run counted beside it.
+    mean, half = _t_interval(_accuracies(runs_root, "lb"))
+    t1 = tables.paper_table(loaded.runs, tables.TABLES["table1"], loaded.diverged)
+    cell = t1[(t1["dataset"] == "mnist1d") & (t1["column"] == "lb+gbn")].iloc[0]
+    assert (cell["n_runs"], cell["n_seeds"], cell["n_diverged"]) == (2, 2, 1)
+    assert cell["accuracy"] == pytest.approx(mean) and cell["ci"] == pytest.approx(half)
+    assert t1[t1["column"] != "lb+gbn"]["n_diverged"].sum() == 0
+    # Table 2 gets a MNIST-1D row from the diverged Multiplicative run alone.
+    t2 = tables.paper_table(loaded.runs, tables.TABLES["table2"], loaded.diverged)
+    cell = t2[(t2["dataset"] == "mnist1d") & (t2["column"] == "multiplicative")].iloc[0]
+    assert (cell["n_runs"], cell["n_seeds"], cell["n_diverged"]) == (0, 0, 1) and math.isnan(cell["accuracy"])
+
+    results = tables.results_table(loaded.runs, loaded.diverged).set_index("regime")
+    assert results.loc["LB+GBN", ["n_runs", "n_seeds", "n_diverged"]].tolist() == [2, 2, 1]
+    assert results.loc["Multiplicative", ["n_runs", "n_seeds", "n_diverged"]].tolist() == [0, 0, 1]
+    assert results.loc["SB", "n_diverged"] == 0
+    thr = tables.throughput_table(loaded.runs, loaded.epochs, loaded.diverged).set_index("label")
+    assert thr.loc["LB+GBN", "n_diverged"] == 1 and thr.loc["SB", "n_diverged"] == 0
+    sharp = tables.sharpness_table(loaded.runs, loaded.diverged).set_index("regime")
+    assert sharp.loc["LB+GBN", ["n_seeds", "n_diverged"]].tolist() == [2, 1]
+
+    files = report.build(loaded)
+    md = files["report.md"].decode()
+    assert "6 finished runs used, 2 diverged (not in the means; see Diverged runs), 0 skipped, of 8 run" in md
+    lb_cell = tables.fmt_estimate(mean, half, 2, 2, n_diverged=1)
+    assert lb_cell == f"{mean:.2f} ± {half:.2f} (n=2, 1 diverged)"
+    sb_mean, sb_half = _t_interval(_accuracies(runs_root, "sb"))
+    assert f"| mnist1d | mlp | {sb_mean:.2f} ± {sb_half:.2f} (n=2) |  | {lb_cell} |  |" in md  # Table 1
+    assert "|  | none finished (1 diverged) |  |" in md  # Table 2's Multiplicative column
+    assert f"| mnist1d | mlp | LB+GBN | {lb_cell} |" in md  # every regime variant
+    assert "| mnist1d | mlp | Multiplicative | none finished (1 diverged) |" in md
+    assert "(n=2, 1 diverged) |" in md.split("## Throughput")[1].split("## Sharpness")[0]
+    assert "(n=2, 1 diverged) |" in md.split("## Sharpness")[1].split("## Figures")[0]
+    gap = next(line for line in md.splitlines() if line.startswith("Generalisation gap ("))
+    assert gap.endswith(". Not in these means: 1 diverged run (1 LB+GBN on mnist1d/mlp).")  # SB, LB, DiagF only
+    section = md.split("## Diverged runs")[1].split("## Skipped")[0]
+    assert "2 runs stopped because the loss became non-finite" in section
+    assert (
+        "| `div/lb-s2` | mnist1d | mlp | LB+GBN | 2 | 2 | 40 | loss is nan at step 40 (lr 0.2 \\| momentum 0.9) | "
+        f"epoch 1, {100.0 * first['test_error']:.2f}% test error |"
+    ) in section
+    assert (
+        "| `div/mult-s0` | mnist1d | mlp | Multiplicative | 0 | 1 | 3 | loss is inf | none (first epoch) |" in section
+    )
+    csv = pd.read_csv(io.BytesIO(files["tables/diverged.csv"]))
+    assert csv["run_id"].tolist() == ["div/lb-s2", "div/mult-s0"] and csv["diverged_epoch"].tolist() == [2, 1]
+    assert "diverged.csv" in md.split("## Files")[1]
+
+
+def test_report_without_diverged_runs_says_so(runs_root: Path) -> None:
+    files = report.build(load(runs_root))
+    md = files["report.md"].decode()
+    assert "## Diverged runs\n\nNo run diverged." in md and "diverged (not in the means" not in md
+    assert "Not in these means" not in md and not re.search(r"\d diverged\)", md)  # no cell counts any
+    assert pd.read_csv(io.BytesIO(files["tables/diverged.csv"])).empty
+
+
+def test_only_diverged_runs_and_a_corrupt_marker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No finished run: one line naming the diverged runs, exit 2; a corrupt diverged.json is a skipped run."""
+    root = tmp_path / "runs"
+    cfg = {"dataset": "mnist1d", "model": "mlp", "regime": "lb", "seed": 0, "batch_size": 256, "ghost_bn": True}
+    for name, marker in (("a", {"epoch": 3, "step": 7, "message": "loss is nan", "last_good": None}), ("b", None)):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps({"config": {**cfg, "run_name": name}}))
+        (root / name / "diverged.json").write_text(json.dumps(marker) if marker else '{"epoch": 3, ')
+    loaded = load(root)
+    assert loaded.runs.empty and loaded.diverged["run_id"].tolist() == ["a"]
+    assert loaded.diverged["label"].tolist() == ["LB+GBN"] and loaded.diverged["batch"].tolist() == [256]
+    assert [(s.run, s.reason.split(" (")[0]) for s in loaded.skipped] == [("b", "diverged.json: invalid JSON")]
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no finished runs" in err and "(1 diverged: a; 1 run directories skipped: b:" in err
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -155,3 +156,43 @@ def test_psd_sqrt() -> None:
     r = _psd_sqrt(m)
     torch.testing.assert_close(r @ r, m)
     torch.testing.assert_close(r, r.T)
+
+
+@pytest.mark.parametrize("regime", ["diagf", "trace", "multiplicative", "fullf", "kfac"])
+def test_noise_multiplier_scales_covariance(problem: dict, regime: str) -> None:
+    """At noise_multiplier lambda = 0.5 every regime's covariance is lambda^2 = 0.25 times its lambda = 1
+    covariance (the targets of the tests above), within the Monte-Carlo standard errors."""
+    cfg = replace(problem["cfg"], noise_multiplier=0.5)
+    lam2, s2, fisher, g = 0.25, cfg.noise_scale**2, problem["F"], problem["g"]
+    stats: dict = {"diag_fisher": problem["diag"], "kfac": problem["kfac"]}
+    if regime == "fullf":
+        sizes = [p.numel() for p in problem["model"].parameters()]
+        samples = []
+        for k in range(DRAWS):
+            gen = torch.Generator().manual_seed(k)
+            signs = (torch.randint(0, 2, (M,), generator=gen) * 2 - 1).double()
+            x = NoiseInput(
+                cfg, problem["grads"], {"signed_sum": list(torch.split(signs @ g, sizes))}, gen, {}, frozenset()
+            )
+            samples.append(torch.cat([t.flatten() for t in REGIMES["fullf"].noise(x)]))  # type: ignore[misc]
+        assert_covariance(torch.stack(samples), lam2 * s2 * fisher)
+        return
+    z = draws(regime, cfg, stats, problem["grads"])
+    d = fisher.shape[0]
+    if regime == "kfac":
+        sizes = [p.numel() for p in problem["model"].parameters()]
+        layer = problem["kfac"][0]
+        start, out_f, in_f = sum(sizes[: layer.weight]), layer.G.shape[0], layer.A.shape[0] - 1
+        w = z[:, start : start + out_f * in_f].reshape(-1, out_f, in_f)
+        b_start = sum(sizes[: layer.bias])
+        b = z[:, b_start : b_start + out_f].reshape(-1, out_f, 1)
+        vec = torch.cat([w, b], 2).transpose(1, 2).reshape(z.shape[0], -1)
+        assert_covariance(vec, lam2 * s2 * torch.kron(layer.A, layer.G))
+        return
+    gvec = torch.cat([t.flatten() for t in problem["grads"]])
+    target = {
+        "diagf": s2 * torch.diag(fisher.diagonal()),
+        "trace": s2 * fisher.trace() / d * torch.eye(d, dtype=torch.float64),
+        "multiplicative": 0.3**2 * torch.diag(gvec**2),
+    }[regime]
+    assert_covariance(z, lam2 * target)

@@ -19,7 +19,7 @@ from hpcnoise.measure.sharpness import (
     start_vector,
     top_eigenvalue,
 )
-from hpcnoise.measure.variance import diagnostics_row, gradient_variance
+from hpcnoise.measure.variance import diagnostics_row, gradient_variance, measured_temperature
 from hpcnoise.workload import load_run
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "load_run",
     "logits_of",
     "max_eigenvalue",
+    "measured_temperature",
     "per_sample_gradients",
     "sharpness_of",
     "start_vector",

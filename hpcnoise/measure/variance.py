@@ -22,6 +22,7 @@ from hpcnoise.regimes import REGIMES, NoiseInput, Regime
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import Net, local_contribution, rademacher
+from hpcnoise.temperature import lr_ratio, noise_multiplier, temperature_ratio
 
 
 def _draw_gradient(
@@ -138,6 +139,54 @@ def _step_gradient(
     return torch.cat([g.reshape(-1) for g in grads]).double()
 
 
+def measured_temperature(
+    model: nn.Module, data: Data, cfg: Config, comm: Comm | None = None, *, epoch: int = 0, draws: int = 2
+) -> dict[str, float]:
+    """The temperature ratio tau of the run's regime at this frozen network, relative to small-batch SGD.
+
+    tau = lr (tr C / M + V) / (lr_S tr C / M_S) (hpcnoise.temperature), from ``draws`` global batches of
+    the regime's size at 0-based ``epoch`` (the gradient-variance draws), each as the step computes it:
+    tr C = tr(diag F) - |g_LB|^2 (the centred per-sample second moment; diag F from the hooks), and V,
+    the regime's injected variance at this epoch (0 when its noise is off), from the same statistics.
+    lr / lr_S is the learning-rate rule's ratio k (1 for ``sb``). Batch norm as in training.
+    """
+    regime = REGIMES[cfg.regime]
+    m = regime.batch(cfg, epoch)
+    rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
+    noise_on = regime.noise is not None and epoch < cfg.noise_epochs
+    statistics = frozenset({"diag_fisher"}) | (regime.statistics if noise_on else frozenset())
+    statistics -= {"signed_sum"}  # fullf's variance is tr F = tr diag F: no signs needed
+    net = Net.attach(model, statistics, cfg.conv_mode)
+    pieces = size if not cfg.ghost_bn else 1
+    sums = torch.zeros(2, dtype=torch.float64, device=data.x_train.device)  # tr C, V summed over draws
+    was_training = model.training
+    model.train(True)
+    try:
+        for draw in range(rank, draws, size):
+            gen = generator(cfg.seed, "gradvar", m, draw)
+            idx = torch.randperm(data.x_train.shape[0], generator=gen)[:m].to(data.x_train.device)
+            grads, stats = _draw_gradient(net, data.x_train[idx], data.y_train[idx], pieces, statistics, None)
+            trace_c = sum(float(f.sum()) for f in stats["diag_fisher"]) - sum(float(g.square().sum()) for g in grads)
+            injected = regime.injected_variance(NoiseInput(cfg, grads, stats, gen, {}, statistics)) if noise_on else 0.0
+            sums += torch.tensor([trace_c, injected], dtype=torch.float64, device=sums.device)
+    finally:
+        model.train(was_training)
+        net.detach()
+    if comm is not None:
+        comm.allreduce_sum_(sums)
+    trace_c, injected = (sums / draws).tolist()
+    small = regime.batch_keys == ("small_batch",)  # sb trains at lr_S itself
+    k = 1.0 if small else lr_ratio(cfg) * regime.lr_factor(cfg, epoch)
+    return {
+        "tau": temperature_ratio(k, m, cfg.small_batch, trace_c, injected),
+        "trace_c": trace_c,
+        "injected_variance": injected,
+        "lr_ratio": k,
+        "noise_multiplier": noise_multiplier(cfg) if noise_on else 0.0,
+        "batch": m,
+    }
+
+
 def diagnostics_row(
     model: nn.Module,
     data: Data,
@@ -169,5 +218,6 @@ def diagnostics_row(
         "fisher_samples": norms["samples"],
         "draws": draws,
         "grad_variance": variances,
+        "temperature": measured_temperature(model, data, cfg, comm, epoch=max(epoch - 1, 0)),
         "wall_time_s": time.perf_counter() - t0,
     }
