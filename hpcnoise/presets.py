@@ -47,12 +47,21 @@ def _cells(names: list[str], smoke: bool) -> list[Config]:
 
 
 def _protocol(
-    regime: str, ghost_bn: bool, large: int, small: int, epochs: int, sb_lr: float, factor: float, smoke: bool
+    regime: str,
+    ghost_bn: bool,
+    large: int,
+    small: int,
+    epochs: int,
+    sb_lr: float,
+    factor: float,
+    smoke: bool,
+    warmup: float = 5.0,
 ) -> dict[str, Any]:
     """The Config fields of the SB/LB protocol that every preset sets alike.
 
     SB trains at ``sb_lr``, LB regimes at ``sb_lr * factor`` (the scaling rule) reached by a linear warmup
-    over 5 epochs (none for SB, nor in smoke runs); ghost batches of M_S; a 10x decay at 1/2 and 3/4 of training.
+    over ``warmup`` epochs (none for SB, nor in smoke runs); ghost batches of M_S; a 10x decay at 1/2 and
+    3/4 of training.
     """
     return dict(
         regime=regime,
@@ -62,46 +71,98 @@ def _protocol(
         ghost_size=small,
         epochs=epochs,
         lr=sb_lr if regime == "sb" else sb_lr * factor,
-        warmup_epochs=0.0 if regime == "sb" or smoke else 5.0,
+        warmup_epochs=0.0 if regime == "sb" or smoke else warmup,
         lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
     )
 
 
 # --- MNIST-1D: the embedded default ------------------------------------------------------------------
-def mnist1d(regime: str, ghost_bn: bool, smoke: bool) -> Config:
+MNIST1D_EPOCHS = 32
+
+
+def mnist1d(
+    regime: str,
+    ghost_bn: bool,
+    smoke: bool,
+    scaling: str = "linear",
+    multiplier: float = 1.0,
+    calibration: str = "paper",
+    epochs: int = MNIST1D_EPOCHS,
+) -> Config:
     """MNIST-1D (generated offline): the paper's SB/LB protocol at a CPU-friendly scale.
 
-    SB trains with M_S = 128 at lr 0.05. LB regimes use M_L = 4096 and the linear scaling rule (Goyal
-    et al. 2017): lr_LB = lr_SB * M_L / M_S = 1.6, reached by a linear warmup over 5 epochs. Every regime
-    trains for the same number of epochs (the paper's rule), with the paper's proportions: noise for the
-    first quarter (50 of its 200 CIFAR epochs) and a 10x decay at 1/2 and 3/4 of training.
-    ``smoke`` shrinks data and epochs to seconds.
+    SB trains with M_S = 128 at lr 0.05. LB regimes use M_L = 4096 and one of two learning-rate rules:
+    ``linear`` (Goyal et al. 2017): lr_LB = lr_SB * M_L / M_S = 1.6, reached by a linear warmup over 5
+    epochs; ``sqrt`` (Hoffer et al. 2017): lr_LB = lr_SB * sqrt(M_L / M_S) = 0.283, no warmup (the rate
+    is small enough). Every regime trains for the same number of epochs (the paper's rule), with the
+    paper's 10x decays at 1/2 and 3/4 of training. The noise is on for the first HALF of training, until
+    the first decay, not the paper's first quarter (50 of 200 CIFAR epochs): at 32 epochs a quarter is 8,
+    which would end the noise only 3 epochs after the 5-epoch warmup, before the noise had any time at
+    the full rate. ``multiplier`` and ``calibration`` set the noise multiplier lambda
+    (hpcnoise.temperature). ``smoke`` shrinks data and epochs to seconds.
     """
-    epochs = 4 if smoke else 32
+    epochs = 4 if smoke else epochs
     sb_lr = 0.05  # per 128 samples
     large, small = (512, 64) if smoke else (4096, 128)
+    factor = {"linear": large / small, "sqrt": math.sqrt(large / small)}[scaling]
     return Config(
-        **_protocol(regime, ghost_bn, large, small, epochs, sb_lr, large / small, smoke),  # linear scaling rule
+        **_protocol(regime, ghost_bn, large, small, epochs, sb_lr, factor, smoke, 5.0 if scaling == "linear" else 0.0),
         dataset="mnist1d",
         model="mlp",
         train_samples=4096 if smoke else 60_000,
         test_samples=1024 if smoke else 10_000,
-        noise_epochs=max(epochs // 4, 1),
+        noise_epochs=max(epochs // 2, 1),
+        lr_scaling="none" if regime == "sb" else scaling,
+        noise_multiplier=multiplier,
+        noise_calibration=calibration,
     )
 
 
+def _mnist1d_name(regime: str, gbn: bool, scaling: str = "linear", variant: str = "") -> str:
+    rule = "" if scaling == "linear" else f"{scaling}-"
+    return f"mnist1d-{rule}{regime}" + ("-gbn" if gbn else "") + (f"-{variant}" if variant else "")
+
+
 MNIST1D = [
-    _register(f"mnist1d-{regime}" + ("-gbn" if gbn else ""), partial(mnist1d, regime, gbn))
+    _register(_mnist1d_name(regime, gbn), partial(mnist1d, regime, gbn))
     for regime, gbn in (("sb", False), ("lb", False), ("lb", True), ("diagf", False), ("diagf", True), ("trace", True))
 ]
+# The calibration grid: LB+GBN and diagF+GBN under both learning-rate rules, diagF at noise multipliers
+# lambda = 1/8 .. 1 and at the temperature-matched lambda (0 under linear scaling, 0.39 under sqrt).
+GRID_MULTIPLIERS = (0.125, 0.25, 0.5, 1.0)
+GRID_EPOCHS = 24  # 39 runs: chosen to fit in about 90 minutes on 2 CPU cores
+MNIST1D_GRID: list[str] = []
+for _scaling in ("linear", "sqrt"):
+    MNIST1D_GRID.append(_register(_mnist1d_name("lb", True, _scaling), partial(mnist1d, "lb", True, scaling=_scaling)))
+    for _lam in GRID_MULTIPLIERS:
+        _variant = "" if _lam == 1.0 else f"x{_lam:g}"
+        _fn = partial(mnist1d, "diagf", True, scaling=_scaling, multiplier=_lam)
+        MNIST1D_GRID.append(_register(_mnist1d_name("diagf", True, _scaling, _variant), _fn))
+    _fn = partial(mnist1d, "diagf", True, scaling=_scaling, calibration="temperature")
+    MNIST1D_GRID.append(_register(_mnist1d_name("diagf", True, _scaling, "temp"), _fn))
 
 
 def _mnist1d_table(smoke: bool) -> list[Config]:
-    """The embedded-default study: SB, LB+GBN, trace+GBN and diagF+GBN on MNIST-1D, 3 seeds each."""
-    return _cells(["mnist1d-sb", "mnist1d-lb-gbn", "mnist1d-trace-gbn", "mnist1d-diagf-gbn"], smoke)
+    """The embedded-default study: SB, LB+GBN, the paper's diagF+GBN (lambda = 1) and the
+    temperature-calibrated diagF+GBN under sqrt scaling, 3 seeds each."""
+    names = ["mnist1d-sb", "mnist1d-lb-gbn", "mnist1d-diagf-gbn", "mnist1d-sqrt-diagf-gbn-temp"]
+    return _cells(names, smoke)
+
+
+def _mnist1d_grid(smoke: bool) -> list[Config]:
+    """SB and the calibration grid (MNIST1D_GRID) at GRID_EPOCHS, 3 seeds each."""
+    cells = _cells(["mnist1d-sb", *MNIST1D_GRID], smoke)
+    return cells if smoke else [_with_epochs(c, GRID_EPOCHS) for c in cells]
+
+
+def _with_epochs(cfg: Config, epochs: int) -> Config:
+    """``cfg`` trained for ``epochs`` with the presets' proportions: noise for the first half, decays
+    at 1/2 and 3/4."""
+    return replace(cfg, epochs=epochs, noise_epochs=epochs // 2, lr_decay_epochs=(epochs // 2, epochs * 3 // 4))
 
 
 TABLES["mnist1d"] = _mnist1d_table
+TABLES["mnist1d-grid"] = _mnist1d_grid
 
 
 # --- the paper's Tables 1-3 --------------------------------------------------------------------------
