@@ -176,6 +176,7 @@ def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[st
             outcome = {"name": name}
             if run.path.exists():
                 run.lock()
+                run.remove_temporaries()  # e.g. a checkpoint being written when the last job was killed
                 outcome |= _inspect(replace(cfg, run_name=name), run)
         except (ConfigError, RunLocked) as e:
             if run is not None:

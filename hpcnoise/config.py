@@ -2,8 +2,9 @@
 
 A run is fully described by a ``Config``. The CLI builds one from a preset function and
 ``--key=value`` overrides (type-checked; unknown keys are errors); ``check_values`` checks the values
-that need nothing else, and ``hpcnoise.workload.validate`` checks the rest against the registries and
-the world size, before anything is written. The config is written to config.json and
+that need nothing else (every numeric field against its one range in ``RANGES``), and
+``hpcnoise.workload.validate`` checks the rest against the registries, the device and the world size,
+before anything is written. The config is written to config.json and
 copied into every result row.
 """
 
@@ -48,6 +49,9 @@ class Config:
     noise_placement: str = "gradient"  # "gradient": added to g before momentum and weight decay;
     # "parameter": theta -= lr * noise after the optimiser step (see hpcnoise.regimes)
     multiplicative_sigma: float = 0.5  # `multiplicative`: g * (1 + sigma xi); the paper gives no value
+    noise_multiplier: float = 1.0  # lambda: multiplies every regime's noise standard deviation (1 = Algorithm 1)
+    noise_calibration: str = "paper"  # paper: lambda = noise_multiplier; temperature: lambda matches SB's
+    # temperature under lr_scaling (hpcnoise.temperature)
     batchchange_epochs: int = 50  # `batchchange`: epochs at M_S before switching to M_L
     fisher_every: int = 1  # recompute diag F every k steps, reusing the last one in between
     kfac_every: int = 10  # `kfac`: refresh the K-FAC factors (and their square roots) every k steps
@@ -156,6 +160,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("weight_decay", 0, None, False, False),
     ("noise_epochs", 0, None, False, False),
     ("multiplicative_sigma", 0, None, False, False),
+    ("noise_multiplier", 0, None, False, False),  # lambda = 0: no noise (the LB baseline's step)
     ("batchchange_epochs", 0, None, False, False),
     ("fisher_every", 1, None, False, False),
     ("kfac_every", 1, None, False, False),

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from hpcnoise.data import IMAGE_SETS, cache_dir, make_split, prepare_command, split_path
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
-from hpcnoise.files import save_torch_atomic, unwritable
+from hpcnoise.files import unwritable
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, numpy and hpcnoise.data load only once the arguments are known good, so bad input answers at once.
 
 # The torchvision.datasets class that reads each dataset's raw upstream files.
 SOURCES: dict[str, str] = {
@@ -60,14 +62,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_writable(root: Path) -> None:
-    """Create ``root`` if needed and prove a file can be written there."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PrepareError(f"cannot write to --root {root}: {e.strerror or e}") from e
+    """Prove that ``root`` is, or can be created as, a writable directory (creates nothing)."""
     problem = unwritable(root)
     if problem is not None:
         raise PrepareError(f"cannot write to --root {root}: {problem[1]}")
+
+
+def _download_dirs(name: str, root: Path) -> list[Path]:
+    """The directories a download of ``name`` may create, deepest first: the MNIST family's ``CLASS/raw``,
+    ``root`` and those of its parents that do not exist yet."""
+    own = root / SOURCES[name]
+    dirs = [own / "raw", own, root] if name in ("mnist", "fashion_mnist") else [root]
+    for parent in root.absolute().parents:
+        if parent.exists():
+            break
+        dirs.append(parent)
+    return dirs
+
+
+def _remove_new_empty_dirs(dirs: list[Path], existed: list[bool]) -> None:
+    """Remove those of ``dirs`` that did not exist before and are empty: what a failed download leaves."""
+    for path, was_there in zip(dirs, existed):
+        if not was_there:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (part of a download), or already gone
+                pass
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -79,7 +99,11 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 def read_raw(name: str, root: Path, download: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Both splits of ``name`` via torchvision as {split: (uint8 images (N, C, H, W), int64 labels (N,))}."""
+    import numpy as np
+    import torch
     import torchvision.datasets  # type: ignore[import-untyped]
+
+    from hpcnoise.data import IMAGE_SETS, prepare_command
 
     cls = getattr(torchvision.datasets, SOURCES[name])
     spec = IMAGE_SETS[name]
@@ -114,7 +138,16 @@ def prepare(name: str, root: Path, download: bool = True) -> list[Path]:
     if name not in SOURCES:
         raise PrepareError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
     _check_writable(root)
-    splits = read_raw(name, root, download)
+    from hpcnoise.data import make_split, split_path  # lazy: torch
+    from hpcnoise.files import save_torch_atomic
+
+    dirs = _download_dirs(name, root)
+    existed = [d.exists() for d in dirs]
+    try:
+        splits = read_raw(name, root, download)
+    except PrepareError:
+        _remove_new_empty_dirs(dirs, existed)  # a failed download leaves no empty directories behind
+        raise
     written = []
     for split, (images, labels) in splits.items():
         path = split_path(root, name, split)
@@ -131,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = _parser().parse_args(argv)
-        root = Path(args.root).expanduser() if args.root else cache_dir()
+        if args.root:
+            root = Path(args.root).expanduser()
+        else:
+            from hpcnoise.data import cache_dir  # lazy: torch
+
+            root = cache_dir()
         prepare(args.name, root, download=not args.no_download)
     except PrepareError as e:
         print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)

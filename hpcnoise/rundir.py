@@ -75,6 +75,12 @@ class RunDir:
             ) from None
         self._lock_fd = fd
 
+    def remove_temporaries(self) -> None:
+        """Remove the temporary files (``.NAME.*.tmp``) that a killed writer left behind; call holding the
+        lock, so no live writer owns them."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock

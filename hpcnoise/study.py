@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from hpcnoise.config import config_from_dict
-from hpcnoise.errors import EXIT_USAGE, ConfigError
-from hpcnoise.files import check_writable
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import unwritable
 from hpcnoise.sweep import cell_lines, read_cell, run_name, table_cells, write_file
 
 QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (noise for 4, decays at 8 and 12)
@@ -73,27 +74,44 @@ def launch_command(launcher: str, np: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hpcnoise study", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="hpcnoise study", description=__doc__.split("\n\n")[0])
     p.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
     p.add_argument("--np", type=int, default=2, help="processes (default 2)")
     p.add_argument("--launcher", choices=("horovodrun", "mpirun", "none"), default="horovodrun")
     p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full])")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch's default)")
     p.add_argument("--run-cells", type=Path, help=argparse.SUPPRESS)  # worker side, under the launcher
-    args = p.parse_args(argv)
-    if args.run_cells:
-        return run_cells(args.run_cells)
-    if args.np < 1 or (args.launcher == "none" and args.np != 1):
-        print("hpcnoise study: error: --np must be >= 1, and 1 with --launcher=none", file=sys.stderr)
-        return EXIT_USAGE
-    out = (args.out or Path("runs/study-full" if args.full else "runs/study")).absolute()
     try:
-        check_writable(out)
+        args = p.parse_args(argv)
     except ConfigError as e:
         print(f"hpcnoise study: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    epochs = FULL_EPOCHS if args.full else QUICK_EPOCHS
-    cells = study_cells(epochs, out, args.threads)
+    if args.run_cells:
+        return run_cells(args.run_cells)
+    try:
+        if args.np < 1 or (args.launcher == "none" and args.np != 1):
+            raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
+        if args.threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+        out = (args.out or Path("runs/study-full" if args.full else "runs/study")).absolute()
+        problem = unwritable(out)
+        if problem is not None:
+            raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
+        launcher = launch_command(args.launcher, args.np)[:1]
+        if launcher and shutil.which(launcher[0]) is None:
+            raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
+        epochs = FULL_EPOCHS if args.full else QUICK_EPOCHS
+        cells = study_cells(epochs, out, args.threads)
+        from hpcnoise.workload import validate  # lazy: torch
+
+        for cfg in cells:  # e.g. a --np that does not divide the batch: fail here, not in every worker
+            try:
+                validate(cfg, args.np)
+            except ConfigError as e:
+                raise ConfigError(f"--np {args.np}: {e}") from e
+    except ConfigError as e:
+        print(f"hpcnoise study: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     sweep = out / "study.sweep.jsonl"
     write_file(sweep, cell_lines("mnist1d", cells))
     print(

@@ -274,7 +274,7 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
         step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
     pos.batch, pos.step = pos.batch + 1, pos.step + 1
     if not math.isfinite(out.reduced.loss_sum):  # the same reduced value on every rank: all stop
-        _diverge(t, pos, ep, session, f"the training loss is not finite at step {inp.step}")
+        _diverge(t, pos, ep, session, f"the training loss is not finite in step {pos.step} of the run")
     if out.reduced.stop:
         pos.epoch_time_s += time.perf_counter() - ep.started
         pos.elapsed_s += session.restart_clock()
@@ -293,7 +293,7 @@ def _diverge(t: Trainer, pos: Position, ep: _Epoch, session: _Session, what: str
     )
     record = {
         "epoch": ep.index + 1,
-        "step": pos.step,
+        "step": pos.step,  # steps taken, the failing one included (1-based number of the failing step)
         "message": message,
         "last_good": pos.history[-1] if pos.history else None,
     }

@@ -6,10 +6,14 @@ the registries are checked where the workload is built, so that config stays a l
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config, check_values
@@ -19,7 +23,7 @@ from hpcnoise.models import MODELS, GhostBatchNorm, build_model
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir, load_config
 from hpcnoise.seeding import stream_seed
-
+from hpcnoise.temperature import CALIBRATIONS
 
 MNIST1D_SHAPE = (40,)  # what the mnist1d package generates: 40-sample signals (hpcnoise.data.mnist1d)
 MNIST1D_CLASSES = 10
@@ -32,6 +36,18 @@ def dataset_shape(dataset: str) -> tuple[tuple[int, ...], int]:
     return MNIST1D_SHAPE, MNIST1D_CLASSES
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Skips in-place random fills (weight initialisation): on meta tensors they hold no values anyway,
+    and their meta kernels are Python decompositions that cost seconds to load on first use."""
+
+    FILLS = frozenset({"normal_", "uniform_", "bernoulli_", "random_", "exponential_", "log_normal_", "cauchy_"})
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in self.FILLS and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def model_problem(model: str, dataset: str) -> str | None:
     """Why ``model`` cannot be built for ``dataset``'s inputs (the builder's own words), or None if it can.
 
@@ -39,7 +55,7 @@ def model_problem(model: str, dataset: str) -> str | None:
     """
     in_shape, classes = dataset_shape(dataset)
     try:
-        with torch.device("meta"):
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), _ShapesOnly():  # leaves torch's RNG as it was
             MODELS[model].build(in_shape, classes, lambda c: GhostBatchNorm(c))
     except (ValueError, TypeError) as e:
         return str(e) or type(e).__name__
@@ -57,6 +73,8 @@ def check_workload(cfg: Config) -> None:
         if value not in registry:
             raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(sorted(registry))}")
     check_values(cfg)
+    if cfg.noise_calibration not in CALIBRATIONS:
+        raise ConfigError(f"noise_calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.noise_calibration!r}")
     problem = model_problem(cfg.model, cfg.dataset)
     if problem is not None:
         fits = [m for m in sorted(MODELS) if model_problem(m, cfg.dataset) is None]
@@ -124,9 +142,43 @@ def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
     return data, model
 
 
+# What torch.load raises on truncated, overwritten or foreign files (zip reader, weights-only unpickler).
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError)
+
+
+def read_model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """RUN_DIR/model.pt (the final state_dict that train() writes), on the CPU; ConfigError if it is not one."""
+    path = RunDir(run_dir).model_path
+    if not zipfile.is_zipfile(path):  # what torch.save writes; torch's own error for anything else is a page
+        raise ConfigError(f"{str(path)!r} is not a model file written by torch.save; train the run again")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except _LOAD_ERRORS as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"{str(path)!r} is not a readable model file ({reason}); train the run again") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{str(path)!r} does not hold a model state_dict (name -> tensor); train the run again")
+    return state
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], cfg: Config, run_dir: Path) -> None:
+    """Load a run's final parameters and buffers into the freshly built ``model``; ConfigError if they do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{str(RunDir(run_dir).model_path)!r} does not fit the run's {cfg.model} on {cfg.dataset} ({first})"
+        ) from e
+
+
 def load_run(run_dir: Path, comm: Comm) -> tuple[Config, Data, nn.Module]:
-    """Config, data (in the run's dtype) and final model of a finished run, rebuilt as train() builds them."""
+    """Config, data (in the run's dtype) and final model of a finished run, rebuilt as train() builds them.
+
+    Bad run directories (missing, unfinished, unreadable config.json or model.pt) raise ConfigError.
+    """
     cfg = load_config(run_dir)
+    state = read_model_state(run_dir)
     data, model = data_and_model(cfg, comm)
-    model.load_state_dict(torch.load(RunDir(run_dir).model_path, map_location=comm.device))
+    load_model_state(model, state, cfg, run_dir)
     return cfg, data, model

@@ -20,6 +20,7 @@ worker start-up. On a CPU shared with other jobs, --threads 1 avoids OpenMP thre
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -127,32 +128,52 @@ def time_loader(dataset: Dataset, batch: int, workers: int, steps: int, device: 
     return rate
 
 
+def int_list(low: int, what: str) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of integers >= ``low`` (at least one)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} (integers >= {low}), got {text!r}")
+        return values
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="hpcnoise bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=50_000, help="images in the split (CIFAR: 50,000)")
-    p.add_argument("--batches", default="128,512", help="comma-separated batch sizes")
-    p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts")
+    p.add_argument("--batches", type=int_list(1, "batch sizes"), default=[128, 512], help="comma-separated batch sizes")
+    p.add_argument(
+        "--workers", type=int_list(0, "worker counts"), default=[0, 2], help="comma-separated DataLoader worker counts"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     try:
         args = p.parse_args(argv)
+        if args.steps < 1:
+            raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+        if args.threads < 0:
+            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda is not available on this machine (no CUDA GPU); valid here: auto, cpu")
+        required = max(args.batches) * (args.steps + WARMUP)
+        if args.samples < required:
+            raise ConfigError(f"--samples must be at least {required} (largest batch x (steps + {WARMUP}))")
     except ConfigError as e:
         print(f"hpcnoise: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    batch_sizes = [int(b) for b in args.batches.split(",") if b.strip()]
-    worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    batch_sizes, worker_counts = args.batches, args.workers
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    required = max(batch_sizes) * (args.steps + WARMUP)
-    if args.samples < required:
-        msg = f"--samples must be at least {required} (largest batch x (steps + {WARMUP}))"
-        print(f"hpcnoise: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.samples, *SPEC.shape), dtype=torch.uint8, generator=g)  # N, C, H, W

@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.conv and args.models is not None:
             raise ConfigError("--conv and --models are exclusive")
+        for name, low in (("batch", 1), ("steps", 1), ("threads", 1)):
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise ConfigError(f"--{name} must be a positive integer, got {value}")
     except ConfigError as e:
         print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE

@@ -19,14 +19,15 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
-
-from hpcnoise.comm import init
+from hpcnoise.comm import detect_launcher, init, launcher_rank
 from hpcnoise.config import Config
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import unwritable
 from hpcnoise.models import MODELS
 from hpcnoise.regimes import REGIMES
-from hpcnoise.train import train
+from hpcnoise.workload import validate
 
 # The dataset whose shape each model is built for.
 MODEL_DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "mnist_mlp": "mnist", "lenet5": "mnist"}
@@ -57,21 +58,60 @@ def bench_config(model: str, regime: str, batch: int, steps: int, threads: int) 
     )
 
 
+def _names(text: str, registry: dict[str, Any], what: str, option: str) -> list[str]:
+    """A comma-separated list of registry names, or 'all'; ConfigError naming the unknown ones."""
+    names = list(registry) if text == "all" else [n for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in registry]
+    if bad or not names:
+        given = ", ".join(map(repr, bad)) or "(none given)"
+        raise ConfigError(f"{option}: unknown {what} {given}; valid: all, {', '.join(registry)}")
+    return names
+
+
+def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The models and regimes to measure; ConfigError on bad arguments, before anything runs or is written."""
+    models = _names(args.models, MODELS, "model", "--models")
+    regimes = _names(args.regimes, REGIMES, "regime", "--regimes")
+    if args.batch < 4:
+        raise ConfigError(f"--batch must be an integer >= 4 (the small batch is a quarter of it), got {args.batch}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    csv = args.csv
+    if csv is not None:
+        problem = unwritable(csv.parent) if not csv.is_dir() else ("", f"{str(csv)!r} is a directory")
+        if problem is not None:
+            raise ConfigError(f"cannot write --csv {csv}: {problem[1]}")
+    world = detect_launcher()[1]
+    for model in models:
+        for regime in regimes:
+            try:
+                validate(bench_config(model, regime, args.batch, args.steps, args.threads), world)
+            except ConfigError as e:
+                raise ConfigError(f"{model}/{regime} with --batch {args.batch}: {e}") from e
+    return models, regimes
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="hpcnoise bench train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="hpcnoise bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="mlp,cnn1d", help=f"comma-separated, or 'all' ({', '.join(MODELS)})")
     p.add_argument("--regimes", default="all", help=f"comma-separated, or 'all' ({', '.join(REGIMES)})")
     p.add_argument("--batch", type=int, default=512, help="global large batch (default 512)")
     p.add_argument("--steps", type=int, default=10, help="steps per epoch (default 10)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
-    args = p.parse_args(argv)
-    models = list(MODELS) if args.models == "all" else args.models.split(",")
-    regimes = list(REGIMES) if args.regimes == "all" else args.regimes.split(",")
-    bad = [m for m in models if m not in MODELS] + [r for r in regimes if r not in REGIMES]
-    if bad or args.batch < 4 or args.steps < 1:
-        print(f"hpcnoise bench train: error: unknown {bad} or --batch < 4 or --steps < 1", file=sys.stderr)
-        return 2
+    try:
+        args = p.parse_args(argv)
+        models, regimes = _check(args)
+    except ConfigError as e:
+        if launcher_rank() == 0:
+            print(f"hpcnoise bench train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    import pandas as pd  # lazy: only once the arguments are good
+
+    from hpcnoise.train import train
+
     comm = init("auto")
     out = Path(comm.broadcast_object(tempfile.mkdtemp(prefix="hpcnoise-bench-") if comm.is_main else ""))
     rows = []

@@ -10,19 +10,34 @@
     hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
     hpcnoise bench fisher|data|train                      diag-F cost per step; data feed; throughput
 
-Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written.
+Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written. `train` exits
+65 when the loss diverged, 73 when another job holds the run directory, 74 when a write failed or no
+checkpoint is usable, 75 when preempted after a checkpoint (hpcnoise.errors).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from hpcnoise.config import Config, apply_overrides
-from hpcnoise.errors import EXIT_PREEMPTED, EXIT_USAGE, ConfigError, Preempted
+from hpcnoise.config import Config, apply_overrides, check_values
+from hpcnoise.errors import (
+    EXIT_DIVERGED,
+    EXIT_IO,
+    EXIT_LOCKED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    CheckpointError,
+    ConfigError,
+    Diverged,
+    Parser,
+    Preempted,
+    RunLocked,
+    WriteFailed,
+)
 from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 # Commands import torch, Horovod and the training code only once they run (inside the functions below,
@@ -35,20 +50,39 @@ def _error(msg: str, rank0: bool = True) -> int:
     return EXIT_USAGE
 
 
+def is_rank0() -> bool:
+    """Whether this process is its launcher's rank 0 (the one that prints errors).
+
+    A plain process (no rank variable in the environment) is, without loading torch; under a launcher
+    ``hpcnoise.comm.launcher_rank`` decides.
+    """
+    if not any("RANK" in key or key == "SLURM_PROCID" for key in os.environ):
+        return True
+    from hpcnoise.comm import launcher_rank  # lazy: torch
+
+    return launcher_rank() == 0
+
+
 def cmd_train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="hpcnoise train",
         description="Train one configuration. Overrides are --key=value with any field of "
         "hpcnoise.config.Config (see `hpcnoise presets --fields`).",
     )
     parser.add_argument("preset", nargs="?", default=DEFAULT_PRESET, help=f"preset name (default {DEFAULT_PRESET})")
     parser.add_argument("--smoke", action="store_true", help="the preset's seconds-long smoke variant")
-    args, overrides = parser.parse_known_args(argv)
-    from hpcnoise.comm import init, launcher_rank
+    try:  # the checks that need no torch first, so that most bad input answers at once
+        args, overrides = parser.parse_known_args(argv)
+        cfg = apply_overrides(get_preset(args.preset, args.smoke), overrides)
+        check_values(cfg)
+    except ConfigError as e:
+        return _error(str(e), rank0=is_rank0())
+    from hpcnoise.comm import detect_launcher, init, launcher_rank
     from hpcnoise.train import train
+    from hpcnoise.workload import validate
 
     try:
-        cfg = apply_overrides(get_preset(args.preset, args.smoke), overrides)
+        validate(cfg, detect_launcher()[1])  # before init(), which would fail on e.g. a missing GPU
         train(cfg, init(cfg.device))
     except ConfigError as e:
         return _error(str(e), rank0=launcher_rank() == 0)
@@ -56,13 +90,20 @@ def cmd_train(argv: list[str]) -> int:
         if launcher_rank() == 0:
             print(f"hpcnoise: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
+    except (Diverged, RunLocked, WriteFailed, CheckpointError) as e:
+        if launcher_rank() == 0:
+            print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_LOCKED if isinstance(e, RunLocked) else EXIT_IO
     return 0
 
 
 def cmd_presets(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hpcnoise presets", description="List presets and registries.")
+    parser = Parser(prog="hpcnoise presets", description="List presets and registries.")
     parser.add_argument("--fields", action="store_true", help="also list every config field and its default")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as e:
+        return _error(str(e))
     from hpcnoise.data import DATASETS  # lazy: torch
     from hpcnoise.models import MODELS
     from hpcnoise.regimes import REGIMES
@@ -92,7 +133,10 @@ def _delegate(module: str, skip: int = 0) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return int(importlib.import_module(module).main(argv[skip:]))
+        try:
+            return int(importlib.import_module(module).main(argv[skip:]))
+        except ConfigError as e:  # a safety net: commands print their own bad input, this catches the rest
+            return _error(str(e), rank0=is_rank0())
 
     return run
 

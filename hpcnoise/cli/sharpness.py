@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from hpcnoise.comm import init, launcher_rank
-from hpcnoise.errors import EXIT_USAGE, ConfigError
+from hpcnoise.cli import is_rank0
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import write_json_atomic
-from hpcnoise.measure.sharpness import METHODS, sharpness_of
 from hpcnoise.rundir import load_config
-from hpcnoise.workload import load_run
+
+# torch and the measurement code load only once the run directory and the options are known good (the
+# argument checks below need neither), so that bad input answers at once.
+METHODS = ("lanczos", "power")  # hpcnoise.measure.sharpness.METHODS, which needs torch to import
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``hpcnoise sharpness RUN_DIR [--samples N] [--method lanczos|power] [--no-temperature] [--no-fold]``"""
-    parser = argparse.ArgumentParser(
+def _parser() -> Parser:
+    parser = Parser(
         prog="hpcnoise sharpness",
         description="Largest Hessian eigenvalue of a finished run's final model (BN folded, temperature "
         "fitted on the test split); writes RUN_DIR/sharpness.json. Runs under any launcher.",
@@ -28,24 +27,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, default="lanczos")
     parser.add_argument("--no-temperature", action="store_true", help="T = 1 instead of fitting it")
     parser.add_argument("--no-fold", action="store_true", help="keep batch norm (eval mode) instead of folding it")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    rank0 = launcher_rank() == 0
-    try:
-        cfg = load_config(args.run_dir)  # every rank checks, before any collective
-        if args.samples > cfg.train_samples:
-            raise ConfigError(f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``hpcnoise sharpness RUN_DIR [--samples N] [--method lanczos|power] [--no-temperature] [--no-fold]``"""
+    try:  # every rank checks, before any collective
+        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.run_dir.exists() and not args.run_dir.is_dir():
+            raise ConfigError(f"run directory {str(args.run_dir)!r} is not a directory")
+        cfg = load_config(args.run_dir)
         if args.samples < 1:
             raise ConfigError(f"--samples must be positive, got {args.samples}")
+        if args.samples > cfg.train_samples:
+            raise ConfigError(f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples")
+        import torch  # the run directory looks right: now the checks that need torch
+
+        from hpcnoise.comm import detect_launcher
+        from hpcnoise.workload import check_workload, read_model_state
+
+        world = detect_launcher()[1]
+        if args.samples < world:
+            raise ConfigError(f"--samples {args.samples} cannot be shared by {world} processes; use at least {world}")
+        # A run trained on a GPU is measured on this machine's device; the rest of its config must be valid.
+        device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "auto"
+        check_workload(replace(cfg, device=device))
+        state = read_model_state(args.run_dir)
     except ConfigError as e:
-        if rank0:
+        if is_rank0():
             print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    comm = init(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "auto")
+    from hpcnoise.comm import init
+    from hpcnoise.measure.sharpness import sharpness_of
+    from hpcnoise.workload import data_and_model, load_model_state
+
+    comm = init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        cfg, data, model = load_run(args.run_dir, comm)
-    except ConfigError as e:  # e.g. a prepared dataset file gone missing since training
+        data, model = data_and_model(cfg, comm)  # e.g. a prepared dataset file gone missing since training
+        load_model_state(model, state, cfg, args.run_dir)
+        if args.samples > data.x_train.shape[0]:  # image datasets: their own size, not cfg.train_samples
+            raise ConfigError(f"--samples {args.samples} exceeds the run's {data.x_train.shape[0]} training samples")
+    except ConfigError as e:
         if comm.is_main:
             print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
