@@ -180,7 +180,7 @@ def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[st
                 outcome |= _inspect(replace(cfg, run_name=name), run)
         except (ConfigError, RunLocked) as e:
             if run is not None:
-                run.unlock()
+                run.unlock(discard=True)
             outcome = {"error": str(e), "locked": isinstance(e, RunLocked)}
     outcome = comm.broadcast_object(outcome)
     if "error" in outcome:

@@ -55,6 +55,7 @@ class RunDir:
         self.diverged_path = path / "diverged.json"
         self.lock_path = path / ".lock"
         self._lock_fd: int | None = None
+        self._lock_created = False
 
     # --- one writer per run directory ---------------------------------------------------------------
     def lock(self, lock_path: Path | None = None) -> None:
@@ -64,6 +65,7 @@ class RunDir:
         no stale lock behind; the lock file itself may stay.
         """
         path = lock_path or self.lock_path
+        self._lock_created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,8 +83,12 @@ class RunDir:
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def unlock(self) -> None:
+    def unlock(self, discard: bool = False) -> None:
+        """Release the lock; ``discard``: also remove the lock file if this process created it (a run
+        that refused to start leaves its directory as it found it)."""
         if self._lock_fd is not None:
+            if discard and self._lock_created:
+                self.lock_path.unlink(missing_ok=True)
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hpcnoise.config import config_from_dict
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Diverged, Parser
 from hpcnoise.files import unwritable
 from hpcnoise.sweep import cell_lines, read_cell, run_name, table_cells, write_file
 
@@ -59,7 +59,11 @@ def run_cells(path: Path) -> int:
         cfg = config_from_dict(read_cell(path, i)["config"])
         if comm.is_main:
             print(f"hpcnoise study: cell {i + 1}/{count}: {cfg.run_name}", flush=True)
-        train(cfg, comm)
+        try:
+            train(cfg, comm)
+        except Diverged as e:  # a diverged cell is an outcome (the report counts it), not a failed study
+            if comm.is_main:
+                print(f"hpcnoise study: cell {i + 1}/{count} diverged: {e}", flush=True)
     return 0
 
 

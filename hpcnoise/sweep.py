@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hpcnoise.config import Config, apply_overrides, config_from_dict
+from hpcnoise.config import Config, apply_overrides, check_values, config_from_dict
 from hpcnoise.errors import (
     EXIT_DIVERGED,
     EXIT_IO,
@@ -295,11 +295,11 @@ def cmd_run(argv: list[str]) -> int:
         what = diverged_text(run_dir)
         _say(f"hpcnoise: cell {index} ({run_dir}) {what}; not rerun, counted as done", rank0_only=True, err=False)
         return 0
-    from hpcnoise.comm import init  # torch and Horovod load only once the input is known good
-    from hpcnoise.train import train
+    check_values(cfg)
+    from hpcnoise.train import train  # torch and Horovod load only once the input is known good
 
     try:
-        train(cfg, init(cfg.device))
+        train(cfg)  # checks the workload (models, device) before joining the launcher's world
     except Preempted as e:
         _say(f"hpcnoise: {e}; rerun the same command to resume", rank0_only=True)
         return EXIT_PREEMPTED
@@ -422,6 +422,8 @@ def cmd_submit(argv: list[str]) -> int:
     if not args.script.is_file():
         raise SweepError(f"batch script {str(args.script)!r} not found; pass --script=PATH/jobs/sweep.sbatch")
     cells = table_cells(args.table, args.smoke, args.out_dir)
+    for cell in cells:  # out-of-range values, as each task will see them
+        check_values(apply_overrides(cell, overrides))
     path = args.file or Path(cells[0].out_dir) / f"{args.table}{'-smoke' if args.smoke else ''}.sweep.jsonl"
     array = f"0-{len(cells) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
     cmd = [

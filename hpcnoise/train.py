@@ -40,7 +40,7 @@ from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
 from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
-from hpcnoise.workload import check_batches, data_and_model, validate
+from hpcnoise.workload import check_batches, check_workload, data_and_model, validate
 
 __all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "make_optimizer", "train"]
 
@@ -134,7 +134,9 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     (no usable checkpoint) and ConfigError (bad input).
     ``step_hook``, if given, is called on every rank after every step with a ``StepInfo``.
     """
-    comm = comm or init(cfg.device)
+    if comm is None:
+        check_workload(cfg)  # before init: e.g. a cuda device on a machine without one
+        comm = init(cfg.device)
     validate(cfg, comm.size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

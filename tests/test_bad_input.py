@@ -87,7 +87,12 @@ SWEEP_CASES = [
 ]
 
 # `hpcnoise sweep status` cases go here once that command exists (same form: id, argv, substring).
-SWEEP_STATUS_CASES: list[tuple[str, list[str], str]] = []
+SWEEP_STATUS_CASES: list[tuple[str, list[str], str]] = [
+    ("status-missing", ["sweep", "status", "nothere"], "nothere"),
+    ("status-notjson", ["sweep", "status", "notjson.jsonl"], "'notjson.jsonl' line 1 is not JSON"),
+    ("status-empty-dir", ["sweep", "status", "adir"], "adir"),
+    ("submit-range", ["sweep", "submit", "mnist1d", "--dry-run", "--momentum=2"], "momentum must be in [0, 1), got 2.0"),
+]
 
 OTHER_CASES = [
     # study

@@ -5,6 +5,7 @@
     hpcnoise presets                                      list presets and registries
     hpcnoise data prepare NAME --root DIR                 download and pack MNIST/Fashion/CIFAR (login node)
     hpcnoise sweep write|run|submit ...                   a table's cells as a job array
+    hpcnoise sweep status FILE|RUNS_DIR [--list]          a sweep's cells by state: finished, running, diverged, ...
     hpcnoise sharpness RUN_DIR                            max Hessian eigenvalue of a finished run
     hpcnoise report RUNS_DIR                              tables, figures and report.md from run directories
     hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
