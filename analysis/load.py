@@ -17,7 +17,8 @@ Derived columns, shared by tables and figures:
   (``sb`` with ghost_size == small_batch is plain batch norm);
 - ``lr_scaling``: "linear" | "sqrt" | "none" (missing in config.json = "linear"); meaningless for ``sb``;
 - ``variant``: the column id of the paper's tables, regime plus "+gbn" (e.g. "lb+gbn");
-- ``label``: what plots and tables print, e.g. "LB+GBN", "DiagF+GBN (sqrt)";
+- ``noise_multiplier``, ``noise_calibration``: the noise multiplier lambda the run used, and how it was set;
+- ``label``: what plots and tables print, e.g. "LB+GBN", "DiagF+GBN (sqrt)", "DiagF+GBN x0.25";
 - ``test_accuracy``: 100 * (1 - final_test_error), the paper's "validation accuracy";
 - ``experiment``: the config as JSON without seed, paths and threads, to detect runs of different
   settings pooled into one cell.
@@ -159,11 +160,17 @@ def _require(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
         raise RunError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
-def label(regime: str, gbn: bool, lr_scaling: str) -> str:
-    """Printed name of a regime variant, e.g. "LB+GBN", "DiagF+GBN (sqrt)", "LB (unscaled LR)"."""
+NOISE_FREE = frozenset({"sb", "lb", "batchchange"})  # regimes without injected noise
+
+
+def label(regime: str, gbn: bool, lr_scaling: str, multiplier: float = 1.0, calibration: str = "paper") -> str:
+    """Printed name of a regime variant, e.g. "LB+GBN", "DiagF+GBN (sqrt)", "LB (unscaled LR)", and for a
+    noise multiplier other than the paper's: "DiagF+GBN x0.25", "DiagF+GBN (sqrt) x0.39 (temperature)"."""
     text = REGIME_NAMES.get(regime, regime) + ("+GBN" if gbn else "")
     if regime != "sb" and lr_scaling != "linear":
         text += " (unscaled LR)" if lr_scaling == "none" else f" ({lr_scaling})"
+    if regime not in NOISE_FREE and (calibration != "paper" or multiplier != 1.0):
+        text += f" x{multiplier:.3g}" + (f" ({calibration})" if calibration != "paper" else "")
     return text
 
 
@@ -198,7 +205,12 @@ def _describe(
     row["batch"] = batch
     row["gbn"] = ghost_bn and int(cfg.get("ghost_size", 0)) < batch
     row["variant"] = cfg["regime"] + ("+gbn" if row["gbn"] else "")
-    row["label"] = label(cfg["regime"], row["gbn"], row["lr_scaling"])
+    # lambda actually used (config.json records it; older runs: the configured multiplier)
+    row["noise_multiplier"] = float(record.get("noise_multiplier", cfg.get("noise_multiplier", 1.0)))
+    row["noise_calibration"] = cfg.get("noise_calibration", "paper")
+    row["label"] = label(
+        cfg["regime"], row["gbn"], row["lr_scaling"], row["noise_multiplier"], row["noise_calibration"]
+    )
     experiment = {k: v for k, v in cfg.items() if k not in NON_EXPERIMENT_FIELDS and k != "lr_scaling"}
     if cfg["regime"] != "sb":  # SB is the reference batch: no learning-rate scaling applies to it
         experiment["lr_scaling"] = row["lr_scaling"]

@@ -32,6 +32,7 @@ from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
 from hpcnoise.files import check_writable, git_hash, write_bytes_atomic
 from hpcnoise.rundir import RunDir, default_run_name
 from hpcnoise.step import Trainer
+from hpcnoise.temperature import calibration_note, noise_multiplier
 
 FORMAT = "hpcnoise-checkpoint-v1"
 MAGIC = b"HPCNOISE-CHECKPOINT"
@@ -214,10 +215,14 @@ def start_or_resume(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[s
             "device": str(t.comm.device),
             "torch_threads": torch.get_num_threads(),
             "noise_scale": cfg.noise_scale,
+            "noise_multiplier": noise_multiplier(cfg),  # lambda actually used (hpcnoise.temperature)
             "num_params": sum(p.numel() for p in t.net.params),
             "versions": t.comm.versions(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        note = calibration_note(cfg)
+        if note is not None:
+            print(f"hpcnoise: note: {note}", flush=True)
         if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
             run.restart(record)
         else:

@@ -152,13 +152,15 @@ def _mnist1d_table(smoke: bool) -> list[Config]:
 def _mnist1d_grid(smoke: bool) -> list[Config]:
     """SB and the calibration grid (MNIST1D_GRID) at GRID_EPOCHS, 3 seeds each."""
     cells = _cells(["mnist1d-sb", *MNIST1D_GRID], smoke)
-    return cells if smoke else [_with_epochs(c, GRID_EPOCHS) for c in cells]
+    return cells if smoke else [with_epochs(c, GRID_EPOCHS) for c in cells]
 
 
-def _with_epochs(cfg: Config, epochs: int) -> Config:
-    """``cfg`` trained for ``epochs`` with the presets' proportions: noise for the first half, decays
-    at 1/2 and 3/4."""
-    return replace(cfg, epochs=epochs, noise_epochs=epochs // 2, lr_decay_epochs=(epochs // 2, epochs * 3 // 4))
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """A MNIST-1D preset's ``cfg`` trained for ``epochs`` with the presets' proportions: the same
+    fraction of warmup (5/32 under linear scaling), noise for the first half, decays at 1/2 and 3/4."""
+    warmup = cfg.warmup_epochs * epochs / cfg.epochs  # the same fraction of training (idempotent)
+    decays = (epochs // 2, epochs * 3 // 4)
+    return replace(cfg, epochs=epochs, warmup_epochs=warmup, noise_epochs=epochs // 2, lr_decay_epochs=decays)
 
 
 TABLES["mnist1d"] = _mnist1d_table

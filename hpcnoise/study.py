@@ -1,13 +1,16 @@
 """The main job: the MNIST-1D study, end to end on one machine, then the report.
 
-    hpcnoise study [--full] [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study]
+    hpcnoise study [--full | --grid] [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study]
 
-SB, LB+GBN, trace+GBN and diagF+GBN on MNIST-1D (generated offline), 3 seeds each, trained under
-``horovodrun --gloo -np 2`` on localhost (all 12 cells in one launcher world, so Horovod starts once),
-with the sharpness of every final model and Fisher diagnostics during training; then the report
-(tables, figures, report.md) from the run directories. The quick default takes about 10-15 minutes
-on 2 CPU cores; ``--full`` uses the presets' full epoch count. Runs that already finished are kept
-and not rerun, so an interrupted study continues where it stopped.
+SB, LB+GBN, the paper's diagF+GBN (noise multiplier lambda = 1, linear scaling) and the
+temperature-calibrated diagF+GBN (sqrt scaling, lambda = 0.39) on MNIST-1D (generated offline), 3
+seeds each, trained under ``horovodrun --gloo -np 2`` on localhost (all cells in one launcher world,
+so Horovod starts once), with the sharpness of every final model and Fisher and temperature
+diagnostics during training; then the report (tables, figures, report.md) from the run directories.
+The quick default takes about 10-15 minutes on 2 CPU cores; ``--full`` uses twice the presets' epoch
+count; ``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at
+GRID_EPOCHS). Runs that already finished are kept and not rerun, so an interrupted study continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -23,21 +26,20 @@ from pathlib import Path
 from hpcnoise.config import config_from_dict
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Diverged, Parser
 from hpcnoise.files import unwritable
+from hpcnoise.presets import GRID_EPOCHS, with_epochs
 from hpcnoise.sweep import cell_lines, read_cell, run_name, table_cells, write_file
 
-QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (noise for 4, decays at 8 and 12)
+QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (warmup 2.5, noise 8, decays at 8 and 12)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
 
 
-def study_cells(epochs: int, out_dir: Path, threads: int) -> list:
-    """The MNIST-1D table's cells with the study's epochs, sharpness and diagnostics switched on."""
+def study_cells(epochs: int, out_dir: Path, threads: int, table: str = "mnist1d") -> list:
+    """A MNIST-1D table's cells at ``epochs`` (the presets' proportions, hpcnoise.presets.with_epochs),
+    with sharpness and diagnostics switched on."""
     cells = []
-    for cfg in table_cells("mnist1d", smoke=False, out_dir=str(out_dir)):
+    for cfg in table_cells(table, smoke=False, out_dir=str(out_dir)):
         cfg = replace(
-            cfg,
-            epochs=epochs,
-            noise_epochs=epochs // 4,  # the presets' rule: noise for the first quarter
-            lr_decay_epochs=(epochs // 2, epochs * 3 // 4),
+            with_epochs(cfg, epochs),
             sharpness=True,
             diagnostics_every=max(epochs // 3, 1),
             threads=threads,
@@ -79,7 +81,9 @@ def launch_command(launcher: str, np: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="hpcnoise study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
+    mode.add_argument("--grid", action="store_true", help=f"the calibration grid (mnist1d-grid, {GRID_EPOCHS} epochs)")
     p.add_argument("--np", type=int, default=2, help="processes (default 2)")
     p.add_argument("--launcher", choices=("horovodrun", "mpirun", "none"), default="horovodrun")
     p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full])")
@@ -97,15 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
         if args.threads < 0:
             raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-        out = (args.out or Path("runs/study-full" if args.full else "runs/study")).absolute()
+        name = "study-grid" if args.grid else "study-full" if args.full else "study"
+        out = (args.out or Path("runs") / name).absolute()
         problem = unwritable(out)
         if problem is not None:
             raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
         launcher = launch_command(args.launcher, args.np)[:1]
         if launcher and shutil.which(launcher[0]) is None:
             raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
-        epochs = FULL_EPOCHS if args.full else QUICK_EPOCHS
-        cells = study_cells(epochs, out, args.threads)
+        epochs = GRID_EPOCHS if args.grid else FULL_EPOCHS if args.full else QUICK_EPOCHS
+        table = "mnist1d-grid" if args.grid else "mnist1d"
+        cells = study_cells(epochs, out, args.threads, table)
         from hpcnoise.workload import validate  # lazy: torch
 
         for cfg in cells:  # e.g. a --np that does not divide the batch: fail here, not in every worker
@@ -117,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcnoise study: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     sweep = out / "study.sweep.jsonl"
-    write_file(sweep, cell_lines("mnist1d", cells))
+    write_file(sweep, cell_lines(table, cells))
     print(
         f"hpcnoise study: {len(cells)} runs of {epochs} epochs on {args.np} processes ({args.launcher}); runs in {out}",
         flush=True,

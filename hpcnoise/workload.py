@@ -75,6 +75,14 @@ def check_workload(cfg: Config) -> None:
     check_values(cfg)
     if cfg.noise_calibration not in CALIBRATIONS:
         raise ConfigError(f"noise_calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.noise_calibration!r}")
+    if cfg.noise_calibration == "temperature":
+        if REGIMES[cfg.regime].noise is None:
+            raise ConfigError(f"noise_calibration=temperature needs a noise regime; regime {cfg.regime!r} has no noise")
+        if cfg.lr_scaling not in ("linear", "sqrt"):
+            raise ConfigError(
+                "noise_calibration=temperature derives lambda from the learning-rate rule: lr_scaling must be "
+                f"linear or sqrt, got {cfg.lr_scaling!r}"
+            )
     problem = model_problem(cfg.model, cfg.dataset)
     if problem is not None:
         fits = [m for m in sorted(MODELS) if model_problem(m, cfg.dataset) is None]

@@ -32,6 +32,18 @@ DRY = ("--dry-run",)
 
 # (id, argv after `hpcnoise`, a substring of the one stderr line: the argument and what is valid)
 TRAIN_CASES = [
+    ("negative-lambda", [*TRAIN, "--noise_multiplier=-0.5"], "noise_multiplier must be >= 0, got -0.5"),
+    (
+        "unknown-calibration",
+        [*TRAIN, "--noise_calibration=magic"],
+        "noise_calibration must be one of paper, temperature",
+    ),
+    (
+        "temperature-no-rule",
+        [*TRAIN, "--noise_calibration=temperature", "--lr_scaling=none"],
+        "lr_scaling must be linear or sqrt, got 'none'",
+    ),
+    ("temperature-no-noise", [*TRAIN, "--noise_calibration=temperature", "--regime=lb"], "needs a noise regime"),
     ("momentum-above-1", [*TRAIN, "--momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
     ("bn-momentum-0", [*TRAIN, "--bn_momentum=0"], "bn_momentum must be in (0, 1], got 0.0"),
     ("lr-decay-factor", [*TRAIN, "--lr_decay_factor=1.5"], "lr_decay_factor must be in (0, 1], got 1.5"),
@@ -91,7 +103,11 @@ SWEEP_STATUS_CASES: list[tuple[str, list[str], str]] = [
     ("status-missing", ["sweep", "status", "nothere"], "nothere"),
     ("status-notjson", ["sweep", "status", "notjson.jsonl"], "'notjson.jsonl' line 1 is not JSON"),
     ("status-empty-dir", ["sweep", "status", "adir"], "adir"),
-    ("submit-range", ["sweep", "submit", "mnist1d", "--dry-run", "--momentum=2"], "momentum must be in [0, 1), got 2.0"),
+    (
+        "submit-range",
+        ["sweep", "submit", "mnist1d", "--dry-run", "--momentum=2"],
+        "momentum must be in [0, 1), got 2.0",
+    ),
 ]
 
 OTHER_CASES = [
