@@ -63,6 +63,8 @@ class Config:
     out_dir: str = "runs"
     checkpoint_every: int = 1  # epochs between checkpoints (0: only on SIGTERM/SIGUSR1)
     diagnostics_every: int = 0  # epochs between Fisher norms / gradient variances (diagnostics.jsonl); 0 = off
+    precise_bn_batches: int = 0  # re-estimate BN running statistics over K global training batches before
+    # each evaluation (pycls's precise BN; hpcnoise.precise_bn); 0 = off, the running averages as trained
     sharpness: bool = False  # measure the final model's max Hessian eigenvalue (sharpness.json)
     sharpness_samples: int = 4096  # training samples the Hessian is taken over
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
@@ -167,6 +169,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("seed", 0, None, False, False),  # numpy's SeedSequence takes non-negative entropy
     ("checkpoint_every", 0, None, False, False),
     ("diagnostics_every", 0, None, False, False),
+    ("precise_bn_batches", 0, None, False, False),
     ("sharpness_samples", 1, None, False, False),
     ("threads", 0, None, False, False),
 )

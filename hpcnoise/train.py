@@ -36,6 +36,7 @@ from hpcnoise.config import Config
 from hpcnoise.data import Data, epoch_batches, local_share
 from hpcnoise.errors import Diverged, Preempted, WriteFailed
 from hpcnoise.measure import diagnostics_row, sharpness_of
+from hpcnoise.precise_bn import precise_bn
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
@@ -318,6 +319,8 @@ def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sess
     """The epoch's metrics.jsonl row (after evaluating on the test split)."""
     train_time = pos.epoch_time_s + time.perf_counter() - ep.started
     n_seen = len(ep.batches) * ep.global_batch
+    if t.cfg.precise_bn_batches:
+        precise_bn(t.net.model, data, t.comm, ep.global_batch, t.cfg.precise_bn_batches, t.cfg.seed, ep.index)
     test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
     row = {
         "epoch": ep.index + 1,
