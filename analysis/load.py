@@ -22,6 +22,10 @@ Derived columns, shared by tables and figures:
 - ``test_accuracy``: 100 * (1 - final_test_error), the paper's "validation accuracy";
 - ``experiment``: the config as JSON without seed, paths and threads, to detect runs of different
   settings pooled into one cell.
+- ``tau`` (and ``tau_epoch``, ``tau_trace_c``, ``tau_injected_variance``, ``tau_lr_ratio``, ``tau_batch``):
+  the noise temperature of the run's step relative to small-batch SGD, as measured in the last row of
+  diagnostics.jsonl that has a "temperature" entry (``hpcnoise.measure.measured_temperature``); NaN when no
+  row has one (or its tau is not a finite number).
 """
 
 from __future__ import annotations
@@ -299,12 +303,42 @@ def _load_sharpness(path: Path) -> dict[str, Any]:
     return out
 
 
-def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(Fisher-norm rows, gradient-variance rows) of diagnostics.jsonl."""
+TAU_COLUMNS = ("tau", "tau_epoch", "tau_trace_c", "tau_injected_variance", "tau_lr_ratio", "tau_batch")
+_TAU_KEYS = {"tau": "tau", "trace_c": "tau_trace_c", "injected_variance": "tau_injected_variance"}
+_TAU_KEYS |= {"lr_ratio": "tau_lr_ratio", "batch": "tau_batch"}
+
+
+def _temperature(row: dict[str, Any], where: str) -> dict[str, float]:
+    """The run columns of a diagnostics row's "temperature" entry (non-finite numbers: NaN)."""
+    entry = row["temperature"]
+    if not isinstance(entry, dict):
+        raise RunError(f"{where}: temperature is not an object")
+    out = {"tau_epoch": float(row["epoch"]) if _number(row["epoch"]) else math.nan}
+    for key, column in _TAU_KEYS.items():
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise RunError(f"{where}: temperature[{key!r}] is {value!r}, not a number")
+        out[column] = float(value) if _number(value) else math.nan
+    return out
+
+
+def _load_diagnostics(
+    path: Path, run_id: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """(Fisher-norm rows, gradient-variance rows, tau columns) of diagnostics.jsonl.
+
+    The tau columns (``TAU_COLUMNS``) are those of the latest epoch's row with a "temperature" entry (the
+    last such line on ties); empty when no row has one.
+    """
     fisher, variance = [], []
+    tau: dict[str, float] = {}
     for i, row in enumerate(_read_jsonl(path), 1):
         where = f"diagnostics.jsonl line {i}"
         _require(row, ("epoch",), where)
+        if row.get("temperature") is not None:
+            measured = _temperature(row, where)
+            if not tau or not measured["tau_epoch"] < tau["tau_epoch"]:
+                tau = measured
         for key, kind in (("fisher_frobenius", "full"), ("diag_fisher_frobenius", "diagonal")):
             if row.get(key) is not None:
                 if not _number(row[key]):
@@ -328,7 +362,7 @@ def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], li
                         "variance": float(value),
                     }
                 )
-    return fisher, variance
+    return fisher, variance, tau
 
 
 def load(root: Path) -> Loaded:
@@ -360,16 +394,17 @@ def load(root: Path) -> Loaded:
                 skipped.append(Skipped(run_id, str(e), "sharpness.json"))
         if (path / "diagnostics.jsonl").exists():
             try:
-                f_rows, v_rows = _load_diagnostics(path / "diagnostics.jsonl", run_id)
+                f_rows, v_rows, tau = _load_diagnostics(path / "diagnostics.jsonl", run_id)
                 fisher += f_rows
                 variance += v_rows
+                row.update(tau)
             except RunError as e:
                 skipped.append(Skipped(run_id, str(e), "diagnostics.jsonl"))
         runs.append(row)
         ids = {k: row[k] for k in _ID_COLUMNS}
         epochs += [{**ids, **m} for m in metrics]
     runs_df = pd.DataFrame(runs)
-    for col in ("max_eigenvalue", "temperature"):
+    for col in ("max_eigenvalue", "temperature", *TAU_COLUMNS):
         if col not in runs_df:
             runs_df[col] = float("nan")
     return Loaded(

@@ -11,6 +11,12 @@ cell's text (``fmt_estimate``); a cell whose runs all diverged reads "none finis
 
 Each table exists twice: a tidy long DataFrame (one row per cell, every number; written as CSV) and a
 Markdown rendering of the paper's layout (rows (dataset, network), columns regimes, each beside the paper's).
+The rendering lists the rows with at least one measured cell (``row_measured``); the paper's rows nobody ran
+are rendered on their own as a reference (``split_measured``).
+
+A noise regime's column holds only runs at the paper's noise (multiplier lambda = 1, ``noise_calibration``
+"paper"), so that a calibration grid's other multipliers are not pooled into the paper's cell; they are in
+``results_table`` and ``analysis.closure``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.load import pooled_differences
+from analysis.load import NOISE_FREE, pooled_differences
 from analysis.published import COLUMNS as PUBLISHED_COLUMNS
 from analysis.published import TITLES, published, published_any
 from analysis.published import rows as published_rows
@@ -152,6 +158,11 @@ def select(runs: pd.DataFrame, dataset: str, network: str, column: Column) -> pd
         mask &= runs["gbn"] == column.gbn
     if column.lr_scaling is not None:
         mask &= runs["lr_scaling"] == column.lr_scaling
+    if column.regime not in NOISE_FREE:  # the paper's noise: lambda = 1, not calibrated
+        if "noise_multiplier" in runs:
+            mask &= runs["noise_multiplier"].fillna(1.0) == 1.0
+        if "noise_calibration" in runs:
+            mask &= runs["noise_calibration"].fillna("paper") == "paper"
     return runs[mask]
 
 
@@ -169,7 +180,8 @@ def paper_table(runs: pd.DataFrame, spec: TableSpec, diverged: pd.DataFrame | No
 
     Rows are the paper's rows (always, so the table renders with no runs) followed by any other
     (dataset, network) that has runs (finished or diverged) of one of the table's LB regimes at the table's
-    LR scaling. ``n_diverged``: the cell's diverged runs, which are not in its mean.
+    LR scaling. ``n_diverged``: the cell's diverged runs, which are not in its mean. ``row_measured``: some
+    cell of the row has a run, finished or diverged.
     """
     diverged = _or_empty(diverged)
     row_keys = published_rows(spec.name)
@@ -212,7 +224,24 @@ def paper_table(runs: pd.DataFrame, spec: TableSpec, diverged: pd.DataFrame | No
                     "pooled": _pooled_note(cell),
                 }
             )
-    return pd.DataFrame(out)
+    df = pd.DataFrame(out)
+    if df.empty:
+        return df.assign(row_measured=pd.Series(dtype=bool))
+    ran = (df["n_runs"] > 0) | (df["n_diverged"] > 0)
+    df["row_measured"] = ran.groupby([df["dataset"], df["network"]]).transform("any").astype(bool)
+    return df
+
+
+def split_measured(long: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the rows with at least one measured cell, the rows nobody ran) of a long paper table."""
+    if long.empty:
+        return long, long
+    if "row_measured" in long:
+        measured = long["row_measured"].astype(bool)
+    else:  # a table written before the column existed
+        ran = (long["n_runs"] > 0) | (long.get("n_diverged", 0) > 0)
+        measured = ran.groupby([long["dataset"], long["network"]]).transform("any").astype(bool)
+    return long[measured], long[~measured]
 
 
 # --- formatting ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 from hpcnoise.config import Config, config_from_dict
 from hpcnoise.errors import ConfigError, RunLocked
 from hpcnoise.files import append_jsonl, rewrite_jsonl, save_torch_atomic, write_json_atomic
+from hpcnoise.runstate import lock_held
 
 
 def default_run_name(cfg: Any) -> str:
@@ -94,16 +95,7 @@ class RunDir:
 
     def is_locked_elsewhere(self) -> bool:
         """Whether another process holds the lock (without taking it)."""
-        if not self.lock_path.exists():
-            return False
-        fd = os.open(self.lock_path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return lock_held(self.path)
 
     def is_finished(self) -> bool:
         return self.summary_path.exists()

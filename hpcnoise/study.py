@@ -27,7 +27,7 @@ from hpcnoise.config import config_from_dict
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Diverged, Parser
 from hpcnoise.files import unwritable
 from hpcnoise.presets import GRID_EPOCHS, with_epochs
-from hpcnoise.sweep import cell_lines, read_cell, run_name, table_cells, write_file
+from hpcnoise.sweepfile import cell_lines, read_cell, run_name, table_cells, write_file
 
 QUICK_EPOCHS = 16  # the quick study: half the presets' 32 epochs (warmup 2.5, noise 8, decays at 8 and 12)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
