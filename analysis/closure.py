@@ -274,7 +274,7 @@ def closure_markdown(df: pd.DataFrame) -> str:
 
 # --- the verdict ------------------------------------------------------------------------------------------------
 def _setting(r: pd.Series) -> str:
-    """"DiagF+GBN (sqrt) x0.25 (sqrt LR scaling, lambda = 0.25)"."""
+    """ "DiagF+GBN (sqrt) x0.25 (sqrt LR scaling, lambda = 0.25)"."""
     lam = fmt_lambda(r)
     where = f"{r['lr_scaling']} LR scaling" + (f", lambda = {lam}" if lam != "—" else "")
     if lam == "1":
@@ -290,65 +290,73 @@ def _points(est_mean: float, half: float) -> str:
     return f"{est_mean:.2f} ± {half:.2f}" if math.isfinite(half) else f"{est_mean:.2f} (no interval)"
 
 
+def _gap_clause(lb: pd.Series) -> tuple[str, bool, bool]:
+    """(the clause on SB vs this LB baseline, whether SB is better, whether that gap's interval includes 0)."""
+    rule, gap, half = lb["lr_scaling"], float(lb["gap"]), float(lb["gap_ci"])
+    if not gap > 0:
+        clause = (
+            f"under {rule} LR scaling SB is not better than {lb['label']} ({lb['accuracy']:.2f}%, "
+            f"SB - LB = {_points(gap, half)} points), so there is no gap to close"
+        )
+        return clause, False, False
+    clause = f"{lb['label']} ({lb['accuracy']:.2f}%) is {_points(gap, half)} points below SB under {rule} LR scaling"
+    if not math.isfinite(half):
+        return clause + " (too few seeds for an interval)", True, True
+    if gap - half <= 0:
+        return clause + " (an interval that includes 0)", True, True
+    return clause, True, False
+
+
 def _pair_verdict(dataset: str, network: str, df: pd.DataFrame) -> str:
     sb = df[df["role"] == "SB baseline"].iloc[0]
-    lbs = df[df["role"] == "LB baseline"]
-    text = f"{dataset}/{network}: SB reaches {sb['accuracy']:.2f}% test accuracy ({int(sb['n_seeds'])} seeds). "
-    no_gap, gapped, unclear = [], [], []
-    for _, lb in lbs.iterrows():
-        rule, gap, half = lb["lr_scaling"], float(lb["gap"]), float(lb["gap_ci"])
-        if not gap > 0:
-            no_gap.append(
-                f"under {rule} LR scaling SB is not better than {lb['label']} ({lb['accuracy']:.2f}%, "
-                f"SB - LB = {_points(gap, half)} points), so there is no gap to close"
-            )
-            continue
-        gapped.append(rule)
-        note = ""
-        if not math.isfinite(half) or gap - half <= 0:
-            unclear.append(rule)
-            note = ", a gap whose 95% interval includes 0" if math.isfinite(half) else ", too few seeds for an interval"
-        text_rule = f"{lb['label']} ({lb['accuracy']:.2f}%) is {_points(gap, half)} points below SB under {rule}"
-        no_gap.append(text_rule + f" LR scaling{note}")  # kept in order with the rules without a gap
-    text += "; ".join(no_gap) + ". "
+    clauses, gapped, unclear = [], [], []
+    for _, lb in df[df["role"] == "LB baseline"].iterrows():
+        clause, has_gap, imprecise = _gap_clause(lb)
+        clauses.append(clause)
+        if has_gap:
+            gapped.append(lb["lr_scaling"])
+        if imprecise:
+            unclear.append(lb["lr_scaling"])
+    n_sb = int(sb["n_seeds"])
+    text = (
+        f"{dataset}/{network}: SB reaches {sb['accuracy']:.2f}% test accuracy ({n_sb} seed{'s' if n_sb != 1 else ''}); "
+    )
+    text += "; ".join(clauses) + ". "
     if not gapped:
-        return text + "There is no generalisation gap to close under any LR rule run, so closures are not assessed."
-    rows = df[(df["role"] == "regime") & df["lr_scaling"].isin(gapped) & np.isfinite(df["closure"].astype(float))]
+        return text + "SB is not better than LB under any LR rule run: there is no generalisation gap to close."
+    closure = df["closure"].astype(float)
+    rows = df[(df["role"] == "regime") & df["lr_scaling"].isin(gapped) & np.isfinite(closure)]
     if rows.empty:
-        return text + "No noise regime or other variant was run under a rule with a gap, so nothing closes it."
+        return text + "No other variant was run under a rule with a gap, so nothing is measured to close it."
     best = rows.loc[rows["closure"].astype(float).idxmax()]
     text += f"The best closure is {fmt_closure(best)}, by {_setting(best)}"
     if math.isfinite(best["closure_low"]):
         if best["closure_low"] <= 1.0 <= best["closure_high"]:
-            text += "; its interval includes 100% (consistent with closing the whole gap)"
+            text += ", an interval that includes 100% (consistent with closing the whole gap)"
         elif best["closure_high"] < 1.0:
-            text += "; its interval stays below 100%"
+            text += ", an interval below 100% (it closes part of the gap at most)"
     text += ". "
     with_ci = rows[np.isfinite(rows["closure_low"].astype(float))]
-    positive = with_ci[with_ci["closure_low"] > 0]
-    negative = with_ci[with_ci["closure_high"] < 0]
     if with_ci.empty:
         return text + "No setting has 2 or more seeds in every group, so no closure has an interval."
-    of = f"of {len(with_ci)} setting{'s' if len(with_ci) != 1 else ''} with an interval"
+    positive = with_ci[with_ci["closure_low"] > 0]
+    negative = with_ci[with_ci["closure_high"] < 0]
+    of = f"of the {len(with_ci)} setting{'s' if len(with_ci) != 1 else ''} with an interval"
     if positive.empty:
         text += f"None {of} closes the gap with an interval that excludes 0"
     else:
-        n = len(positive)
-        text += (
-            f"{n} {of} close{'s' if n == 1 else ''} the gap with an interval that excludes 0: "
-            + "; ".join(_with_interval(r) for _, r in positive.iterrows())
-        )
+        verb = "closes" if len(positive) == 1 else "close"
+        listed = "; ".join(_with_interval(r) for _, r in positive.iterrows())
+        text += f"{len(positive)} {of} {verb} the gap with an interval that excludes 0 ({listed})"
     if negative.empty:
         text += "; none is significantly negative (worse than LB with an interval that excludes 0)."
     else:
-        n = len(negative)
-        text += (
-            f"; {n} {'is' if n == 1 else 'are'} significantly negative, widening the gap: "
-            + "; ".join(_with_interval(r) for _, r in negative.iterrows())
-            + "."
-        )
+        verb = "is" if len(negative) == 1 else "are"
+        listed = "; ".join(_with_interval(r) for _, r in negative.iterrows())
+        text += f"; {len(negative)} {verb} significantly negative, widening the gap ({listed})."
     if unclear:
-        text += f" Under {' and '.join(unclear)} LR scaling the gap itself is not clear of 0, so those closures are imprecise."
+        rules = " and ".join(r for r in unclear if r in gapped)
+        text += f" The gap under {rules} LR scaling is not clearly above 0, so closures under it are imprecise."
     return text
 
 

@@ -322,9 +322,7 @@ def _temperature(row: dict[str, Any], where: str) -> dict[str, float]:
     return out
 
 
-def _load_diagnostics(
-    path: Path, run_id: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+def _load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """(Fisher-norm rows, gradient-variance rows, tau columns) of diagnostics.jsonl.
 
     The tau columns (``TAU_COLUMNS``) are those of the latest epoch's row with a "temperature" entry (the

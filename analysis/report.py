@@ -1,11 +1,13 @@
 """``hpcnoise report RUNS_DIR [--out DIR]``: the paper's tables and figures from a root of run directories.
 
 Writes, under DIR (default RUNS_DIR/report):
-    report.md               tables as Markdown, figures embedded by relative path, diverged runs (epoch,
-                            message), skipped runs with reasons
-    figures/*.png           Figs. 3a-d and 4 (those with data)
-    tables/*.csv            every table in tidy long form, plus runs.csv (one row per finished run),
-                            diverged.csv (one row per diverged run) and skipped.csv
+    report.md               the verdict (does any setting close the SB-vs-LB gap?), the gap-closure table,
+                            tables as Markdown (the paper's tables: the rows we ran, beside the published
+                            numbers; the rows nobody ran in a reference section), figures embedded by relative
+                            path, diverged runs (epoch, message), skipped runs with reasons
+    figures/*.png           Figs. 3a-d and 4, accuracy against lambda and against tau (those with data)
+    tables/*.csv            every table in tidy long form (closure.csv: ``analysis.closure``), plus runs.csv
+                            (one row per finished run), diverged.csv (one row per diverged run) and skipped.csv
 Means are over finished runs; every table counts each cell's diverged runs beside its mean ("k diverged").
 Every file is written to a temporary name and renamed into place, report.md last. Everything is computed
 before anything is written, so bad input (RUNS_DIR missing, not a directory, no finished runs, DIR not
@@ -21,13 +23,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures, tables
+from analysis import closure, figures, tables
 from analysis.load import Loaded, load
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import unwritable, write_bytes_atomic, write_files_atomic
 
 REPORT_NAME = "report.md"
-_CSV_NAMES = ("table1", "table2", "table3", "results", "throughput", "sharpness", "runs", "diverged", "skipped")
+_CSV_NAMES = (
+    "closure",
+    "table1",
+    "table2",
+    "table3",
+    "results",
+    "throughput",
+    "sharpness",
+    "runs",
+    "diverged",
+    "skipped",
+)
 
 
 class ReportError(ConfigError):
@@ -72,9 +85,9 @@ def _gap_sentence(dataset: str, network: str, cell: pd.DataFrame) -> str | None:
         text += f"no generalisation gap: LB is {-gap.mean:.2f} ± {gap.half:.2f} points better than SB"
     else:
         text += f"no clear gap: {gap.mean:.2f} ± {gap.half:.2f} points, an interval that includes 0"
-    diag = _pick(cell, "diagf", bool(lb["gbn"].iloc[0]))
+    diag = _pick(_paper_noise(cell), "diagf", bool(lb["gbn"].iloc[0]))
     if diag.empty:
-        return text + "; no DiagF runs to test its closure."
+        return text + "; no DiagF runs at the paper's noise (lambda = 1) to test its closure."
     e_d = _errors(diag)
     closed = tables.welch_diff(e_lb, e_d)  # LB error - DiagF error: positive = DiagF better
     d_name, d_err = diag["label"].iloc[0], tables.mean_ci(e_d).mean
@@ -87,6 +100,14 @@ def _gap_sentence(dataset: str, network: str, cell: pd.DataFrame) -> str | None:
     if significant:
         text += f", closing {100.0 * closed.mean / gap.mean:.0f}% of the gap"
     return text + (" (an interval that includes 0)." if unsure else ".")
+
+
+def _paper_noise(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs at the paper's noise: multiplier lambda = 1, not calibrated (other multipliers: the closure)."""
+    if runs.empty or "noise_multiplier" not in runs:
+        return runs
+    calibration = runs["noise_calibration"] if "noise_calibration" in runs else pd.Series("paper", index=runs.index)
+    return runs[(runs["noise_multiplier"].fillna(1.0) == 1.0) & (calibration.fillna("paper") == "paper")]
 
 
 def _linear(runs: pd.DataFrame) -> pd.DataFrame:
@@ -108,10 +129,10 @@ def _diverged_note(diverged: pd.DataFrame, pairs: set[tuple[str, str]]) -> str:
 def gap_summary(runs_df: pd.DataFrame, diverged: pd.DataFrame | None = None) -> str:
     """One paragraph, with numbers, on whether the SB-vs-LB generalisation gap appeared and DiagF closed it.
 
-    Uses linear-scaling runs (Table 1's setting); test error in percent, mean over seeds; intervals are 95%
-    Welch t intervals of differences of means. Says so plainly when there is no gap or too few seeds, and
-    names the diverged runs (``Loaded.diverged``) of the (dataset, network) pairs it discusses, which are not
-    in its means.
+    Uses linear-scaling runs (Table 1's setting) and DiagF at the paper's noise (lambda = 1); test error in
+    percent, mean over seeds; intervals are 95% Welch t intervals of differences of means. Says so plainly
+    when there is no gap or too few seeds, and names the diverged runs (``Loaded.diverged``) of the
+    (dataset, network) pairs it discusses, which are not in its means.
     """
     if runs_df.empty:
         return "No finished runs, so the generalisation gap cannot be assessed."
@@ -184,6 +205,35 @@ def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     ]
 
 
+def _verdict_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """The answer, in words computed from the runs: does any setting close the gap, and which best."""
+    table, _ = closure.closure_table(loaded.runs, loaded.diverged)
+    return [
+        "## Verdict",
+        "",
+        closure.verdict(table),
+        "",
+        "Computed from the finished runs (test accuracy, mean over seeds); closures and their 95% delta-method "
+        "intervals as in Gap closure below, gaps (SB - LB) with 95% Welch t intervals.",
+        "",
+    ]
+
+
+def _closure_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """Every variant's closure of the SB-vs-LB gap, with its interval; the cells left out and why."""
+    table, left_out = closure.closure_table(loaded.runs, loaded.diverged)
+    files["tables/closure.csv"] = _csv(table)
+    md = ["## Gap closure", "", closure.METHOD, ""]
+    md += [closure.closure_markdown(table) if not table.empty else "No (dataset, network) has both baselines.", ""]
+    if left_out:
+        md += ["Left out (no baseline to measure a closure against):", ""]
+        md += [f"- {note}." for note in left_out] + [""]
+    pooled = [
+        f"- {r['dataset']}/{r['network']} {r['label']}: {r['pooled']}." for _, r in table.iterrows() if r["pooled"]
+    ]
+    return md + pooled + ([""] if pooled else [])
+
+
 def _gap_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     return ["## Generalisation gap", "", gap_summary(loaded.runs, loaded.diverged), "", _ACCURACY_NOTE, ""]
 
@@ -198,14 +248,48 @@ def _table_notes(long: pd.DataFrame) -> list[str]:
     return notes
 
 
+_REFERENCE_TITLE = "Published numbers not reproduced here"
+_REFERENCE_LINK = "#published-numbers-not-reproduced-here"
+
+
 def _paper_tables(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
-    """Tables 1-3: ours beside the paper's, with the transcription and pooling notes."""
+    """Tables 1-3, the rows with a measured cell: ours beside the paper's, with transcription and pooling notes."""
     md: list[str] = []
     for table in tables.TABLES.values():
         long = tables.paper_table(loaded.runs, table, loaded.diverged)
         files[f"tables/{table.name}.csv"] = _csv(long)
-        md += [f"## {table.title}", "", tables.paper_table_markdown(long, table), ""]
-        notes = _table_notes(long)
+        measured, reference = tables.split_measured(long)
+        md += [f"## {table.title}", ""]
+        n_ref = reference[["dataset", "network"]].drop_duplicates().shape[0]
+        elsewhere = f"[{_REFERENCE_TITLE}]({_REFERENCE_LINK})"
+        if measured.empty:
+            md += [f"No run fills a row of this table; the paper's {n_ref} rows are under {elsewhere}.", ""]
+            continue
+        md += [tables.paper_table_markdown(measured, table), ""]
+        if n_ref:
+            md += [f"The paper's {n_ref} other row{'s' if n_ref != 1 else ''} (not run here): {elsewhere}.", ""]
+        notes = _table_notes(measured)
+        md += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return md
+
+
+def _reference_tables(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
+    """The rows of the paper's tables that no run fills: the published numbers alone, for reference."""
+    md = [
+        f"## {_REFERENCE_TITLE}",
+        "",
+        "The rows of the paper's Tables 1-3 that none of our runs fills, with the published numbers. The "
+        "columns are those of the tables above, so that they line up; ours are blank because nothing was run.",
+        "",
+    ]
+    for table in tables.TABLES.values():
+        _, reference = tables.split_measured(tables.paper_table(loaded.runs, table, loaded.diverged))
+        md += [f"### {table.title}", ""]
+        if reference.empty:
+            md += ["Every row of this table has a run (see above).", ""]
+            continue
+        md += [tables.paper_table_markdown(reference, table), ""]
+        notes = _table_notes(reference)
         md += [f"- {n}" for n in notes] + ([""] if notes else [])
     return md
 
@@ -250,8 +334,8 @@ def _sharpness_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 def _figures_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     """Every figure: embedded by relative path when drawn, else why not."""
     md = ["## Figures", ""]
-    drawn, no_data = figures.render(loaded)
-    for spec in figures.FIGURES:
+    drawn, no_data = figures.render(loaded, figures.ALL_FIGURES)
+    for spec in figures.ALL_FIGURES:
         md += [f"### {spec.title}", ""]
         if spec.name not in drawn:
             md += [f"Not drawn: {no_data[spec.name]}.", ""]
@@ -331,12 +415,15 @@ def _skipped_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 _SECTIONS: tuple[_Section, ...] = (
     _header,
+    _verdict_section,
+    _closure_section,
     _gap_section,
     _paper_tables,
     _results_section,
     _throughput_section,
     _sharpness_section,
     _figures_section,
+    _reference_tables,
     _diverged_section,
     _skipped_section,
 )
@@ -360,7 +447,7 @@ def write(out: Path, files: dict[str, bytes]) -> None:
     for sub in ("figures", "tables"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     write_files_atomic({out / rel: data for rel, data in files.items() if rel != REPORT_NAME})
-    owned = [f"figures/{s.name}" for s in figures.FIGURES] + [f"tables/{n}.csv" for n in _CSV_NAMES]
+    owned = [f"figures/{s.name}" for s in figures.ALL_FIGURES] + [f"tables/{n}.csv" for n in _CSV_NAMES]
     for rel in owned:
         if rel not in files:
             (out / rel).unlink(missing_ok=True)

@@ -26,24 +26,45 @@ class DataFileError(ConfigError):
     """A prepared dataset file is missing, unreadable or fails its checks; the message says how to fix it."""
 
 
-class Preempted(Exception):
+class RunStopped(Exception):
+    """A run that stopped and said why: commands print ``line()`` (rank 0) and exit with ``exit_code``."""
+
+    exit_code = 1
+    hint = ""
+
+    def line(self) -> str:
+        return f"hpcnoise: {self}{self.hint}"
+
+
+class Preempted(RunStopped):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun the same command to resume."""
 
+    exit_code = EXIT_PREEMPTED
+    hint = "; rerun the same command to resume"
 
-class Diverged(Exception):
+
+class Diverged(RunStopped):
     """The loss became non-finite; the run directory is marked diverged (diverged.json) and not retried."""
 
+    exit_code = EXIT_DIVERGED
 
-class RunLocked(Exception):
+
+class RunLocked(RunStopped):
     """Another process holds the run directory's lock (RUN_DIR/.lock); this one wrote nothing."""
 
+    exit_code = EXIT_LOCKED
 
-class WriteFailed(Exception):
+
+class WriteFailed(RunStopped):
     """Rank 0 could not write a result (disk full, ...); what was written before is intact."""
 
+    exit_code = EXIT_IO
 
-class CheckpointError(Exception):
+
+class CheckpointError(RunStopped):
     """No usable checkpoint to resume from: the message names the file and what to do."""
+
+    exit_code = EXIT_IO
 
 
 class Parser(argparse.ArgumentParser):

@@ -49,18 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpcnoise.config import Config, apply_overrides, check_values, config_from_dict
-from hpcnoise.errors import (
-    EXIT_DIVERGED,
-    EXIT_IO,
-    EXIT_LOCKED,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    ConfigError,
-    Diverged,
-    Preempted,
-    RunLocked,
-    WriteFailed,
-)
+from hpcnoise.errors import EXIT_USAGE, ConfigError, RunStopped
 from hpcnoise.presets import TABLES
 from hpcnoise.runstate import STATES, diverged_text, lock_held, run_state, state_detail
 from hpcnoise.status import cmd_status
@@ -134,18 +123,9 @@ def cmd_run(argv: list[str]) -> int:
 
     try:
         train(cfg)  # checks the workload (models, device) before joining the launcher's world
-    except Preempted as e:
-        _say(f"hpcnoise: {e}; rerun the same command to resume", rank0_only=True)
-        return EXIT_PREEMPTED
-    except Diverged as e:
-        _say(f"hpcnoise: {e}", rank0_only=True)
-        return EXIT_DIVERGED
-    except RunLocked as e:
-        _say(f"hpcnoise: {e}", rank0_only=True)
-        return EXIT_LOCKED
-    except WriteFailed as e:
-        _say(f"hpcnoise: {e}", rank0_only=True)
-        return EXIT_IO
+    except RunStopped as e:  # preempted, diverged, locked by another job, a failed write
+        _say(e.line(), rank0_only=True)
+        return e.exit_code
     return 0
 
 

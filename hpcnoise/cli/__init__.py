@@ -25,20 +25,7 @@ from dataclasses import fields
 from typing import Any
 
 from hpcnoise.config import Config, apply_overrides, check_values
-from hpcnoise.errors import (
-    EXIT_DIVERGED,
-    EXIT_IO,
-    EXIT_LOCKED,
-    EXIT_PREEMPTED,
-    EXIT_USAGE,
-    CheckpointError,
-    ConfigError,
-    Diverged,
-    Parser,
-    Preempted,
-    RunLocked,
-    WriteFailed,
-)
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser, RunStopped
 from hpcnoise.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 # Commands import torch, Horovod and the training code only once they run (inside the functions below,
@@ -87,14 +74,10 @@ def cmd_train(argv: list[str]) -> int:
         train(cfg, init(cfg.device))
     except ConfigError as e:
         return _error(str(e), rank0=launcher_rank() == 0)
-    except Preempted as e:
+    except RunStopped as e:  # preempted, diverged, locked by another job, a failed write, no checkpoint
         if launcher_rank() == 0:
-            print(f"hpcnoise: {e}; rerun the same command to resume", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
-    except (Diverged, RunLocked, WriteFailed, CheckpointError) as e:
-        if launcher_rank() == 0:
-            print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_LOCKED if isinstance(e, RunLocked) else EXIT_IO
+            print(e.line(), file=sys.stderr, flush=True)
+        return e.exit_code
     return 0
 
 
