@@ -274,11 +274,15 @@ def closure_markdown(df: pd.DataFrame) -> str:
 
 # --- the verdict ------------------------------------------------------------------------------------------------
 def _setting(r: pd.Series) -> str:
-    """ "DiagF+GBN (sqrt) x0.25 (sqrt LR scaling, lambda = 0.25)"."""
-    lam = fmt_lambda(r)
-    where = f"{r['lr_scaling']} LR scaling" + (f", lambda = {lam}" if lam != "—" else "")
-    if lam == "1":
-        where += ", the paper's"
+    """ "DiagF+GBN (sqrt) x0.25 (sqrt LR scaling, lambda = 0.25)": the label, the LR rule and lambda."""
+    where = f"{r['lr_scaling']} LR scaling"
+    lam = r["noise_multiplier"]
+    if isinstance(lam, float) and math.isfinite(lam):
+        where += f", lambda = {lam:.3g}"
+        if r["noise_calibration"] not in ("", "paper"):
+            where += f", {r['noise_calibration']}-calibrated"
+        elif lam == 1.0:
+            where += ", the paper's"
     return f"{r['label']} ({where})"
 
 
@@ -293,6 +297,8 @@ def _points(est_mean: float, half: float) -> str:
 def _gap_clause(lb: pd.Series) -> tuple[str, bool, bool]:
     """(the clause on SB vs this LB baseline, whether SB is better, whether that gap's interval includes 0)."""
     rule, gap, half = lb["lr_scaling"], float(lb["gap"]), float(lb["gap_ci"])
+    if int(lb["n_seeds"]) == 0:
+        return f"every {lb['label']} run diverged, so there is no LB baseline under {rule} LR scaling", False, False
     if not gap > 0:
         clause = (
             f"under {rule} LR scaling SB is not better than {lb['label']} ({lb['accuracy']:.2f}%, "
@@ -341,7 +347,9 @@ def _pair_verdict(dataset: str, network: str, df: pd.DataFrame) -> str:
         return text + "No setting has 2 or more seeds in every group, so no closure has an interval."
     positive = with_ci[with_ci["closure_low"] > 0]
     negative = with_ci[with_ci["closure_high"] < 0]
-    of = f"of the {len(with_ci)} setting{'s' if len(with_ci) != 1 else ''} with an interval"
+    of = f"of the {len(with_ci)} setting{'s' if len(with_ci) != 1 else ''}"
+    if len(with_ci) < len(rows):
+        of += " with an interval"
     if positive.empty:
         text += f"None {of} closes the gap with an interval that excludes 0"
     else:

@@ -39,6 +39,7 @@ class FigureSpec:
     title: str
     caption: str
     draw: Callable[[Loaded], Figure]
+    intervals: bool = True  # bands and bars are the 95% t interval over seeds (the report says so)
 
 
 def _png(fig: Figure) -> bytes:
@@ -391,8 +392,9 @@ NOISE_FIGURES: list[FigureSpec] = [
         "Final test accuracy of each noise regime against its noise multiplier λ, one panel per learning-rate "
         "rule: dots are seeds, markers the mean with its 95% t interval, stars the temperature-calibrated λ "
         "(0 under linear scaling, so the λ axis is ordered, not logarithmic). Dashed lines and bands: SB and "
-        "the LB+GBN baseline of the same rule (mean ± 95% t interval).",
+        "the LB+GBN baseline of the same rule, mean and 95% t interval over seeds.",
         fig_accuracy_vs_lambda,
+        intervals=False,  # the caption says what its bands are
     ),
     FigureSpec(
         "accuracy_vs_tau.png",
@@ -400,6 +402,7 @@ NOISE_FIGURES: list[FigureSpec] = [
         "Final test accuracy of each run against its noise temperature τ relative to small-batch SGD, as "
         "measured in its last diagnostics row (log scale; τ = 1 is SB's temperature). One point per run.",
         fig_accuracy_vs_tau,
+        intervals=False,
     ),
 ]
 ALL_FIGURES: list[FigureSpec] = [*FIGURES, *NOISE_FIGURES]

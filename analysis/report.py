@@ -341,7 +341,7 @@ def _figures_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
             md += [f"Not drawn: {no_data[spec.name]}.", ""]
             continue
         files[f"figures/{spec.name}"] = drawn[spec.name]
-        caption = spec.caption + " Bands and bars: 95% t interval over seeds."
+        caption = spec.caption + (" Bands and bars: 95% t interval over seeds." if spec.intervals else "")
         md += [f"![{spec.title}](figures/{spec.name})", "", caption, ""]
     return md
 
