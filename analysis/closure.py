@@ -4,7 +4,7 @@ For a (dataset, network) and a regime variant (a ``label``) trained under LR rul
 
     closure = (acc - acc_LB) / (acc_SB - acc_LB),
 
-acc = 100 (1 - final test error), each a mean over seeds (``analysis.tables.per_seed``: runs that repeat a
+acc = 100 (1 - final test error), each a mean over seeds (``analysis.stats.per_seed``: runs that repeat a
 seed are averaged first). LB is the LB+GBN baseline trained under the same rule k, SB the small-batch baseline
 of that (dataset, network). 0: no better than LB; 1: as good as SB; negative: worse than LB.
 
@@ -31,21 +31,24 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.load import NOISE_FREE, REGIME_NAMES
-from analysis.tables import (
-    LEVEL,
-    Estimate,
-    _matching,
-    _n_diverged,
-    _or_empty,
-    _pooled_note,
-    _seeds_text,
-    fmt_estimate,
-    markdown,
-    mean_ci,
-    per_seed,
-    welch_diff,
-)
+from analysis.cells import matching, or_empty, pooled_note, seeds_text, variants_present
+from analysis.formatting import fmt_cell, fmt_closure, markdown
+from analysis.stats import LEVEL, Estimate, Interval, mean_ci, per_seed, welch_diff
+from analysis.variants import NOISE_FREE, REGIME_NAMES
+from analysis.verdict import verdict
+
+__all__ = [  # defined here, but fmt_closure (analysis.formatting) and verdict (analysis.verdict)
+    "CLOSURE_COLUMNS",
+    "METHOD",
+    "ROLES",
+    "Ratio",
+    "closure_ci",
+    "closure_markdown",
+    "closure_table",
+    "fmt_closure",
+    "fmt_lambda",
+    "verdict",
+]
 
 METHOD = (
     "Gap closure = (acc - acc_LB) / (acc_SB - acc_LB), with acc = 100 (1 - final test error), each a mean "
@@ -63,7 +66,7 @@ _RULES = ("linear", "sqrt", "none")
 
 
 @dataclass(frozen=True)
-class Ratio:
+class Ratio(Interval):
     """A closure and its interval: ``half`` is None when some group has fewer than 2 seeds (or no gap)."""
 
     value: float  # NaN when undefined (a group without runs, or acc_SB == acc_LB)
@@ -72,12 +75,8 @@ class Ratio:
     dof: float = math.nan
 
     @property
-    def low(self) -> float:
-        return self.value - self.half if self.half is not None else math.nan
-
-    @property
-    def high(self) -> float:
-        return self.value + self.half if self.half is not None else math.nan
+    def centre(self) -> float:
+        return self.value
 
 
 def _finite(values: Iterable[float]) -> np.ndarray:
@@ -137,6 +136,85 @@ def _accuracies(cell: pd.DataFrame) -> list[float]:
     return list(per_seed(cell, "test_accuracy")) if len(cell) else []
 
 
+CLOSURE_COLUMNS = [
+    "dataset", "network", "label", "role", "regime", "gbn", "lr_scaling", "noise_multiplier",
+    "noise_calibration", "n_runs", "n_seeds", "n_diverged", "seeds", "accuracy", "ci", "ci_low", "ci_high",
+    "lb_label", "lb_accuracy", "sb_accuracy", "gap", "gap_ci", "closure", "closure_ci", "closure_low",
+    "closure_high", "closure_se", "closure_dof", "pooled",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Baselines:
+    """A (dataset, network)'s finished baselines: SB, every LB+GBN, and the LB+GBN of one LR rule."""
+
+    sb: pd.DataFrame
+    lbs: pd.DataFrame
+    lb: pd.DataFrame
+
+    @classmethod
+    def of(cls, runs: pd.DataFrame, dataset: str, network: str, rule: str) -> _Baselines:
+        pair = matching(runs, dataset=dataset, model=network)
+        sb = pair[(pair["regime"] == "sb") & ~pair["gbn"].astype(bool)] if len(pair) else pair
+        lbs = pair[(pair["regime"] == "lb") & pair["gbn"].astype(bool)] if len(pair) else pair
+        lb = lbs[lbs["lr_scaling"] == rule] if len(lbs) else lbs
+        return cls(sb, lbs, lb)
+
+    def missing(self, dataset: str, network: str, role: str, rule: str) -> str | None:
+        """Why a variant of this role and rule has no closure row (None: it has one)."""
+        if self.sb.empty:
+            return f"no finished SB baseline for {dataset}/{network}"
+        if self.lbs.empty:
+            return f"no finished LB+GBN baseline for {dataset}/{network}"
+        if role == "regime" and self.lb.empty:
+            return f"no finished LB+GBN baseline under {rule} LR scaling"
+        return None
+
+
+def _variant_columns(first: pd.Series, cell: pd.DataFrame, gone: pd.DataFrame) -> dict[str, object]:
+    """Which variant a closure row is (from its first run, finished or diverged) and its own accuracy."""
+    regime = str(first["regime"])
+    noisy = regime not in NOISE_FREE
+    acc = mean_ci(_accuracies(cell)) if len(cell) else Estimate(math.nan, None, 0)
+    return {
+        "regime": regime,
+        "gbn": bool(first["gbn"]),
+        "lr_scaling": str(first["lr_scaling"]),
+        "noise_multiplier": float(first["noise_multiplier"]) if noisy else math.nan,
+        "noise_calibration": str(first["noise_calibration"]) if noisy else "",
+        "n_runs": len(cell),
+        "n_seeds": acc.n,
+        "n_diverged": len(gone),
+        "seeds": seeds_text(cell),
+        "accuracy": acc.mean,
+        "ci": acc.ci,
+        "ci_low": acc.low,
+        "ci_high": acc.high,
+    }
+
+
+def _closure_columns(cell: pd.DataFrame, role: str, base: _Baselines) -> dict[str, object]:
+    """The baselines' accuracies, the gap of the row's rule and the row's closure with its interval."""
+    a_sb = _accuracies(base.sb)
+    a_lb = _accuracies(base.lb) if len(base.lb) else []
+    gap = welch_diff(a_sb, a_lb) if a_lb else Estimate(math.nan, None, 0)
+    ratio = closure_ci(_accuracies(cell), a_lb, a_sb) if role == "regime" else Ratio(math.nan, None)
+    sb_row = role == "SB baseline"
+    return {
+        "lb_label": str(base.lb["label"].iloc[0]) if len(base.lb) and not sb_row else "",
+        "lb_accuracy": mean_ci(a_lb).mean if a_lb and not sb_row else math.nan,
+        "sb_accuracy": mean_ci(a_sb).mean,
+        "gap": gap.mean if not sb_row else math.nan,
+        "gap_ci": gap.ci if not sb_row else math.nan,
+        "closure": ratio.value,
+        "closure_ci": ratio.half if ratio.half is not None else math.nan,
+        "closure_low": ratio.low,
+        "closure_high": ratio.high,
+        "closure_se": ratio.se,
+        "closure_dof": ratio.dof,
+    }
+
+
 def closure_table(runs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
     """(one row per (dataset, network, label) with its closure, notes on the cells left out).
 
@@ -146,102 +224,35 @@ def closure_table(runs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> t
     "SB baseline" | "LB baseline" | "regime"; the baselines' closures (1 and 0 by definition) are NaN.
     ``gap``: acc_SB - acc_LB of the row's rule with its Welch half-width ``gap_ci``.
     """
-    diverged = _or_empty(diverged)
-    keys: set[tuple[str, str, str]] = set()
-    for df in (runs, diverged):
-        if not df.empty:
-            keys |= set(zip(df["dataset"], df["model"], df["label"]))
+    diverged = or_empty(diverged)
     out: list[dict[str, object]] = []
     left_out: list[str] = []
-    for dataset, network, lab in sorted(keys):
-        cell = _matching(runs, dataset=dataset, model=network, label=lab)
-        gone = _matching(diverged, dataset=dataset, model=network, label=lab)
+    for dataset, network, lab in variants_present(runs, diverged):
+        cell = matching(runs, dataset=dataset, model=network, label=lab)
+        gone = matching(diverged, dataset=dataset, model=network, label=lab)
         first = (cell if len(cell) else gone).iloc[0]
-        regime, gbn, rule = str(first["regime"]), bool(first["gbn"]), str(first["lr_scaling"])
-        role = _role(regime, gbn)
-        pair = _matching(runs, dataset=dataset, model=network)
-        sb = pair[(pair["regime"] == "sb") & ~pair["gbn"].astype(bool)] if len(pair) else pair
-        lbs = pair[(pair["regime"] == "lb") & pair["gbn"].astype(bool)] if len(pair) else pair
-        lb = lbs[lbs["lr_scaling"] == rule] if len(lbs) else lbs
-        where = f"{dataset}/{network} {lab}"
-        if sb.empty:
-            left_out.append(f"{where}: no finished SB baseline for {dataset}/{network}")
+        role, rule = _role(str(first["regime"]), bool(first["gbn"])), str(first["lr_scaling"])
+        base = _Baselines.of(runs, dataset, network, rule)
+        reason = base.missing(dataset, network, role, rule)
+        if reason is not None:
+            left_out.append(f"{dataset}/{network} {lab}: {reason}")
             continue
-        if lbs.empty:
-            left_out.append(f"{where}: no finished LB+GBN baseline for {dataset}/{network}")
-            continue
-        if role == "regime" and lb.empty:
-            left_out.append(f"{where}: no finished LB+GBN baseline under {rule} LR scaling")
-            continue
-        acc = mean_ci(_accuracies(cell)) if len(cell) else Estimate(math.nan, None, 0)
-        a_sb = _accuracies(sb)
-        a_lb = _accuracies(lb) if len(lb) else []
-        gap = welch_diff(a_sb, a_lb) if a_lb else Estimate(math.nan, None, 0)
-        ratio = closure_ci(_accuracies(cell), a_lb, a_sb) if role == "regime" else Ratio(math.nan, None)
-        noisy = regime not in NOISE_FREE
         out.append(
             {
                 "dataset": dataset,
                 "network": network,
                 "label": lab,
                 "role": role,
-                "regime": regime,
-                "gbn": gbn,
-                "lr_scaling": rule,
-                "noise_multiplier": float(first["noise_multiplier"]) if noisy else math.nan,
-                "noise_calibration": str(first["noise_calibration"]) if noisy else "",
-                "n_runs": len(cell),
-                "n_seeds": acc.n,
-                "n_diverged": len(gone),
-                "seeds": _seeds_text(cell),
-                "accuracy": acc.mean,
-                "ci": acc.ci,
-                "ci_low": acc.low,
-                "ci_high": acc.high,
-                "lb_label": str(lb["label"].iloc[0]) if len(lb) and role != "SB baseline" else "",
-                "lb_accuracy": mean_ci(a_lb).mean if a_lb and role != "SB baseline" else math.nan,
-                "sb_accuracy": mean_ci(a_sb).mean,
-                "gap": gap.mean if role != "SB baseline" else math.nan,
-                "gap_ci": gap.ci if role != "SB baseline" else math.nan,
-                "closure": ratio.value,
-                "closure_ci": ratio.half if ratio.half is not None else math.nan,
-                "closure_low": ratio.low,
-                "closure_high": ratio.high,
-                "closure_se": ratio.se,
-                "closure_dof": ratio.dof,
-                "pooled": _pooled_note(cell),
+                **_variant_columns(first, cell, gone),
+                **_closure_columns(cell, role, base),
+                "pooled": pooled_note(cell),
             }
         )
     out.sort(key=lambda row: (row["dataset"], row["network"], *_order(row)))
-    columns = [
-        "dataset", "network", "label", "role", "regime", "gbn", "lr_scaling", "noise_multiplier",
-        "noise_calibration", "n_runs", "n_seeds", "n_diverged", "seeds", "accuracy", "ci", "ci_low", "ci_high",
-        "lb_label", "lb_accuracy", "sb_accuracy", "gap", "gap_ci", "closure", "closure_ci", "closure_low",
-        "closure_high", "closure_se", "closure_dof", "pooled",
-    ]  # fmt: skip
-    return pd.DataFrame(out, columns=columns), left_out
+    return pd.DataFrame(out, columns=CLOSURE_COLUMNS), left_out
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
-def _pct(x: float) -> str:
-    return f"{100.0 * x:.0f}%"
-
-
-def fmt_closure(r: pd.Series) -> str:
-    """A closure cell: "62% (31% to 93%)"; the baselines' by definition; no interval or no gap said so."""
-    if r["role"] == "SB baseline":
-        return "100% (by definition)"
-    if r["role"] == "LB baseline":
-        return "0% (by definition)"
-    if not math.isfinite(r["closure"]):
-        if int(r["n_seeds"]) == 0:
-            return ""
-        return "undefined (SB and LB equal)"
-    if not math.isfinite(r["closure_ci"]):
-        return f"{_pct(r['closure'])} (no interval: fewer than 2 seeds)"
-    return f"{_pct(r['closure'])} ({_pct(r['closure_low'])} to {_pct(r['closure_high'])})"
-
-
 def fmt_lambda(r: pd.Series) -> str:
     lam = r["noise_multiplier"]
     if not isinstance(lam, float) or not math.isfinite(lam):
@@ -262,122 +273,9 @@ def closure_markdown(df: pd.DataFrame) -> str:
             "LR rule": _rule(r),
             "λ": fmt_lambda(r),
             "Seeds": int(r["n_seeds"]),
-            "Test accuracy (%)": fmt_estimate(
-                r["accuracy"], r["ci"], int(r["n_seeds"]), int(r["n_runs"]), n_diverged=_n_diverged(r)
-            ),
+            "Test accuracy (%)": fmt_cell(r),
             "Gap closure (95% CI)": fmt_closure(r),
         }
         for _, r in df.iterrows()
     ]
     return markdown(pd.DataFrame(rows))
-
-
-# --- the verdict ------------------------------------------------------------------------------------------------
-def _setting(r: pd.Series) -> str:
-    """ "DiagF+GBN (sqrt) x0.25 (sqrt LR scaling, lambda = 0.25)": the label, the LR rule and lambda."""
-    where = f"{r['lr_scaling']} LR scaling"
-    lam = r["noise_multiplier"]
-    if isinstance(lam, float) and math.isfinite(lam):
-        where += f", lambda = {lam:.3g}"
-        if r["noise_calibration"] not in ("", "paper"):
-            where += f", {r['noise_calibration']}-calibrated"
-        elif lam == 1.0:
-            where += ", the paper's"
-    return f"{r['label']} ({where})"
-
-
-def _with_interval(r: pd.Series) -> str:
-    return f"{_setting(r)}: {fmt_closure(r)}"
-
-
-def _points(est_mean: float, half: float) -> str:
-    return f"{est_mean:.2f} ± {half:.2f}" if math.isfinite(half) else f"{est_mean:.2f} (no interval)"
-
-
-def _gap_clause(lb: pd.Series) -> tuple[str, bool, bool]:
-    """(the clause on SB vs this LB baseline, whether SB is better, whether that gap's interval includes 0)."""
-    rule, gap, half = lb["lr_scaling"], float(lb["gap"]), float(lb["gap_ci"])
-    if int(lb["n_seeds"]) == 0:
-        return f"every {lb['label']} run diverged, so there is no LB baseline under {rule} LR scaling", False, False
-    if not gap > 0:
-        clause = (
-            f"under {rule} LR scaling SB is not better than {lb['label']} ({lb['accuracy']:.2f}%, "
-            f"SB - LB = {_points(gap, half)} points), so there is no gap to close"
-        )
-        return clause, False, False
-    clause = f"{lb['label']} ({lb['accuracy']:.2f}%) is {_points(gap, half)} points below SB under {rule} LR scaling"
-    if not math.isfinite(half):
-        return clause + " (too few seeds for an interval)", True, True
-    if gap - half <= 0:
-        return clause + " (an interval that includes 0)", True, True
-    return clause, True, False
-
-
-def _pair_verdict(dataset: str, network: str, df: pd.DataFrame) -> str:
-    sb = df[df["role"] == "SB baseline"].iloc[0]
-    clauses, gapped, unclear = [], [], []
-    for _, lb in df[df["role"] == "LB baseline"].iterrows():
-        clause, has_gap, imprecise = _gap_clause(lb)
-        clauses.append(clause)
-        if has_gap:
-            gapped.append(lb["lr_scaling"])
-        if imprecise:
-            unclear.append(lb["lr_scaling"])
-    n_sb = int(sb["n_seeds"])
-    text = (
-        f"{dataset}/{network}: SB reaches {sb['accuracy']:.2f}% test accuracy ({n_sb} seed{'s' if n_sb != 1 else ''}); "
-    )
-    text += "; ".join(clauses) + ". "
-    if not gapped:
-        return text + "SB is not better than LB under any LR rule run: there is no generalisation gap to close."
-    closure = df["closure"].astype(float)
-    rows = df[(df["role"] == "regime") & df["lr_scaling"].isin(gapped) & np.isfinite(closure)]
-    if rows.empty:
-        return text + "No other variant was run under a rule with a gap, so nothing is measured to close it."
-    best = rows.loc[rows["closure"].astype(float).idxmax()]
-    text += f"The best closure is {fmt_closure(best)}, by {_setting(best)}"
-    if math.isfinite(best["closure_low"]):
-        if best["closure_low"] <= 1.0 <= best["closure_high"]:
-            text += ", an interval that includes 100% (consistent with closing the whole gap)"
-        elif best["closure_high"] < 1.0:
-            text += ", an interval below 100% (it closes part of the gap at most)"
-    text += ". "
-    with_ci = rows[np.isfinite(rows["closure_low"].astype(float))]
-    if with_ci.empty:
-        return text + "No setting has 2 or more seeds in every group, so no closure has an interval."
-    positive = with_ci[with_ci["closure_low"] > 0]
-    negative = with_ci[with_ci["closure_high"] < 0]
-    of = f"of the {len(with_ci)} setting{'s' if len(with_ci) != 1 else ''}"
-    if len(with_ci) < len(rows):
-        of += " with an interval"
-    if positive.empty:
-        text += f"None {of} closes the gap with an interval that excludes 0"
-    else:
-        verb = "closes" if len(positive) == 1 else "close"
-        listed = "; ".join(_with_interval(r) for _, r in positive.iterrows())
-        text += f"{len(positive)} {of} {verb} the gap with an interval that excludes 0 ({listed})"
-    if negative.empty:
-        text += "; none is significantly negative (worse than LB with an interval that excludes 0)."
-    else:
-        verb = "is" if len(negative) == 1 else "are"
-        listed = "; ".join(_with_interval(r) for _, r in negative.iterrows())
-        text += f"; {len(negative)} {verb} significantly negative, widening the gap ({listed})."
-    if unclear:
-        rules = " and ".join(r for r in unclear if r in gapped)
-        text += f" The gap under {rules} LR scaling is not clearly above 0, so closures under it are imprecise."
-    return text
-
-
-def verdict(table: pd.DataFrame) -> str:
-    """One paragraph per (dataset, network) of a ``closure_table``: the gap under each LR rule, the best
-    closure and where it occurs, and which settings close the gap (or widen it) with an interval that
-    excludes 0; says so instead when SB is not better than LB."""
-    if table.empty:
-        return (
-            "No verdict: no (dataset, network) has both a finished SB baseline and a finished LB+GBN baseline, "
-            "so the gap and its closure cannot be assessed."
-        )
-    paragraphs = [
-        _pair_verdict(dataset, network, df) for (dataset, network), df in table.groupby(["dataset", "network"])
-    ]
-    return "\n\n".join(paragraphs)
