@@ -188,7 +188,7 @@ def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[st
         raise (RunLocked if outcome["locked"] else ConfigError)(outcome["error"])
     if "diverged" in outcome:
         if run is not None:
-            run.unlock()
+            run.unlock(discard=True)
         record = outcome["diverged"]
         raise Diverged(f"{cfg.out_dir}/{outcome['name']} diverged earlier: {record.get('message', '')}; nothing to do")
     return replace(cfg, run_name=outcome["name"]), run, outcome

@@ -12,7 +12,8 @@ A run directory holds:
 - diverged.json: written instead of summary.json when the loss became non-finite (epoch, step,
   message, last good metrics row); such a run is not retried.
 - .lock: rank 0 holds an exclusive flock on it for the whole run, so two jobs never write one
-  directory (a held lock means running; the file may stay after the run).
+  directory (a held lock means running). It stays after a stopped run and is removed when the run
+  is finished or diverged.
 - model.pt: the final model's state_dict (written before summary.json).
 - summary.json: written once at the end; its presence marks a finished run.
 - sharpness.json (optional, `hpcnoise sharpness`): {"max_eigenvalue", "temperature", "samples", ...}.
@@ -77,6 +78,14 @@ class RunDir:
                 "wait for that job or choose another run_name"
             ) from None
         self._lock_fd = fd
+
+    def release_done(self) -> None:
+        """Remove the lock file and release the lock of a finished or diverged run, leaving the directory
+        with its results only. Safe: such a directory is never written again (a job that still locks the
+        unlinked file, or a new lock file, finds it done and does nothing)."""
+        if self._lock_fd is not None:
+            self.lock_path.unlink(missing_ok=True)
+        self.unlock()
 
     def remove_temporaries(self) -> None:
         """Remove the temporary files (``.NAME.*.tmp``) that a killed writer left behind; call holding the

@@ -150,7 +150,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         return _run(cfg, comm, run, outcome, step_hook)
     finally:
         if run is not None:
-            run.unlock()
+            run.release_done() if run.is_finished() or run.is_diverged() else run.unlock()
 
 
 def _run(
