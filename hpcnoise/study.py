@@ -30,6 +30,7 @@ from hpcnoise.sweepfile import cell_lines, read_cell, run_name, table_cells, wri
 
 QUICK_EPOCHS = 13  # the quick study: 15 runs in about 15 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
+PRECISE_BN_BATCHES = 8  # global training batches that re-estimate BN statistics before each evaluation
 
 
 def study_cells(epochs: int, out_dir: Path, threads: int, table: str = "mnist1d") -> list:
@@ -41,6 +42,10 @@ def study_cells(epochs: int, out_dir: Path, threads: int, table: str = "mnist1d"
             with_epochs(cfg, epochs),
             sharpness=True,
             diagnostics_every=max(epochs // 3, 1),
+            # precise BN over 8 global batches before every evaluation: measured on mnist1d-lb-gbn and
+            # -diagf-gbn at 13 epochs (seed 0), it cut mid-training test error by up to 22 points (the
+            # running averages lag behind 14 steps an epoch) and left the final error unchanged
+            precise_bn_batches=PRECISE_BN_BATCHES,
             threads=threads,
             progress=False,
             run_name="",
