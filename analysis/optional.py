@@ -86,18 +86,25 @@ def _variance_rows(row: dict[str, Any], run_id: str, where: str) -> list[dict[st
 def load_diagnostics(path: Path, run_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """(Fisher-norm rows, gradient-variance rows, tau columns) of diagnostics.jsonl.
 
-    The tau columns (``TAU_COLUMNS``) are those of the latest epoch's row with a "temperature" entry (the
-    last such line on ties); empty when no row has one.
+    The tau columns (``TAU_COLUMNS``) are those of the latest epoch's row with a "temperature" entry taken
+    while the run's noise was on (its noise multiplier > 0), else of the latest row with one (the last such
+    line on ties): the temperature a noise regime trains at is that of its noise phase, not the one left
+    after the noise is switched off. Empty when no row has one.
     """
     fisher, variance = [], []
     tau: dict[str, float] = {}
+    tau_noise_on = False
     for i, row in enumerate(read_jsonl(path), 1):
         where = f"diagnostics.jsonl line {i}"
         require(row, ("epoch",), where)
         if row.get("temperature") is not None:
             measured = _temperature(row, where)
-            if not tau or not measured["tau_epoch"] < tau["tau_epoch"]:
-                tau = measured
+            noise_on = (
+                is_number(row["temperature"].get("noise_multiplier")) and row["temperature"]["noise_multiplier"] > 0
+            )
+            later = not tau or not measured["tau_epoch"] < tau["tau_epoch"]
+            if (noise_on and (later or not tau_noise_on)) or (not tau_noise_on and later):
+                tau, tau_noise_on = measured, noise_on
         fisher += _fisher_rows(row, run_id, where)
         variance += _variance_rows(row, run_id, where)
     return fisher, variance, tau

@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -503,41 +504,37 @@ def test_disk_full(
 
 
 # --- 4. a locked run directory -----------------------------------------------------------------------------
-def hold_lock(run: Path) -> int:
-    fd = os.open(run / ".lock", os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # flock belongs to the open file description: train's own is refused
-    return fd
+@contextmanager
+def held_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Config, Path, dict]]:
+    """A started run directory whose lock this process holds: (config, run directory, its snapshot).
 
-
-def test_locked_run_directory_is_refused_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flock belongs to the open file description, so train's own attempt is refused."""
     cfg = tiny(out_dir=str(tmp_path), run_name="held")
     interrupted(cfg, monkeypatch, "epoch-end", 1)
     run = run_path(cfg)
-    fd = hold_lock(run)
+    fd = os.open(run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        before = snapshot(run)
+        yield cfg, run, snapshot(run)
+    finally:
+        os.close(fd)
+
+
+def test_locked_run_directory_is_refused_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with held_run(tmp_path, monkeypatch) as (cfg, run, before):
         with pytest.raises(RunLocked, match="another job") as e:
             train(cfg, init("cpu"))
         assert ".lock" in str(e.value) and "\n" not in str(e.value)
         assert snapshot(run) == before
-    finally:
-        os.close(fd)
     train(cfg, init("cpu"))
     assert (run / "summary.json").exists()
 
 
 def test_locked_run_directory_cli_exit_73(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny(out_dir=str(tmp_path), run_name="held")
-    interrupted(cfg, monkeypatch, "epoch-end", 1)
-    run = run_path(cfg)
-    fd = hold_lock(run)
-    try:
-        before = snapshot(run)
+    with held_run(tmp_path, monkeypatch) as (cfg, run, before):
         locked = run_cmd(train_cmd(cfg))
         assert snapshot(run) == before  # names, sizes, mtimes and contents
         assert "resuming" not in locked.stdout
-    finally:
-        os.close(fd)
     resumed = run_cmd(train_cmd(cfg))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming {run} at epoch 2, step {STEPS} from checkpoint.pt" in resumed.stdout
