@@ -34,7 +34,6 @@ from typing import Any
 from hpcnoise.config import Config, config_from_dict
 from hpcnoise.errors import ConfigError, RunLocked
 from hpcnoise.files import append_jsonl, rewrite_jsonl, save_torch_atomic, write_json_atomic
-from hpcnoise.runstate import lock_held
 
 
 def default_run_name(cfg: Any) -> str:
@@ -101,10 +100,6 @@ class RunDir:
                 self.lock_path.unlink(missing_ok=True)
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
-
-    def is_locked_elsewhere(self) -> bool:
-        """Whether another process holds the lock (without taking it)."""
-        return lock_held(self.path)
 
     def is_finished(self) -> bool:
         return self.summary_path.exists()

@@ -50,7 +50,7 @@ def calibration_note(cfg: Config) -> str | None:
     if cfg.noise_calibration != "temperature":
         return None
     lam2 = temperature_multiplier_squared(cfg)
-    if lam2 >= 0:
+    if lam2 >= -1e-12:  # 0 up to rounding (linear scaling): nothing was clamped away
         return None
     return (
         f"noise_calibration=temperature: lambda^2 = {lam2:.4g} < 0 (lr_scaling={cfg.lr_scaling} already "
