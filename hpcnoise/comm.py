@@ -61,10 +61,11 @@ class Comm:
         """Rank 0 alone prints, draws progress bars and writes files."""
         return self.rank == 0
 
-    def allreduce_sum_(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over all workers, in place, in one collective. A no-op on one worker."""
+    def allreduce_sum_(self, flat: torch.Tensor, name: str = "hpcnoise.fused") -> torch.Tensor:
+        """Sum ``flat`` over all workers, in place, in one collective named ``name`` (every rank passes
+        the same names in the same order). A no-op on one worker."""
         if self.hvd is not None and self.size > 1:
-            self.hvd.allreduce_(flat, op=self.hvd.Sum, name="hpcnoise.fused")
+            self.hvd.allreduce_(flat, op=self.hvd.Sum, name=name)
         return flat
 
     def broadcast_object(self, obj: Any) -> Any:

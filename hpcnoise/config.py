@@ -37,6 +37,8 @@ class Config:
     small_batch: int = 128  # M_S: the small batch whose noise the regimes imitate; `sb` trains with it
     ghost_bn: bool = False  # batch-norm statistics over ghost batches of ghost_size samples
     ghost_size: int = 128  # samples per ghost batch (Hoffer et al. 2017)
+    sync_bn: bool = True  # without ghost_bn: batch norm over the GLOBAL batch (statistics summed over
+    # workers, so W ranks train as one); false: over each worker's share (depends on W)
     bn_momentum: float = 0.1  # running-statistics momentum, applied once per step (see GhostBatchNorm)
     epochs: int = 60
     lr: float = 0.1  # peak learning rate actually used (presets derive it from a scaling rule)

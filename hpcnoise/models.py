@@ -13,13 +13,15 @@ norm in every network comes from that factory, so ghost batch norm is a config s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 NormFactory = Callable[[int], nn.Module]
+SumOverWorkers = Callable[[Tensor, str], Tensor]  # sums a tensor over all workers in place (collective name)
 
 
 class GhostBatchNorm(nn.Module):
@@ -38,6 +40,13 @@ class GhostBatchNorm(nn.Module):
     This differs from Hoffer et al., who update sequentially per ghost batch (an effective per-step
     momentum of 1 - (1 - momentum)^K for K ghost batches, weighted towards the last one); averaging is
     order-independent, so buffers are identical across ranks and world sizes.
+
+    Without ghost batches (``ghost_size=0``) a forward normalises the local batch, which depends on the
+    world size W. Inside ``synchronized`` it normalises the GLOBAL batch instead (sync batch norm,
+    ``_GlobalBatchNorm``): the statistics and the backward's sums are summed over workers, so W ranks
+    of m samples compute what one rank of W * m does. ``stat_sums`` then holds the global mean and
+    unbiased variance on every rank (one "ghost batch" per rank, so the step's average over the W
+    ranks' sums gives them back).
     """
 
     running_mean: torch.Tensor  # buffers, declared for type checkers (nn.Module types attributes loosely)
@@ -57,6 +66,8 @@ class GhostBatchNorm(nn.Module):
         self.ghost_count = 0  # ghost batches behind stat_sums
         self.save_xhat = False  # set by curvature hooks that need the normalised input
         self.saved_xhat: torch.Tensor | None = None
+        self.sum_over_workers: SumOverWorkers | None = None  # set inside ``synchronized``
+        self.name = "bn"  # names its collectives; set by ``synchronized``
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, ghost_size={self.ghost_size}, eps={self.eps}, momentum={self.momentum}"
@@ -76,6 +87,8 @@ class GhostBatchNorm(nn.Module):
             raise ValueError(f"ghost_size {g} does not divide the local batch of {n} samples")
         k = n // g  # ghost batches
         count = x.numel() // (k * c)  # values per channel per ghost batch
+        if self.sum_over_workers is not None and k == 1:
+            return self._global(x)
         if count == 1:  # a lone value is its own mean: xhat = 0 (gradient 0) and the variance is 0
             return self._single_value(x, k)
         # Every (ghost batch, channel) pair becomes a channel of its own, (k*g, C, ...) -> (g, k*C, ...),
@@ -108,6 +121,16 @@ class GhostBatchNorm(nn.Module):
                 self.saved_xhat = xhat.detach()
         return xhat * self.weight.view(self._shape(x)) + self.bias.view(self._shape(x))
 
+    def _global(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward over the global batch (statistics summed over workers)."""
+        assert self.sum_over_workers is not None
+        y, xhat, stats = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, self.sum_over_workers, self.name)
+        self.stat_sums = stats
+        self.ghost_count = 1
+        if self.save_xhat:
+            self.saved_xhat = xhat
+        return y
+
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Move the running statistics towards the global ghost-batch averages (once per step)."""
@@ -118,6 +141,63 @@ class GhostBatchNorm(nn.Module):
 def ghost_norms(model: nn.Module) -> list[GhostBatchNorm]:
     """All batch norms of a model, in module order (the order their statistics are packed in)."""
     return [m for m in model.modules() if isinstance(m, GhostBatchNorm)]
+
+
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm over the global batch, each worker holding a share of it (sync batch norm).
+
+    Hand-written because Horovod's SyncBatchNorm (and torch's) runs on CUDA only, updates the running
+    statistics inside every forward and is a different module (other state_dict keys, no ``stat_sums``
+    for the step's once-per-step update, no normalised input for the curvature hooks). Per channel,
+    with N the global count: forward sums sum(x) and then sum((x - mean)^2) over workers (two passes,
+    so float32 loses nothing to cancellation); backward sums sum(dy) and sum(dy * xhat) and forms
+    dx = weight / std * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N), the gradient of the SUM of the
+    workers' losses with respect to this worker's inputs. The step averages the W workers' gradients,
+    so the result is the gradient of the global mean loss, as with one worker.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, sum_over_workers, name):  # type: ignore[override]
+        dims = [0, *range(2, x.dim())]  # every dimension but the channel
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        first = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
+        sum_over_workers(first, f"{name}.mean")
+        n = first[-1]
+        mean = first[:-1] / n
+        centred = x - mean.view(shape)
+        second = centred.square().sum(dims)
+        sum_over_workers(second, f"{name}.var")
+        invstd = torch.rsqrt(second / n + eps)
+        xhat = centred * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd, n)
+        ctx.sum_over_workers, ctx.name, ctx.dims, ctx.shape = sum_over_workers, name, dims, shape
+        stats = torch.stack([mean, second / (n - 1).clamp_min(1)])  # mean and unbiased variance
+        ctx.mark_non_differentiable(xhat, stats)
+        return xhat * weight.view(shape) + bias.view(shape), xhat, stats
+
+    @staticmethod
+    def backward(ctx, dy, _dxhat, _dstats):  # type: ignore[override]
+        xhat, weight, invstd, n = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        local = torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])  # the local d(bias), d(weight)
+        summed = ctx.sum_over_workers(local.clone(), f"{ctx.name}.grad")
+        dx = (weight * invstd).view(shape) * (
+            dy - summed[0].div(n).view(shape) - xhat * summed[1].div(n).view(shape)
+        )
+        return dx, local[1], local[0], None, None, None
+
+
+@contextmanager
+def synchronized(model: nn.Module, sum_over_workers: SumOverWorkers | None) -> Iterator[None]:
+    """Inside, every batch norm without ghost batches normalises the global batch (``None``: no-op)."""
+    norms = ghost_norms(model) if sum_over_workers is not None else []
+    for i, bn in enumerate(norms):
+        bn.sum_over_workers, bn.name = sum_over_workers, f"hpcnoise.bn{i}"
+    try:
+        yield
+    finally:
+        for bn in norms:
+            bn.sum_over_workers = None
 
 
 @dataclass(frozen=True)

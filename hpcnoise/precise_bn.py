@@ -11,8 +11,9 @@ World-size invariance: the K global batches come from their own (seed, "precise-
 every rank forwards its contiguous share of each, and the per-channel sums of x and x^2 over all
 samples (and positions) and the sample count are summed over ranks in one allreduce, so the result
 is the statistic of the whole K global batches, whatever W is (up to float rounding of the sums), when
-the run uses ghost batch norm; without it, batch norm normalises each rank's share (as in training),
-so the inputs of deeper layers depend on the local batch. The sums are accumulated in float64.
+the run uses ghost batch norm or global batch norm (``sync_bn``: the forwards then normalise each
+global batch, as the step does); with local batch norm, each rank's share is normalised alone (as in
+training), so the inputs of deeper layers depend on the local batch. The sums are accumulated in float64.
 Hand-written because the statistic must be the global one under Horovod; torch's own helpers (e.g.
 ``torch.optim.swa_utils.update_bn``) average per local batch.
 """
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from hpcnoise.comm import Comm
 from hpcnoise.data import Data, local_share
-from hpcnoise.models import ghost_norms
+from hpcnoise.models import SumOverWorkers, ghost_norms, synchronized
 from hpcnoise.seeding import generator
 
 
@@ -76,14 +77,25 @@ def set_running_stats(model: nn.Module, summed: Tensor) -> None:
         bn.running_var.copy_(var.clamp_min(0))
 
 
-def precise_bn(model: nn.Module, data: Data, comm: Comm, global_batch: int, batches: int, seed: int, epoch: int) -> int:
+def precise_bn(
+    model: nn.Module,
+    data: Data,
+    comm: Comm,
+    global_batch: int,
+    batches: int,
+    seed: int,
+    epoch: int,
+    bn_sum: SumOverWorkers | None = None,
+) -> int:
     """Re-estimate every batch norm's running statistics over ``batches`` global training batches (on
-    every rank); returns the number of batches used (fewer when the training set is smaller)."""
+    every rank); returns the number of batches used (fewer when the training set is smaller).
+    ``bn_sum``: the step's global-batch-norm collective (``hpcnoise.step.bn_sum``), if any."""
     if not ghost_norms(model) or batches <= 0:
         return 0
     order = precise_batches(data.x_train.shape[0], global_batch, batches, seed, epoch)
     idx = torch.cat([local_share(b, comm.rank, comm.size) for b in order]).to(data.x_train.device)
-    flat = local_sums(model, data.x_train[idx], len(order))
+    with synchronized(model, bn_sum):
+        flat = local_sums(model, data.x_train[idx], len(order))
     comm.allreduce_sum_(flat)
     set_running_stats(model, flat)
     return len(order)

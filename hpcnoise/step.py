@@ -32,7 +32,7 @@ from hpcnoise import faults
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
-from hpcnoise.models import GhostBatchNorm, ghost_norms
+from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized
 from hpcnoise.regimes import NoiseInput, Regime
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS, quantities
@@ -71,6 +71,12 @@ class Reduced:
     loss_sum: float  # summed per-sample losses of the global batch
     errors: float  # misclassified samples of the global batch
     stop: bool  # some rank got SIGTERM/SIGUSR1
+
+
+def bn_sum(cfg: Config, comm: Comm) -> SumOverWorkers | None:
+    """The collective through which batch norms normalise the global batch (``sync_bn`` without ghost
+    batches, on several workers); None when each worker's batch norms see only its own samples."""
+    return comm.allreduce_sum_ if cfg.sync_bn and not cfg.ghost_bn and comm.size > 1 else None
 
 
 def due_statistics(regime: Regime, cfg: Config, step: int, cache: dict[str, Any]) -> frozenset[str]:
@@ -229,7 +235,8 @@ def train_step(
     refresh = due_statistics(t.regime, t.cfg, inp.step, cache) if inp.noise_on else frozenset()
     signed = any(STATISTICS[s].needs_signs for s in refresh)
     signs = rank_signs(t.cfg, inp.step, inp.global_batch, t.comm, inp.x.dtype) if signed else None
-    groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop)
+    with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
+        groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop)
     timer.lap("forward_backward")
     reduced = finish(t.net, fused_allreduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")

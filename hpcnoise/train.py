@@ -40,7 +40,7 @@ from hpcnoise.precise_bn import precise_bn
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
-from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
+from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, bn_sum, train_step
 from hpcnoise.workload import check_batches, check_workload, data_and_model, validate
 
 __all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "make_optimizer", "train"]
@@ -320,7 +320,9 @@ def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sess
     train_time = pos.epoch_time_s + time.perf_counter() - ep.started
     n_seen = len(ep.batches) * ep.global_batch
     if t.cfg.precise_bn_batches:
-        precise_bn(t.net.model, data, t.comm, ep.global_batch, t.cfg.precise_bn_batches, t.cfg.seed, ep.index)
+        precise_bn(
+            t.net.model, data, t.comm, ep.global_batch, t.cfg.precise_bn_batches, t.cfg.seed, ep.index, bn_sum(t.cfg, t.comm)
+        )
     test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
     row = {
         "epoch": ep.index + 1,

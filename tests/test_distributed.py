@@ -104,6 +104,31 @@ def test_world_size_invariance_every_regime(tmp_path: Path, case: str) -> None:
             assert torch.equal(s0["state"][key], s1["state"][key]), key
 
 
+# SB without ghost batch norm: 10 steps of 128 samples, precise BN (2 batches) before the evaluation.
+SB_STEPS = dict(train_samples=1280, epochs=1, regime="sb", small_batch=128, ghost_bn=False, precise_bn_batches=2)
+
+
+@pytest.mark.parametrize("model,dtype", [("mlp", "float32"), ("cnn1d", "float64")])
+def test_small_batch_is_world_size_invariant(tmp_path: Path, model: str, dtype: str) -> None:
+    """SB's batch norm normalises the global batch of 128 (``sync_bn``), so 1 x 128 and 2 x 64 under
+    horovodrun take the same steps and evaluate alike (precise BN included); local batch norm would
+    normalise 64 samples per rank, and visibly differs."""
+    cfg = dict(SB_STEPS, model=model, dtype=dtype)
+    one = run_worker("none", 1, tmp_path / "w1", **cfg)[0]
+    two = run_worker("horovodrun", 2, tmp_path / "w2", **cfg)
+    assert len(one["steps"]) == 10
+    assert_same_trajectory(one, two[0], TOLERANCE[dtype])
+    for key in ("final_test_error", "final_test_loss"):
+        assert two[0]["summary"][key] == pytest.approx(one["summary"][key], rel=1e-4), key
+    for s0, s1 in zip(two[0]["steps"], two[1]["steps"]):
+        for key in s0["state"]:
+            assert torch.equal(s0["state"][key], s1["state"][key]), key
+    if dtype == "float64":  # the control: each rank's own 64 samples
+        local = run_worker("horovodrun", 2, tmp_path / "local", **cfg, sync_bn=False)[0]
+        g1, g2 = one["steps"][-1]["grads"], local["steps"][-1]["grads"]
+        assert max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(g1, g2)) > 1e-3
+
+
 @pytest.mark.parametrize("launcher", ["horovodrun", "mpirun"])
 def test_ranks_bit_identical(tmp_path: Path, launcher: str) -> None:
     ranks = run_worker(launcher, 2, tmp_path, **FIVE_STEPS, regime="diagf", ghost_bn=True, ghost_size=64)

@@ -80,6 +80,7 @@ class Case:
     width: int | None = 8  # hidden width / channels of the tiny network; None: build_model's defaults
     ghost_bn: bool = True
     ghost_size: int = 4
+    sync_bn: bool = False  # without ghost BN: global batch norm (the default of Config) or local (here)
     fisher_every: int = 1
     kfac_every: int = 1
     placement: str = "gradient"
@@ -94,6 +95,7 @@ class Case:
             batchchange_epochs=1,
             ghost_bn=self.ghost_bn,
             ghost_size=self.ghost_size,
+            sync_bn=self.sync_bn,
             fisher_every=self.fisher_every,
             kfac_every=self.kfac_every,
             noise_placement=self.placement,
@@ -295,7 +297,7 @@ class ThreadedComm(Comm):
 
     world: Any = None  # (threading.Barrier, slots)
 
-    def allreduce_sum_(self, flat: Tensor) -> Tensor:
+    def allreduce_sum_(self, flat: Tensor, name: str = "") -> Tensor:
         barrier, slots = self.world
         slots[self.rank] = flat
         barrier.wait()
@@ -461,6 +463,25 @@ def test_plain_batch_norm_matches_one_worker_with_local_ghosts(name: str, worker
     m = case.global_batch() // workers
     one = run_shards(replace(case, ghost_bn=True, ghost_size=m), 1)[0]
     reps = run_shards(case, workers)
+    assert_close_replica(reps[0], one, tolerance(case))
+    for r in reps[1:]:
+        assert_equal_replica(r, reps[0])
+
+
+GLOBAL_BN = {"sb": Case("sb", ghost_bn=False)} | PLAIN_BN
+GLOBAL_BN = {name: replace(case, sync_bn=True) for name, case in GLOBAL_BN.items()}
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+@pytest.mark.parametrize("name", list(GLOBAL_BN))
+def test_global_batch_norm_matches_one_worker(name: str, workers: int) -> None:
+    """With ``sync_bn`` (no ghost BN), W ranks through ``train_step`` (threads joined by ThreadedComm)
+    normalise the GLOBAL batch: gradients, curvature statistics, noise and running statistics equal
+    ONE worker's plain batch norm over all M samples, and the ranks stay bit-identical. (Without it
+    they do not: ``test_plain_batch_norm_depends_on_world_size``.)"""
+    case = GLOBAL_BN[name]
+    one = run_shards(case, 1)[0]
+    reps = run_train_step(case, workers)
     assert_close_replica(reps[0], one, tolerance(case))
     for r in reps[1:]:
         assert_equal_replica(r, reps[0])

@@ -157,7 +157,7 @@ def measured_temperature(
     statistics = frozenset({"diag_fisher"}) | (regime.statistics if noise_on else frozenset())
     statistics -= {"signed_sum"}  # fullf's variance is tr F = tr diag F: no signs needed
     net = Net.attach(model, statistics, cfg.conv_mode)
-    pieces = size if not cfg.ghost_bn else 1
+    pieces = 1 if cfg.ghost_bn or cfg.sync_bn else size  # local batch norm: one forward per worker share
     sums = torch.zeros(2, dtype=torch.float64, device=data.x_train.device)  # tr C, V summed over draws
     was_training = model.training
     model.train(True)
