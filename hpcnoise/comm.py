@@ -1,8 +1,9 @@
 """The only code that knows about launchers, Horovod and MPI.
 
 ``init()`` returns a ``Comm``: rank, world size, local rank, the launcher that started us and the
-device to use, plus the two collectives the suite needs (an in-place sum-allreduce of one flat tensor,
-and a broadcast of a small Python object from rank 0). A plain ``hpcnoise train`` is one process with
+device to use, plus the collectives the suite needs (an in-place sum-allreduce of a flat tensor, at
+once or started in the background and waited for, and a broadcast of a small Python object from
+rank 0), and Horovod's timeline. A plain ``hpcnoise train`` is one process with
 no MPI at all; under horovodrun, mpirun or srun the process joins Horovod.
 """
 
@@ -67,6 +68,30 @@ class Comm:
         if self.hvd is not None and self.size > 1:
             self.hvd.allreduce_(flat, op=self.hvd.Sum, name=name)
         return flat
+
+    def allreduce_sum_async_(self, flat: torch.Tensor, name: str) -> Any:
+        """Start summing ``flat`` over all workers in place (Horovod's background thread); returns the
+        handle that ``wait`` completes. On one worker nothing is started (``None``)."""
+        if self.hvd is not None and self.size > 1:
+            return self.hvd.allreduce_async_(flat, op=self.hvd.Sum, name=name)
+        return None
+
+    def wait(self, handle: Any) -> None:
+        """Block until the collective behind ``handle`` (from ``allreduce_sum_async_``) is done."""
+        if handle is not None:
+            self.hvd.synchronize(handle)
+
+    def start_timeline(self, path: str) -> bool:
+        """Record Horovod's timeline (every collective's negotiation, queueing and reduction, as a
+        chrome://tracing JSON file) into ``path``; False when not running under Horovod."""
+        if self.hvd is None:
+            return False
+        self.hvd.start_timeline(path, mark_cycles=True)
+        return True
+
+    def stop_timeline(self) -> None:
+        if self.hvd is not None:
+            self.hvd.stop_timeline()
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank (for small things: run directory names, error messages)."""

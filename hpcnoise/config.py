@@ -73,6 +73,10 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
+    allreduce: str = "buckets"  # buckets: gradients summed bucket by bucket during backward (overlap);
+    # fused: everything in one collective after backward (hpcnoise.buckets, hpcnoise.step)
+    bucket_mb: float = 25.0  # gradient bucket size for allreduce=buckets, in MiB
+    horovod_timeline: bool = False  # write Horovod's timeline to RUN_DIR/horovod_timeline.json (under Horovod)
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
     preset: str = ""  # the preset this config came from (informational)
 
@@ -174,6 +178,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("precise_bn_batches", 0, None, False, False),
     ("sharpness_samples", 1, None, False, False),
     ("threads", 0, None, False, False),
+    ("bucket_mb", 0, None, True, False),
 )
 RANGES = {r[0]: r[1:] for r in _RANGES}
 
@@ -217,7 +222,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.noise_placement not in NOISE_PLACEMENTS:
         raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
-    for key, valid in (("conv_mode", ("exact", "spatial")), ("lr_scaling", ("linear", "sqrt", "none"))):
+    choices = (("conv_mode", ("exact", "spatial")), ("lr_scaling", ("linear", "sqrt", "none")), ("allreduce", ("buckets", "fused")))
+    for key, valid in choices:
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
     if cfg.dtype not in ("float32", "float64"):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise import faults
+from hpcnoise.buckets import Buckets
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
@@ -42,25 +43,38 @@ Groups = dict[str, list[Tensor]]  # named tensors summed over workers in one col
 
 @dataclass(frozen=True)
 class Net:
-    """The model as the step sees it: its parameters, its ghost batch norms and its curvature hooks."""
+    """The model as the step sees it: its parameters, its ghost batch norms, its curvature hooks and
+    (when the gradients are reduced bucket by bucket during backward) its gradient buckets."""
 
     model: nn.Module
     params: list[nn.Parameter]
     norms: list[GhostBatchNorm]
     hooks: CurvatureHooks | None  # None when the regime needs no statistics
+    buckets: Buckets | None = None  # None: one fused collective after backward
 
     @staticmethod
-    def attach(model: nn.Module, statistics: frozenset[str], conv_mode: str, record_eval: bool = False) -> Net:
-        """Hooks for the hook quantities of ``statistics`` (none when empty)."""
+    def attach(
+        model: nn.Module,
+        statistics: frozenset[str],
+        conv_mode: str,
+        record_eval: bool = False,
+        bucket_mb: float | None = None,
+    ) -> Net:
+        """Hooks for the hook quantities of ``statistics`` (none when empty); gradient buckets of
+        ``bucket_mb`` megabytes when given (the training step's, see hpcnoise.buckets)."""
         wanted = quantities(statistics)
         hooks = (
             CurvatureHooks(model, conv_mode=conv_mode, record_eval=record_eval, quantities=wanted) if wanted else None
         )
-        return Net(model, list(model.parameters()), ghost_norms(model), hooks)
+        params = list(model.parameters())
+        buckets = Buckets(params, int(bucket_mb * 2**20)) if bucket_mb is not None else None
+        return Net(model, params, ghost_norms(model), hooks, buckets)
 
     def detach(self) -> None:
         if self.hooks is not None:
             self.hooks.remove()
+        if self.buckets is not None:
+            self.buckets.remove()
 
 
 @dataclass(frozen=True)
@@ -68,9 +82,10 @@ class Reduced:
     """A step's result after the reduction, identical on every rank."""
 
     grads: list[Tensor]  # g_LB: the average of the W local mean gradients (also each p.grad)
-    loss_sum: float  # summed per-sample losses of the global batch
-    errors: float  # misclassified samples of the global batch
+    loss_sum: Tensor  # summed per-sample losses of the global batch (0-dim, on the device)
+    errors: Tensor  # misclassified samples of the global batch (0-dim, on the device)
     stop: bool  # some rank got SIGTERM/SIGUSR1
+    finite: bool  # the loss sum is finite
 
 
 def bn_sum(cfg: Config, comm: Comm) -> SumOverWorkers | None:
@@ -98,14 +113,23 @@ def rank_signs(cfg: Config, step: int, global_batch: int, comm: Comm, dtype: tor
 
 
 def local_contribution(
-    net: Net, x: Tensor, y: Tensor, statistics: frozenset[str], signs: Tensor | None = None, stop: bool = False
+    net: Net,
+    x: Tensor,
+    y: Tensor,
+    statistics: frozenset[str],
+    signs: Tensor | None = None,
+    stop: bool = False,
+    reset_grads: bool = True,
 ) -> Groups:
     """(a) One worker's forward and backward of its mean loss; the groups to sum over workers.
 
     p.grad holds the local mean gradient afterwards (the ``grad`` group is those tensors).
+    ``reset_grads=False``: p.grad already holds zeroed bucket views (``Buckets.arm``), which backward
+    fills in place while their sums start.
     """
-    for p in net.params:
-        p.grad = None  # the last step left p.grad as views of its fused buffer
+    if reset_grads:
+        for p in net.params:
+            p.grad = None  # the last step left p.grad as views of its fused buffer
     active = quantities(statistics)
     hooks = net.hooks
     with hooks.recording(len(y), signs, active) if hooks is not None and active else nullcontext():
@@ -113,7 +137,7 @@ def local_contribution(
         loss = F.cross_entropy(out, y)
         loss.backward()
     loss, out = loss.detach(), out.detach()
-    flag = torch.tensor(float(stop), dtype=loss.dtype, device=loss.device)
+    flag = torch.full((), float(stop), dtype=loss.dtype, device=loss.device)  # a fill: no host copy
     groups: Groups = {
         "grad": [p.grad for p in net.params],  # type: ignore[misc]
         "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
@@ -124,11 +148,11 @@ def local_contribution(
     return groups
 
 
-def fused_allreduce(comm: Comm, groups: Groups) -> Groups:
+def fused_allreduce(comm: Comm, groups: Groups, name: str = "hpcnoise.fused") -> Groups:
     """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
     tensors = [t for ts in groups.values() for t in ts]
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.allreduce_sum_(flat)
+    comm.allreduce_sum_(flat, name)
     out: Groups = {}
     offset = 0
     for name, ts in groups.items():
@@ -137,6 +161,16 @@ def fused_allreduce(comm: Comm, groups: Groups) -> Groups:
             out[name].append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
     return out
+
+
+def reduce_groups(comm: Comm, groups: Groups, buckets: Buckets | None) -> Groups:
+    """(b) The groups summed over workers: in one fused collective, or (``buckets``) the gradients in
+    their buckets, started during backward, and the other groups in one more collective meanwhile."""
+    if buckets is None:
+        return fused_allreduce(comm, groups)
+    buckets.flush()
+    rest = fused_allreduce(comm, {k: v for k, v in groups.items() if k != "grad"}, "hpcnoise.rest")
+    return {"grad": buckets.wait(), **rest}
 
 
 def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
@@ -152,7 +186,8 @@ def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: in
         if name in summed:
             cache[name] = STATISTICS[name].unpack(summed[name], global_batch, net.hooks)  # type: ignore[arg-type]
     counts = summed["counts"][0]
-    return Reduced(grads, counts[0].item(), counts[1].item(), counts[2].item() > 0)
+    stop, finite = torch.stack([counts[2] > 0, counts[0].isfinite()]).tolist()  # the step's one host sync
+    return Reduced(grads, counts[0], counts[1], stop, finite)
 
 
 def update(
@@ -176,22 +211,46 @@ def update(
 
 
 class PhaseTimer:
-    """Seconds per phase of a step, summed over an epoch (synchronising the GPU at phase ends)."""
+    """Seconds per phase of a step, summed over an epoch. On the CPU, wall time between laps; on a GPU,
+    each lap records a CUDA event instead (no synchronisation inside the step), and the events are
+    read once, when ``seconds`` is asked for (at the epoch's end)."""
 
     def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
+        self.cuda = device.type == "cuda"
+        self._seconds: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []  # (phase, start event, end event), not read yet
+        self._last: Any = None
         self._t = 0.0
 
+    def _event(self) -> Any:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
     def start(self) -> None:
-        self._t = time.perf_counter()
+        if self.cuda:
+            self._last = self._event()
+        else:
+            self._t = time.perf_counter()
 
     def lap(self, phase: str) -> None:
-        if self.sync:
-            torch.cuda.synchronize()
+        if self.cuda:
+            end = self._event()
+            self._events.append((phase, self._last, end))
+            self._last = end
+            return
         now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._seconds[phase] = self._seconds.get(phase, 0.0) + now - self._t
         self._t = now
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        if self._events:
+            self._events[-1][2].synchronize()
+            for phase, start, end in self._events:
+                self._seconds[phase] = self._seconds.get(phase, 0.0) + start.elapsed_time(end) / 1000
+            self._events.clear()
+        return self._seconds
 
 
 @dataclass(frozen=True)
@@ -235,10 +294,14 @@ def train_step(
     refresh = due_statistics(t.regime, t.cfg, inp.step, cache) if inp.noise_on else frozenset()
     signed = any(STATISTICS[s].needs_signs for s in refresh)
     signs = rank_signs(t.cfg, inp.step, inp.global_batch, t.comm, inp.x.dtype) if signed else None
+    buckets = t.net.buckets
+    if buckets is not None:
+        buckets.arm(t.comm)
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
-        groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop)
+        groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop, reset_grads=buckets is None)
     timer.lap("forward_backward")
-    reduced = finish(t.net, fused_allreduce(t.comm, groups), t.comm.size, inp.global_batch, inp.ghosts, cache)
+    summed = reduce_groups(t.comm, groups, buckets)
+    reduced = finish(t.net, summed, t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
     faults.reached("step")  # between the collective and the update: a crash inside a step
     g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads

@@ -160,13 +160,34 @@ def _run(
     regime = REGIMES[cfg.regime]
     data, model = data_and_model(cfg, comm)
     check_batches(cfg, data)
-    t = Trainer(cfg, comm, regime, Net.attach(model, regime.statistics, cfg.conv_mode), make_optimizer(cfg, model))
+    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
+    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
+    t = Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
     pos = start_or_resume(cfg, t, run, outcome)
+    timeline = _start_timeline(t, run)
     try:
         _train_epochs(t, data, pos, run, step_hook)
     finally:
         t.net.detach()
+        if timeline:
+            comm.stop_timeline()
     return _finish(t, data, pos, run)
+
+
+TIMELINE = "horovod_timeline.json"
+
+
+def _start_timeline(t: Trainer, run: RunDir | None) -> bool:
+    """With ``horovod_timeline``, Horovod records this session's collectives into RUN_DIR/TIMELINE (rank 0
+    writes it; every rank starts it). Without Horovod there is no timeline: a note says so."""
+    if not t.cfg.horovod_timeline:
+        return False
+    path = t.comm.broadcast_object(str(run.path / TIMELINE) if run is not None else None)
+    if path is None or not t.comm.start_timeline(path):
+        if t.comm.is_main:
+            print("hpcnoise: horovod_timeline needs a run under horovodrun/mpirun/srun with a run directory; no timeline", flush=True)
+        return False
+    return True
 
 
 def _on_rank0(comm: Comm, run: RunDir | None, write: Callable[[RunDir], None]) -> None:
@@ -210,8 +231,14 @@ class _Epoch:
     index: int  # 0-based
     global_batch: int
     batches: torch.Tensor  # (steps, global_batch) sample indices
+    local: torch.Tensor  # (steps, local batch): this rank's shares, on its device (moved once an epoch)
+    sums: torch.Tensor  # the epoch's loss sum and error count so far, float64 on the device (no host sync)
     timer: PhaseTimer
     started: float  # perf_counter at the start of this session's part of the epoch
+
+    def book_sums(self, pos: Position) -> None:
+        """The device sums into ``pos`` (for the epoch's row or a checkpoint: one host copy)."""
+        pos.sums = self.sums.tolist()
 
 
 def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, step_hook: StepHook | None) -> None:
@@ -222,7 +249,10 @@ def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, ste
         while pos.epoch < cfg.epochs:
             global_batch = t.regime.batch(cfg, pos.epoch)
             batches = epoch_batches(data.x_train.shape[0], global_batch, pos.epoch, cfg.seed)
-            ep = _Epoch(pos.epoch, global_batch, batches, PhaseTimer(t.comm.device), time.perf_counter())
+            device = t.comm.device
+            local = torch.stack([local_share(b, t.comm.rank, t.comm.size) for b in batches]).to(device)
+            sums = torch.tensor(pos.sums, dtype=torch.float64, device=device)
+            ep = _Epoch(pos.epoch, global_batch, batches, local, sums, PhaseTimer(device), time.perf_counter())
             while pos.batch < len(batches):
                 _one_step(t, data, pos, ep, session, step_hook)
             row = _epoch_row(t, data, pos, ep, session)
@@ -247,7 +277,7 @@ def _step_input(t: Trainer, data: Data, pos: Position, ep: _Epoch, stop: bool) -
     """The schedule of the step at ``pos``: its learning rate, this rank's (augmented) samples, noise on/off."""
     cfg, comm = t.cfg, t.comm
     local_batch = ep.global_batch // comm.size
-    idx = local_share(ep.batches[pos.batch], comm.rank, comm.size).to(comm.device)
+    idx = ep.local[pos.batch]
     x, y = data.x_train[idx], data.y_train[idx]
     if data.augment is not None:
         gen = generator(cfg.seed, "augment", pos.step, device=comm.device)
@@ -270,15 +300,15 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
     ep.timer.start()
     inp = _step_input(t, data, pos, ep, session.stop.raised)
     out = train_step(t, inp, pos.statistics, pos.regime_state, ep.timer, keep_g_lb=step_hook is not None)
-    pos.sums[0] += out.reduced.loss_sum
-    pos.sums[1] += out.reduced.errors
+    ep.sums.add_(torch.stack([out.reduced.loss_sum, out.reduced.errors]).to(torch.float64))
     if step_hook is not None:
         diag = pos.statistics.get("diag_fisher")
         step_hook(StepInfo(inp.step, ep.index, inp.lr, out.g_lb, diag, out.noise, t.net.model))
     pos.batch, pos.step = pos.batch + 1, pos.step + 1
-    if not math.isfinite(out.reduced.loss_sum):  # the same reduced value on every rank: all stop
+    if not out.reduced.finite:  # the same reduced value on every rank: all stop
         _diverge(t, pos, ep, session, f"the training loss is not finite in step {pos.step} of the run")
     if out.reduced.stop:
+        ep.book_sums(pos)
         pos.epoch_time_s += time.perf_counter() - ep.started
         pos.elapsed_s += session.restart_clock()
         # every rank waits for rank 0's checkpoint: launchers kill the remaining ranks as soon as one
@@ -318,6 +348,7 @@ def _write_epoch(
 def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session) -> dict[str, Any]:
     """The epoch's metrics.jsonl row (after evaluating on the test split)."""
     train_time = pos.epoch_time_s + time.perf_counter() - ep.started
+    ep.book_sums(pos)
     n_seen = len(ep.batches) * ep.global_batch
     if t.cfg.precise_bn_batches:
         precise_bn(

@@ -199,3 +199,21 @@ def test_table_preset_smoke_under_horovodrun(tmp_path: Path) -> None:
         record = json.loads((run / "config.json").read_text())
         assert summary["world_size"] == 2 and summary["steps"] > 0, run.name
         assert record["config"]["synthetic_data"] is True
+
+
+def test_bench_step_under_horovodrun(tmp_path: Path) -> None:
+    """``hpcnoise bench step`` times every variant under the real launcher and marks the targets."""
+    import pandas as pd
+
+    csv = tmp_path / "step.csv"
+    args = ["-m", "hpcnoise.cli", "bench", "step", "--models", "cnn1d", "--batch", "64", "--steps", "1"]
+    proc = run_launched("horovodrun", 2, [*args, "--rounds", "1", "--threads", "1", "--csv", str(csv)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 worker(s)" in proc.stdout
+    table = pd.read_csv(csv).set_index("variant")
+    variants = ["horovod", "lb", "lb fused", "diagf exact", "diagf spatial", "plain nn.BN", "backpack"]
+    assert sorted(table.index) == sorted(variants)
+    assert (table["samples/s"] > 0).all()
+    assert table.loc["diagf exact", "curvature ms"] == table.loc["diagf exact", "curvature ms"]  # not NaN
+    assert "[cnn1d] lb throughput >= 1.0x horovod:" in proc.stdout
+    assert "[cnn1d] diagf exact over lb <= BackPACK" in proc.stdout

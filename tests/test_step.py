@@ -85,6 +85,7 @@ class Case:
     kfac_every: int = 1
     placement: str = "gradient"
     conv_mode: str = "exact"
+    bucket_bytes: int | None = None  # gradient buckets of this many bytes in train_step (None: fused)
 
     def config(self) -> Config:
         return Config(
@@ -204,7 +205,9 @@ def replicas(case: Case, workers: int) -> tuple[Config, list[Replica]]:
     out = []
     for _ in range(workers):
         replica = copy.deepcopy(model)
-        out.append(Replica(Net.attach(replica, regime.statistics, cfg.conv_mode), make_optimizer(cfg, replica)))
+        mb = case.bucket_bytes / 2**20 if case.bucket_bytes is not None else None
+        net = Net.attach(replica, regime.statistics, cfg.conv_mode, bucket_mb=mb)
+        out.append(Replica(net, make_optimizer(cfg, replica)))
     return cfg, out
 
 
@@ -232,7 +235,7 @@ def model_state(r: Replica) -> dict[str, Tensor]:
 
 
 def record(r: Replica, refresh: frozenset[str], loss_sum: float, errors: float, g_lb, noise) -> None:
-    rec = {"loss_sum": torch.tensor(loss_sum, dtype=torch.float64), "errors": torch.tensor(errors)}
+    rec = {"loss_sum": torch.as_tensor(loss_sum, dtype=torch.float64), "errors": torch.as_tensor(errors)}
     rec |= {f"g_lb.{i}": g for i, g in enumerate(g_lb)}
     rec |= {f"noise.{i}": z.clone() for i, z in enumerate(noise or [])}
     rec |= flat_statistics("stat", r.cache) | flat_statistics("state", r.state) | model_state(r)
@@ -304,6 +307,10 @@ class ThreadedComm(Comm):
         total = functools.reduce(torch.add, slots)
         barrier.wait()  # everyone has read every buffer before any is overwritten
         return flat.copy_(total)
+
+    def allreduce_sum_async_(self, flat: Tensor, name: str) -> Any:
+        self.allreduce_sum_(flat, name)  # at once: the ranks start the same buckets in the same order
+        return None
 
 
 def run_train_step(case: Case, workers: int) -> tuple[Replica, ...]:
@@ -498,6 +505,19 @@ def test_helper_is_train_step(name: str, workers: int) -> None:
     real = run_train_step(case, workers)
     for r in real:
         assert_equal_replica(r, mine[0])
+
+
+@pytest.mark.parametrize("name", ["lb", "diagf", "fullf-cnn1d", "kfac-kfac_every2"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_gradient_buckets_equal_the_fused_collective(name: str, workers: int) -> None:
+    """Gradients summed bucket by bucket during backward (buckets of 200 bytes: several per network,
+    some parameters alone in theirs) give the fused collective's step, bit for bit."""
+    case = CASES[name]
+    bucketed = replace(case, bucket_bytes=200)
+    assert len(replicas(bucketed, 1)[1][0].net.buckets.members) > 3  # type: ignore[union-attr]
+    fused = run_shards(case, workers)
+    for r in run_train_step(bucketed, workers):
+        assert_equal_replica(r, fused[0])
 
 
 def test_rank_signs_are_slices_of_one_global_draw() -> None:

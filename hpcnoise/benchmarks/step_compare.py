@@ -1,0 +1,345 @@
+"""hpcnoise's step side by side with the plain Horovod recipe, on the same model, batch and launcher.
+
+    hpcnoise bench step [--models mlp,cnn1d,lenet5,resnet44] [--batch 512] [--steps 5] [--rounds 5]
+    horovodrun -np 2 -H localhost:2 hpcnoise bench step --threads 1
+
+Per model (hpcnoise's own builder, ghost batch norm at a quarter of the global batch, capped at 128 as
+in the paper; synthetic data of its dataset's shape), every rank times, in interleaved rounds (one
+block of ``--steps`` steps of each variant per round, so drifting load hits all alike):
+
+- ``horovod``: the plain loop users already run: ``hvd.DistributedOptimizer`` (per-tensor async
+  allreduce from backward hooks, Horovod's tensor fusion) over SGD with momentum; without a launcher,
+  the same loop without Horovod;
+- ``lb`` and ``lb fused``: hpcnoise's ``train_step`` (the regime ``lb``) with its gradient buckets
+  reduced during backward (``allreduce=buckets``, the default) and with the one fused collective
+  after backward (``allreduce=fused``);
+- ``diagf exact`` and, for convolutional networks, ``diagf spatial``: the step with diagonal-Fisher
+  noise, diag F refreshed every step;
+- ``backpack`` and its baseline ``plain nn.BN``: the Horovod loop with BackPACK's SumGradSquared (its
+  sums allreduced too), on a copy of the network whose batch norms are nn.BatchNorm in eval mode
+  (BackPACK refuses per-sample quantities under train-mode batch norm; hpcnoise.benchmarks.fisher_conv).
+
+It prints samples/s (global), the ratio to ``horovod``, each curvature step in units of its own
+baseline step (diagf over lb, BackPACK over plain nn.BN), and the step breakdown in ms: forward (a
+forward with autograd graph, timed alone), backward (lb's forward+backward minus forward), curvature
+(diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
+collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Medians over rounds.
+Then the issue's targets, each marked met or not. Figures only: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hpcnoise.benchmarks.throughput import MODEL_DATA, _names
+from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
+from hpcnoise.config import Config
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import unwritable, write_text_atomic
+from hpcnoise.models import MODELS
+from hpcnoise.workload import validate
+
+WARMUP = 2  # untimed steps of each variant before the rounds
+# The issue's targets: (model or None for every model, variant, its baseline, bound). The first is a
+# throughput ratio (variant's samples/s over the baseline's, at least the bound); the others step-time
+# ratios (variant's step over the baseline's, at most the bound).
+THROUGHPUT_TARGET = (None, "lb", "horovod", 1.0)
+STEP_TARGETS = [
+    ("mlp", "diagf exact", "lb", 1.35),
+    ("cnn1d", "diagf exact", "lb", 1.5),
+    ("lenet5", "diagf spatial", "lb", 1.25),
+    ("resnet44", "diagf spatial", "lb", 1.25),
+]
+CONV = {"cnn1d", "lenet5", "resnet44", "vgg16"}
+
+
+def step_config(model: str, regime: str, batch: int, threads: int, **changes: Any) -> Config:
+    """The step's configuration: synthetic data, ghost batch norm, one batch per epoch."""
+    dataset = MODEL_DATA.get(model, "cifar10")
+    return Config(
+        dataset=dataset,
+        model=model,
+        regime=regime,
+        batch_size=batch,
+        small_batch=max(batch // 4, 1),
+        ghost_bn=True,
+        ghost_size=min(max(batch // 4, 1), 128),
+        synthetic_data=True,
+        train_samples=batch,
+        test_samples=batch,
+        lr=0.01,
+        threads=threads,
+        progress=False,
+        **changes,
+    )
+
+
+Step = Callable[[], dict[str, float] | None]  # one step; its phase seconds, where it has them
+
+
+def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> Step:
+    """``train_step`` of ``cfg`` on a copy of ``model``, on this rank's share (x, y) of one global batch."""
+    from hpcnoise.regimes import REGIMES
+    from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
+    from hpcnoise.train import make_optimizer
+
+    net_model = copy.deepcopy(model)
+    regime = REGIMES[cfg.regime]
+    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
+    net = Net.attach(net_model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
+    t = Trainer(cfg, comm, regime, net, make_optimizer(cfg, net_model))
+    cache: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    count = [0]
+    ghosts = cfg.batch_size // cfg.ghost_size
+
+    def step() -> dict[str, float]:
+        timer = PhaseTimer(comm.device)
+        timer.start()
+        inp = StepInput(count[0], cfg.lr, x, y, cfg.batch_size, ghosts, regime.noise is not None, False)
+        train_step(t, inp, cache, state, timer)
+        count[0] += 1
+        return dict(timer.seconds)
+
+    return step
+
+
+def horovod_step(comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: bool = False) -> Step:
+    """The plain loop on a copy of ``model``: hvd.DistributedOptimizer over SGD with momentum (without
+    Horovod, plain SGD). ``extend``: BackPACK's SumGradSquared in the backward, its sums allreduced."""
+    net = copy.deepcopy(model)
+    opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    hvd = comm.hvd if comm.size > 1 else None
+    if hvd is not None:
+        opt = hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
+        hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+    context: Callable[[], Any] = _nothing
+    if extend:
+        from backpack import backpack, extend as backpack_extend  # type: ignore[import-untyped]
+        from backpack.extensions import SumGradSquared  # type: ignore[import-untyped]
+
+        net = backpack_extend(net)
+        context = lambda: backpack(SumGradSquared())  # noqa: E731
+
+    def step() -> None:
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BackPACK's notes on containers and input hooks
+            with context():
+                F.cross_entropy(net(x), y).backward()
+        if extend and hvd is not None:
+            sums = [p.sum_grad_squared for p in net.parameters()]  # type: ignore[attr-defined]
+            hvd.grouped_allreduce_(sums, op=hvd.Sum, name="bench.sum_grad_squared")
+        opt.step()
+
+    return step
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def forward_step(model: nn.Module, x: Tensor) -> Step:
+    """A train-mode forward that builds the autograd graph (then dropped): the forward's share of a step."""
+    net = copy.deepcopy(model)
+
+    def step() -> None:
+        out = net(x)
+        out.sum().item()  # wait for the device
+
+    return step
+
+
+def variants(model_name: str, cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Step]:
+    out: dict[str, Step] = {
+        "horovod": horovod_step(comm, model, x, y),
+        "forward": forward_step(model, x),
+        "lb": hpcnoise_step(cfg, comm, model, x, y),
+        "lb fused": hpcnoise_step(replace(cfg, allreduce="fused"), comm, model, x, y),
+        "diagf exact": hpcnoise_step(replace(cfg, regime="diagf", conv_mode="exact"), comm, model, x, y),
+    }
+    if model_name in CONV:
+        out["diagf spatial"] = hpcnoise_step(replace(cfg, regime="diagf", conv_mode="spatial"), comm, model, x, y)
+    try:
+        from hpcnoise.benchmarks.fisher_conv import to_torch_batchnorm
+
+        eval_copy = to_torch_batchnorm(copy.deepcopy(model), x[:2])
+        out["plain nn.BN"] = horovod_step(comm, eval_copy, x, y)
+        out["backpack"] = horovod_step(comm, eval_copy, x, y, extend=True)
+    except ImportError:  # BackPACK is a dev dependency
+        pass
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -> tuple[dict[str, float], dict]:
+    """Median seconds per step of each variant over rounds (each a block of ``block`` steps), and the
+    median phase seconds per step of the hpcnoise variants."""
+    for step in steps.values():
+        for _ in range(WARMUP):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    phases: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            comm.broadcast_object(None)  # every rank starts the block together
+            _sync(comm.device)
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            for _ in range(block):
+                for phase, s in (step() or {}).items():
+                    sums[phase] = sums.get(phase, 0.0) + s
+            _sync(comm.device)
+            times[name].append((time.perf_counter() - t0) / block)
+            for phase, s in sums.items():
+                phases[name].setdefault(phase, []).append(s / block)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    return median, {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
+
+
+def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -> list[dict[str, Any]]:
+    """The table's rows of one model: samples/s, ratios and the breakdown (ms per step)."""
+    base = {"horovod": "horovod", "lb": "horovod", "lb fused": "horovod", "diagf exact": "lb", "diagf spatial": "lb"}
+    base |= {"plain nn.BN": "horovod", "backpack": "plain nn.BN"}
+    fwd = median["forward"]
+    rows = []
+    for name, seconds in median.items():
+        if name == "forward":
+            continue
+        ph = phases.get(name, {})
+        fb = ph.get("forward_backward")
+        row: dict[str, Any] = {
+            "model": model,
+            "variant": name,
+            "batch": batch,
+            "samples/s": batch / seconds,
+            "step ms": 1e3 * seconds,
+            "vs horovod": median["horovod"] / seconds,
+            "vs own base": seconds / median[base[name]],
+            "forward ms": 1e3 * fwd if fb is not None else None,
+            "backward ms": 1e3 * (phases["lb"]["forward_backward"] - fwd) if fb is not None else None,
+            "curvature ms": 1e3 * (fb - phases["lb"]["forward_backward"]) if fb is not None and "diagf" in name else None,
+            "comm wait ms": 1e3 * ph["allreduce"] if "allreduce" in ph else None,
+            "noise ms": 1e3 * ph["noise"] if "noise" in ph else None,
+            "optimizer ms": 1e3 * ph["optimizer"] if "optimizer" in ph else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per target the measured models allow: the figure and met / NOT met."""
+    by = {(r["model"], r["variant"]): r for r in rows}
+    models = sorted({r["model"] for r in rows})
+    lines = []
+    _, variant, base, bound = THROUGHPUT_TARGET
+    for model in models:
+        if (model, variant) in by and (model, base) in by:
+            value = by[(model, base)]["step ms"] / by[(model, variant)]["step ms"]
+            verdict = "met" if value >= bound else "NOT met"
+            lines.append(f"[{model}] {variant} throughput >= {bound}x {base}: {value:.2f}x  {verdict}")
+    for model, variant, base, bound in STEP_TARGETS:
+        if (model, variant) in by and (model, base) in by:
+            value = by[(model, variant)]["step ms"] / by[(model, base)]["step ms"]
+            verdict = "met" if value <= bound else "NOT met"
+            lines.append(f"[{model}] {variant} step <= {bound}x {base}: {value:.2f}x  {verdict}")
+    for model in models:
+        bp = by.get((model, "backpack"))
+        for mode in ("diagf exact", "diagf spatial"):
+            ours = by.get((model, mode))
+            if bp is not None and ours is not None:
+                a, b = ours["vs own base"], bp["vs own base"]
+                verdict = "met" if a <= b else "NOT met"
+                lines.append(f"[{model}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}")
+    return lines
+
+
+def _check(args: Any) -> list[str]:
+    models = _names(args.models, MODELS, "model", "--models")
+    for option in ("batch", "steps", "rounds"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.csv is not None:
+        problem = unwritable(args.csv.parent) if not args.csv.is_dir() else ("", f"{str(args.csv)!r} is a directory")
+        if problem is not None:
+            raise ConfigError(f"cannot write --csv {args.csv}: {problem[1]}")
+    world = detect_launcher()[1]
+    for model in models:
+        try:
+            validate(step_config(model, "diagf", args.batch, args.threads), world)
+        except ConfigError as e:
+            raise ConfigError(f"{model} with --batch {args.batch}: {e}") from e
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="hpcnoise bench step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="mlp,cnn1d,lenet5,resnet44", help=f"comma-separated, or 'all' ({', '.join(MODELS)})")
+    p.add_argument("--batch", type=int, default=512, help="global batch (default 512)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table gives medians (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    try:
+        args = p.parse_args(argv)
+        models = _check(args)
+    except ConfigError as e:
+        if launcher_rank() == 0:
+            print(f"hpcnoise bench step: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    import pandas as pd  # lazy: only once the arguments are good
+
+    from hpcnoise.workload import data_and_model
+
+    comm = init(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    for model_name in models:
+        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device)
+        data, model = data_and_model(cfg, comm)
+        local = args.batch // comm.size
+        x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
+        y = data.y_train[comm.rank * local : (comm.rank + 1) * local]
+        median, phases = time_variants(variants(model_name, cfg, comm, model, x, y), args.steps, args.rounds, comm)
+        rows += model_rows(model_name, args.batch, median, phases)
+    if comm.is_main:
+        table = pd.DataFrame(rows)
+        print(
+            f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
+            f"{args.batch}, medians of {args.rounds} rounds of {args.steps} steps"
+        )
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
+        print("targets:")
+        for line in targets(rows):
+            print(f"  {line}")
+        if args.csv:
+            write_text_atomic(args.csv, table.to_csv(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

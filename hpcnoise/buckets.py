@@ -1,0 +1,120 @@
+"""Persistent gradient buckets, each summed over workers as soon as backward has filled it.
+
+The gradients live in a few flat buffers ("buckets") for the whole run, with every ``p.grad`` a view
+into one of them (as DDP's ``gradient_as_bucket_view``), so no step copies gradients into or out of a
+collective buffer. Parameters are assigned to buckets in REVERSE order, the order backward produces
+their gradients, up to ``cap_bytes`` per bucket. Before a step's backward, ``arm`` zeroes the buffers
+and points ``p.grad`` at the views (autograd then accumulates in place); a post-accumulate-grad hook
+per parameter counts the bucket's gradients, and when the last one has arrived the bucket's
+asynchronous sum-allreduce starts (``Comm.allreduce_sum_async_``, named ``hpcnoise.bucket<i>``:
+every rank names the same bucket alike), while backward goes on with earlier layers. ``flush`` starts
+any bucket whose gradients never arrived (a parameter unused in this forward: its gradient is 0),
+in bucket order on every rank; ``wait`` completes them all.
+
+The sums are elementwise, so splitting the gradients over buckets changes no bit of the result, and
+the semantics are those of the single fused collective (hpcnoise.step): the step's other tensors
+(batch-norm statistic sums, the counts with the stop flag, the curvature statistics) follow in one
+more collective after backward. Hand-written rather than ``hvd.DistributedOptimizer`` because the
+step must own the reduction: the curvature statistics and batch-norm sums travel with the gradients,
+and noise is added to the averaged gradient before the optimiser.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hpcnoise.comm import Comm
+
+DEFAULT_CAP_MB = 25.0  # as DDP's bucket_cap_mb
+
+
+def assign(params: list[nn.Parameter], cap_bytes: int) -> list[list[int]]:
+    """Parameter indices per bucket: reverse parameter order, a new bucket when the next parameter
+    would take this one past ``cap_bytes`` (a parameter larger than the cap gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    size = 0
+    for i in reversed(range(len(params))):
+        nbytes = params[i].numel() * params[i].element_size()
+        if not buckets or (size + nbytes > cap_bytes and buckets[-1]):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
+class Buckets:
+    """The gradient buckets of one network's parameters (one dtype and device)."""
+
+    def __init__(self, params: list[nn.Parameter], cap_bytes: int):
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise ValueError("gradient buckets need parameters of one dtype and device")
+        self.params = params
+        self.members = assign(params, cap_bytes)
+        self.flats = [params[b[0]].new_zeros(sum(params[i].numel() for i in b)) for b in self.members]
+        self.views: list[Tensor] = [torch.empty(0)] * len(params)  # views[i]: p_i's gradient in its bucket
+        self._bucket_of = [0] * len(params)
+        for k, (members, flat) in enumerate(zip(self.members, self.flats)):
+            offset = 0
+            for i in members:
+                n = params[i].numel()
+                self.views[i] = flat[offset : offset + n].view_as(params[i])
+                self._bucket_of[i] = k
+                offset += n
+        self._missing: list[int] = []
+        self._handles: list[Any] = []
+        self._started: list[bool] = []
+        self._comm: Comm | None = None
+        self._hooks: list[RemovableHandle] = [
+            p.register_post_accumulate_grad_hook(self._arrived(i)) for i, p in enumerate(params)
+        ]
+
+    def _arrived(self, i: int):
+        def hook(p: Tensor) -> None:
+            if self._comm is None:
+                return  # a backward outside an armed step (measurements): nothing to start
+            k = self._bucket_of[i]
+            self._missing[k] -= 1
+            if self._missing[k] == 0:
+                self._start(k)
+
+        return hook
+
+    def _start(self, k: int) -> None:
+        assert self._comm is not None
+        self._handles[k] = self._comm.allreduce_sum_async_(self.flats[k], f"hpcnoise.bucket{k}")
+        self._started[k] = True
+
+    def arm(self, comm: Comm) -> None:
+        """Zeroed buckets, ``p.grad`` as their views, and the hooks ready to start each bucket's sum."""
+        for flat in self.flats:
+            flat.zero_()
+        for p, v in zip(self.params, self.views):
+            p.grad = v
+        self._missing = [len(b) for b in self.members]
+        self._handles = [None] * len(self.members)
+        self._started = [False] * len(self.members)
+        self._comm = comm
+
+    def flush(self) -> None:
+        """Start, in bucket order, every bucket not started yet (gradients that never arrived are 0)."""
+        for k, started in enumerate(self._started):
+            if not started:
+                self._start(k)
+
+    def wait(self) -> list[Tensor]:
+        """Wait for every bucket's sum; the summed gradients (the views), in parameter order."""
+        assert self._comm is not None
+        for h in self._handles:
+            self._comm.wait(h)
+        self._comm = None
+        return list(self.views)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

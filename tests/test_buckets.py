@@ -1,0 +1,89 @@
+"""Gradient buckets (hpcnoise.buckets): their assignment, their views, and that each bucket's sum
+starts during backward, as soon as its last gradient has arrived."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from hpcnoise.buckets import Buckets, assign
+from hpcnoise.comm import Comm
+
+
+@dataclass
+class LoggingComm(Comm):
+    """Two "workers" whose sum doubles each bucket; logs when each collective starts and ends."""
+
+    log: list[str] = field(default_factory=list)
+
+    def allreduce_sum_async_(self, flat: Tensor, name: str) -> Any:
+        self.log.append(f"start {name}")
+        return (name, flat)
+
+    def wait(self, handle: Any) -> None:
+        name, flat = handle
+        flat.mul_(2)
+        self.log.append(f"done {name}")
+
+
+def comm() -> LoggingComm:
+    return LoggingComm(rank=0, size=2, local_rank=0, launcher="none", device=torch.device("cpu"))
+
+
+def test_assignment_is_reverse_order_within_the_cap() -> None:
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 30, 5, 50, 20)]  # float32: 4 bytes each
+    buckets = assign(params, cap_bytes=160)  # 40 floats
+    assert buckets == [[4], [3], [2, 1], [0]]  # 20 + 50 > 40; 50 alone; 5 + 30; 35 + 10 > 40
+    assert sorted(i for b in buckets for i in b) == list(range(len(params)))
+    for b in buckets:
+        assert len(b) == 1 or sum(params[i].numel() * 4 for i in b) <= 160
+    assert assign(params, cap_bytes=1) == [[4], [3], [2], [1], [0]]  # each larger than the cap: alone
+    assert assign(params, cap_bytes=10**9) == [[4, 3, 2, 1, 0]]
+
+
+def test_grads_are_views_and_buckets_start_during_backward() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = list(model.parameters())
+    x = torch.randn(8, 6, requires_grad=True)  # so the first layer's full backward hook sees its input gradient
+    reference = torch.autograd.grad(model(x).square().sum(), params)
+    c = comm()
+    buckets = Buckets(params, cap_bytes=4 * 20)  # 20 floats: [b3 w3 (15)], [b2 w2 (24)], [b1], [w1 (30)]
+    assert len(buckets.members) >= 3
+    model[0].register_full_backward_hook(lambda *_: c.log.append("first layer's backward"))
+    buckets.arm(c)
+    assert all(p.grad is not None and p.grad.data_ptr() == v.data_ptr() for p, v in zip(params, buckets.views))
+    model(x).square().sum().backward()
+    buckets.flush()
+    summed = buckets.wait()
+    first = c.log.index("first layer's backward")
+    assert c.log.index("start hpcnoise.bucket0") < first  # the last layer's sum started before backward ended
+    assert [e for e in c.log if e.startswith("start")] == [f"start hpcnoise.bucket{k}" for k in range(len(buckets.members))]
+    for p, g, ref in zip(params, summed, reference):
+        assert p.grad is g
+        torch.testing.assert_close(g, 2 * ref, rtol=0, atol=0)
+    buckets.arm(c)  # the next step starts from zero, in the same buffers
+    assert all(float(p.grad.abs().sum()) == 0 for p in params)  # type: ignore[union-attr]
+    buckets.remove()
+
+
+def test_unused_parameter_is_flushed_as_zero() -> None:
+    used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    c = comm()
+    buckets = Buckets([unused, used], cap_bytes=4)  # one bucket each; `unused` never gets a gradient
+    buckets.arm(c)
+    (used * 3).sum().backward()
+    assert c.log == ["start hpcnoise.bucket0"]  # `used` (the last parameter) is bucket 0
+    buckets.flush()
+    assert c.log[-1] == "start hpcnoise.bucket1"
+    g_unused, g_used = buckets.wait()
+    assert torch.equal(g_used, torch.full((3,), 6.0)) and torch.equal(g_unused, torch.zeros(2))
+
+
+def test_mixed_dtypes_are_refused() -> None:
+    with pytest.raises(ValueError, match="one dtype and device"):
+        Buckets([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))], 100)
