@@ -8,7 +8,10 @@
 #   HPCNOISE_VENV        virtual environment to create or reuse       (default: <repo>/.venv)
 #   HPCNOISE_PYTHON      interpreter that creates it                  (default: python3)
 #   HPCNOISE_TORCH       pip requirement(s) for torch and torchvision (default: torch==2.14.1 torchvision==0.29.1)
-#   HPCNOISE_GPU         1 = build Horovod with NCCL, 0 = CPU only     (default: 1 when nvidia-smi sees a GPU)
+#   HPCNOISE_GPU         1 = Horovod with NCCL, 0 = CPU only           (default: 1 when nvidia-smi sees a GPU)
+#                        with 1 the install fails, saying why, unless the Horovod installed has NCCL
+#   HPCNOISE_WHEELS      where Horovod wheels are kept, one directory per torch, CUDA and build options
+#                                                               (default: ~/.cache/hpcnoise/wheels)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -75,16 +78,16 @@ else
 fi
 
 # --- 5. Horovod ---------------------------------------------------------------------------------
-if "$py" -c "import horovod.torch" 2>/dev/null; then
-  log "Horovod already built against this torch"
+# build-horovod.sh keeps a Horovod that imports and has what is asked (NCCL with HPCNOISE_GPU=1), else
+# installs the wheel it built earlier for exactly this torch, CUDA and options, else compiles one
+# (about 10 minutes on 2 cores); it fails unless the Horovod installed at the end has what is asked.
+gpu=${HPCNOISE_GPU:-$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)}
+if [ "$gpu" = 1 ]; then
+  export HOROVOD_GPU_OPERATIONS=NCCL
 else
-  log "building Horovod 0.28.1 against torch (about 10 minutes on 2 cores; pip caches the wheel)"
-  gpu=${HPCNOISE_GPU:-$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)}
-  if [ "$gpu" = 1 ]; then
-    export HOROVOD_GPU_OPERATIONS=NCCL
-  fi
-  PYTHON="$py" bash "$repo/jobs/build-horovod.sh"
+  unset HOROVOD_GPU_OPERATIONS
 fi
+PYTHON="$py" bash "$repo/jobs/build-horovod.sh"
 
 "$venv/bin/horovodrun" --check-build | sed -n '/Available Frameworks/,$p' | grep -E '\[X\]' | sed 's/^/[install] /'
 log "ready: activate with 'source $venv/bin/activate'"

@@ -7,8 +7,9 @@ dist-packages, as NGC's python has its torch. The Dockerfile then runs unchanged
 with apt, installs Horovod 0.28.1 through jobs/build-horovod.sh (compiler wrapper and all) and the
 package without touching torch. Compiling Horovod takes 8-10 minutes on 2 cores, so the base carries a
 wheelhouse (PIP_FIND_LINKS, PIP_NO_INDEX, as an air-gapped site would) holding the Horovod wheel that
-jobs/install.sh built for this same torch (pip's wheel cache): `pip install horovod==0.28.1` in the
-Dockerfile takes it instead of compiling. HPCNOISE_TEST_HOROVOD_FROM_SOURCE=1 (or no cached wheel)
+jobs/install.sh built for this same torch (kept by jobs/build-horovod.sh under its torch, CUDA and
+options; pip's wheel cache on machines set up before): the Dockerfile's build takes it instead of
+compiling. HPCNOISE_TEST_HOROVOD_FROM_SOURCE=1 (or no cached wheel)
 puts the sdist there instead, with the CUDA toolkit that a CUDA torch needs, and the image compiles
 Horovod exactly as on NGC. The docker test is skipped, with the reason, only when dockerd cannot start.
 """
@@ -194,15 +195,31 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def cached_horovod_wheel() -> Path | None:
-    """The Horovod 0.28.1 wheel pip built for this venv (jobs/install.sh), newest first."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "cache", "list", "horovod", "--format=abspath"],
+    """The CPU-only Horovod 0.28.1 wheel built for this venv's torch (what the image builds), newest first.
+
+    From the directory jobs/build-horovod.sh keeps for exactly this torch, CUDA version and options; on
+    machines set up before it kept wheels, from pip's wheel cache (keyed by the sdist alone: whatever
+    jobs/install.sh built there).
+    """
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    # The image's build sees none of this shell's HOROVOD_* variables: neither does its key.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    key = subprocess.run(
+        ["bash", str(REPO / "jobs" / "build-horovod.sh"), "--key"],
         capture_output=True,
         text=True,
         check=False,
+        env={**env, "PYTHON": sys.executable},
     )
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    wheels = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith(f"horovod-0.28.1-{tag}-")]
+    wheels = sorted(Path(key.stdout.strip()).glob(f"horovod-0.28.1-{tag}-*.whl")) if key.returncode == 0 else []
+    if not wheels:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "cache", "list", "horovod", "--format=abspath"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        wheels = [Path(p) for p in proc.stdout.split() if Path(p).name.startswith(f"horovod-0.28.1-{tag}-")]
     return max(wheels, key=lambda p: p.stat().st_mtime) if wheels else None
 
 
