@@ -201,6 +201,18 @@ def test_table_preset_smoke_under_horovodrun(tmp_path: Path) -> None:
         assert record["config"]["synthetic_data"] is True
 
 
+def test_horovod_timeline_is_written_into_the_run_directory(tmp_path: Path) -> None:
+    """``--horovod_timeline=true`` under horovodrun: Horovod's timeline of the run's named collectives
+    (the gradient buckets, the rest of the step's sums) lands in RUN_DIR/horovod_timeline.json."""
+    args = ["-m", "hpcnoise.cli", "train", "mnist1d-diagf-gbn", "--smoke", f"--out_dir={tmp_path}", "--run_name=r"]
+    proc = run_launched("horovodrun", 2, [*args, "--horovod_timeline=true"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timeline = (tmp_path / "r" / "horovod_timeline.json").read_text()
+    assert timeline.lstrip().startswith("[")  # chrome://tracing's array of events
+    for name in ("hpcnoise.bucket0", "hpcnoise.rest"):
+        assert name in timeline, name
+
+
 def test_bench_step_under_horovodrun(tmp_path: Path) -> None:
     """``hpcnoise bench step`` times every variant under the real launcher and marks the targets."""
     import pandas as pd
