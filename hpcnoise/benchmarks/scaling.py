@@ -1,0 +1,576 @@
+"""A scaling MODEL for machines we do not have: the predicted step time and weak-scaling efficiency of
+the training step at W = 8 ... 1024 GPUs, for each network and regime. It is a model, not a measurement.
+
+    hpcnoise bench scaling [--models a,b] [--regimes lb,diagf] [--batch 128] [--workers 8,16,...,1024]
+                           [--bucket-mb 25] [--gpus-per-node 8] [--intra-latency US] [--intra-bandwidth GBPS]
+                           [--inter-latency US] [--inter-bandwidth GBPS] [--write-times FILE | --times FILE]
+
+Inputs
+- Compute, measured here on one worker (or read with ``--times`` from the ``--write-times`` file of
+  another machine, e.g. a GPU node): the real training step (``hpcnoise.step.train_step``, W = 1, random
+  data of the dataset's shape at the LOCAL batch, the regime's statistics refreshed at every step, i.e.
+  ``fisher_every = 1``), timed in phases: forward, backward, and "after" (everything the step does after
+  backward on one worker: finishing the reduction, the noise, the optimiser). For every parameter the
+  moment its gradient is ready is stamped by a post-accumulate-grad hook. On a GPU the stamps are CUDA
+  events (no synchronisation inside the step). Each time is the median over ``--repeats`` steps after
+  ``WARMUP`` warm-up steps. CPU compute is one to two orders of magnitude slower than a GPU's and makes
+  communication look cheap: feed GPU times (``--times``) for predictions that mean anything at scale.
+- Buckets: the gradients in reverse parameter order (the order backward produces them), a new bucket
+  when the next gradient would take the current one past ``--bucket-mb`` MiB (default 25 MiB, DDP's
+  ``bucket_cap_mb``; a gradient larger than the cap gets a bucket of its own). A bucket is ready when
+  its last gradient is. The step's other tensors (the batch-norm statistic sums, the loss/error/stop
+  counts and the regime's curvature statistics: for ``diagf`` the diagonal-Fisher sums, as large as the
+  gradients, so diagf sends twice the bytes) form one last bucket, ready when backward ends, as the
+  training step's bucketed reduction sends them (one more collective after backward).
+- Allreduce time, alpha-beta (Hockney) model of a ring of p ranks, latency alpha per step, bandwidth beta
+  (NCCL's "bus bandwidth"), n bytes:
+
+      ring(n, p, alpha, beta) = 2 (p - 1) alpha + 2 (p - 1) / p * n / beta
+
+  and two-level on W = N nodes x G GPUs (reduce-scatter inside each node, G concurrent rings across the
+  N nodes, each over n / G bytes and sharing the node's network bandwidth, all-gather inside each node;
+  the two intra-node halves add up to one intra-node ring):
+
+      T(n, W) = ring(n, min(W, G), alpha_intra, beta_intra) + ring(n, N, alpha_inter, beta_inter_node)
+
+  with N = 1 for W <= G (W must be at most G or a multiple of it), and T(n, 1) = 0.
+- Step, from the bucket sizes n_k, ready times r_k (from the start of the step) and t_fb = forward +
+  backward:
+      without overlap   T_step(W) = t_fb + sum_k T(n_k, W) + t_after
+      with overlap      buckets reduced one at a time, in order, each once it is ready and the previous
+                        one is done: s_k = max(r_k, e_{k-1}), e_k = s_k + T(n_k, W);
+                        T_step(W) = max(t_fb, e_last) + t_after
+  Weak scaling (the local batch fixed): efficiency(W) = T_step(1) / T_step(W), T_step(1) = t_fb + t_after.
+
+What the model leaves out: contention between communication and compute (kernels, memory bandwidth),
+the reduction arithmetic (folded into beta), per-collective framework costs (Horovod's negotiation and
+cycle time), stragglers and jitter, network oversubscription and topology, and NCCL's tree algorithms
+(at many nodes NCCL uses trees, whose latency grows as log N, so the ring's 2 (N - 1) alpha_inter
+overstates the latency of small buckets). Gradients are sent as float32, uncompressed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from hpcnoise.benchmarks.throughput import _names, bench_config
+from hpcnoise.buckets import DEFAULT_CAP_MB
+from hpcnoise.comm import Comm, init
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.files import git_hash, unwritable, write_json_atomic, write_text_atomic
+from hpcnoise.models import MODELS, build_model
+from hpcnoise.regimes import REGIMES
+from hpcnoise.statistics import STATISTICS
+from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
+from hpcnoise.train import make_optimizer
+from hpcnoise.workload import dataset_shape, validate
+
+DEFAULT_MODELS = "mlp,cnn1d,lenet5,resnet44,vgg16_bn"
+DEFAULT_REGIMES = "lb,diagf"
+DEFAULT_WORKERS = "8,16,32,64,128,256,512,1024"
+DEFAULT_BATCH = 128  # local batch per GPU: the paper's M_L = 4096 over 32 GPUs
+DEFAULT_REPEATS = 5
+WARMUP = 2  # untimed steps first: the first pays allocation and kernel selection
+TIMES_FORMAT = "hpcnoise-scaling-times-v1"
+US, GB = 1e-6, 1e9  # the CLI's units: latencies in microseconds, bandwidths in GB/s (10^9 bytes per second)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The machine the model predicts for. The defaults are a generic GPU cluster, not a measurement."""
+
+    gpus_per_node: int = 8  # DGX/HGX-style nodes
+    # NCCL's allreduce of a few bytes on one 8-GPU NVLink node takes about 10-30 us, i.e. 1-2 us per ring
+    # step (2 (G - 1) = 14 steps); the upper end, to be conservative.
+    intra_latency_s: float = 2 * US
+    # NCCL's bus bandwidth of large allreduces on one node: about 130 GB/s on V100 (NVLink 2), 230 GB/s on
+    # A100 (NVLink 3), 450 GB/s on H100 (NVLink 4). 150 GB/s: the V100/A100 class, conservative.
+    intra_bandwidth: float = 150 * GB
+    # InfiniBand's wire latency is 1-2 us; NCCL's network proxy adds a few us per ring step.
+    inter_latency_s: float = 5 * US
+    # The node's bandwidth to the network, shared by its G GPUs: one 200 Gb/s HDR InfiniBand adapter
+    # (25 GB/s). A DGX A100 has one such adapter per GPU: --inter-bandwidth 200.
+    inter_bandwidth: float = 25 * GB
+
+    def nodes(self, workers: int) -> int:
+        return max(1, workers // self.gpus_per_node)
+
+    def allreduce_s(self, nbytes: float, workers: int) -> float:
+        """Seconds to sum ``nbytes`` over ``workers`` GPUs: an intra-node ring plus an inter-node ring."""
+        intra = ring_allreduce_s(nbytes, min(workers, self.gpus_per_node), self.intra_latency_s, self.intra_bandwidth)
+        inter = ring_allreduce_s(nbytes, self.nodes(workers), self.inter_latency_s, self.inter_bandwidth)
+        return intra + inter
+
+    def describe(self) -> str:
+        return (
+            f"{self.gpus_per_node} GPUs per node; intra-node alpha {self.intra_latency_s / US:g} us, "
+            f"beta {self.intra_bandwidth / GB:g} GB/s (NVLink); inter-node alpha {self.inter_latency_s / US:g} us, "
+            f"beta {self.inter_bandwidth / GB:g} GB/s per node ({8 * self.inter_bandwidth / GB:g} Gb/s InfiniBand)"
+        )
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, latency_s: float, bandwidth: float) -> float:
+    """Alpha-beta time of a ring allreduce of ``nbytes`` over ``ranks``: 2 (p-1) alpha + 2 (p-1)/p n / beta."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (ranks - 1) * latency_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth
+
+
+# --- measured compute ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamTime:
+    name: str
+    nbytes: int  # its gradient's bytes
+    ready_s: float  # when its gradient is ready, from the start of the step
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One (model, regime)'s compute on one worker: what the model needs, and what ``--times`` files hold."""
+
+    model: str
+    regime: str
+    batch: int  # the local batch
+    forward_s: float
+    backward_s: float
+    after_s: float  # after backward: finishing the reduction, the noise, the optimiser step
+    params: tuple[ParamTime, ...]  # in parameter order
+    rest_bytes: int  # the last bucket: batch-norm sums, counts, curvature statistics
+
+    @property
+    def backward_end_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    @property
+    def compute_s(self) -> float:
+        """The step on one worker, without communication: T_step(1)."""
+        return self.forward_s + self.backward_s + self.after_s
+
+
+class _Clock:
+    """Time stamps: wall time on the CPU, CUDA events on a GPU (read after one synchronisation)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        if not self.cuda:
+            return float(end - start)
+        end.synchronize()
+        return float(start.elapsed_time(end)) / 1e3
+
+
+class _Laps(PhaseTimer):
+    """The step's phase ends as time stamps (``train_step`` calls ``lap`` at the end of each phase)."""
+
+    def __init__(self, clock: _Clock):
+        super().__init__(torch.device("cpu"))
+        self.clock = clock
+        self.marks: dict[str, Any] = {}
+
+    def lap(self, phase: str) -> None:
+        self.marks[phase] = self.clock.mark()
+
+
+def _rest_bytes(net: Net, statistics_names: frozenset[str], counts_bytes: int) -> int:
+    """Bytes of the step's tensors other than the gradients (after a step: the hooks hold its sums)."""
+    total = counts_bytes  # loss sum, error count, stop flag
+    total += sum(bn.stat_sums.numel() * bn.stat_sums.element_size() for bn in net.norms if bn.stat_sums is not None)
+    for name in sorted(statistics_names):
+        assert net.hooks is not None
+        total += sum(t.numel() * t.element_size() for t in STATISTICS[name].pack(net.hooks))
+    return total
+
+
+def measure(model: str, regime: str, batch: int, repeats: int, comm: Comm) -> Measurement:
+    """Time ``repeats`` training steps of ``model`` under ``regime`` on one worker (after WARMUP more)."""
+    cfg = replace(bench_config(model, regime, batch, 1, 0), device=comm.device.type)
+    reg = REGIMES[regime]
+    in_shape, classes = dataset_shape(cfg.dataset)
+    network = build_model(model, in_shape, classes, ghost_size=cfg.ghost_size, bn_momentum=cfg.bn_momentum)
+    network = network.to(comm.device)
+    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None  # the training step's layout, as train() has it
+    net = Net.attach(network, reg.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
+    trainer = Trainer(cfg, comm, reg, net, make_optimizer(cfg, network))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *in_shape, generator=gen).to(comm.device)
+    y = torch.randint(classes, (batch,), generator=gen).to(comm.device)
+    ghosts = batch // cfg.ghost_size
+    inp = StepInput(step=0, lr=cfg.lr, x=x, y=y, global_batch=batch, ghosts=ghosts, noise_on=True, stop=False)
+    clock = _Clock(comm.device)
+    laps = _Laps(clock)
+    forward_end: list[Any] = [None]
+    ready: list[Any] = [None] * len(net.params)
+
+    def on_grad(i: int) -> Any:
+        return lambda p: ready.__setitem__(i, clock.mark())
+
+    handles = [network.register_forward_hook(lambda m, a, out: forward_end.__setitem__(0, clock.mark()))]
+    handles += [p.register_post_accumulate_grad_hook(on_grad(i)) for i, p in enumerate(net.params)]
+    cache: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    forwards, backwards, ends, readies = [], [], [], []  # seconds from the start of each timed step
+    try:
+        for r in range(WARMUP + repeats):
+            ready[:] = [None] * len(ready)
+            start = clock.mark()
+            train_step(trainer, inp, cache, state, laps)
+            if r < WARMUP:
+                continue
+            forwards.append(clock.seconds(start, forward_end[0]))
+            backwards.append(clock.seconds(start, laps.marks["forward_backward"]))
+            ends.append(clock.seconds(start, laps.marks["optimizer"]))
+            readies.append([backwards[-1] if t is None else clock.seconds(start, t) for t in ready])  # None: unused
+        rest = _rest_bytes(net, reg.statistics, 3 * x.element_size())
+    finally:
+        for h in handles:
+            h.remove()
+        net.detach()
+    # Medians of the time stamps, then differences: each stamp precedes the next in every step, so
+    # their medians do too (every gradient is ready by the median end of backward).
+    forward, backward, end = (statistics.median(v) for v in (forwards, backwards, ends))
+    params = tuple(
+        ParamTime(name, p.numel() * p.element_size(), statistics.median(t[i] for t in readies))
+        for i, (name, p) in enumerate(network.named_parameters())
+    )
+    return Measurement(model, regime, batch, forward, backward - forward, end - backward, params, rest)
+
+
+# --- buckets and the step ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bucket:
+    params: tuple[int, ...]  # parameter indices (empty: the last bucket of the step's other tensors)
+    nbytes: int
+    ready_s: float
+
+
+def assign_buckets(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
+    """Parameter indices per bucket: reverse parameter order, a new bucket when the next parameter
+    would take this one past ``cap_bytes`` (a parameter larger than the cap gets a bucket of its own).
+
+    The rule of ``hpcnoise.buckets.assign`` (the training step's buckets), on byte sizes instead of
+    parameters, since a ``--times`` file holds only sizes; tests/test_scaling.py checks they agree."""
+    buckets: list[list[int]] = []
+    size = 0
+    for i in reversed(range(len(sizes))):
+        if not buckets or (size + sizes[i] > cap_bytes and buckets[-1]):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += sizes[i]
+    return buckets
+
+
+def buckets_of(m: Measurement, cap_bytes: int) -> list[Bucket]:
+    """The step's collectives in order: the gradient buckets, then the one of its other tensors."""
+    out = [
+        Bucket(tuple(b), sum(m.params[i].nbytes for i in b), max(m.params[i].ready_s for i in b))
+        for b in assign_buckets([p.nbytes for p in m.params], cap_bytes)
+    ]
+    return [*out, Bucket((), m.rest_bytes, m.backward_end_s)]
+
+
+def pipeline_end(ready_s: Sequence[float], comm_s: Sequence[float]) -> float:
+    """When the last of the buckets, reduced one at a time in order, each once it is ready and the
+    previous one is done, is summed: s_k = max(r_k, e_{k-1}), e_k = s_k + T_k."""
+    end = 0.0
+    for ready, duration in zip(ready_s, comm_s, strict=True):
+        end = max(ready, end) + duration
+    return end
+
+
+def step_s(
+    buckets: Sequence[Bucket], backward_end_s: float, after_s: float, comm_s: Sequence[float]
+) -> tuple[float, float]:
+    """(T_step without overlap, T_step with overlap) given each bucket's allreduce seconds ``comm_s``."""
+    plain = backward_end_s + sum(comm_s) + after_s
+    overlapped = max(backward_end_s, pipeline_end([b.ready_s for b in buckets], comm_s)) + after_s
+    return plain, overlapped
+
+
+def predict(m: Measurement, network: Network, workers: Sequence[int], cap_bytes: int) -> list[dict[str, Any]]:
+    """One row per world size: bytes, times and the weak-scaling efficiency without and with overlap."""
+    buckets = buckets_of(m, cap_bytes)
+    rows = []
+    for w in workers:
+        comm = [network.allreduce_s(b.nbytes, w) for b in buckets]
+        plain, overlapped = step_s(buckets, m.backward_end_s, m.after_s, comm)
+        rows.append(
+            {
+                "model": m.model,
+                "regime": m.regime,
+                "W": w,
+                "nodes": network.nodes(w),
+                "buckets": len(buckets),
+                "MB/step": sum(b.nbytes for b in buckets) / 1e6,
+                "compute ms": 1e3 * m.compute_s,
+                "comm ms": 1e3 * sum(comm),
+                "step ms": 1e3 * plain,
+                "step ms overlap": 1e3 * overlapped,
+                "eff": m.compute_s / plain,
+                "eff overlap": m.compute_s / overlapped,
+            }
+        )
+    return rows
+
+
+# --- times files ---------------------------------------------------------------------------------------
+
+
+def write_times(path: Path, measurements: Sequence[Measurement], facts: dict[str, Any]) -> None:
+    write_json_atomic(path, {"format": TIMES_FORMAT, **facts, "measurements": [asdict(m) for m in measurements]})
+
+
+def _measurement(d: Any) -> Measurement:
+    """A Measurement from its JSON form; KeyError, TypeError or ValueError when it is not one."""
+    params = tuple(ParamTime(str(p["name"]), int(p["nbytes"]), float(p["ready_s"])) for p in d["params"])
+    m = Measurement(
+        str(d["model"]),
+        str(d["regime"]),
+        int(d["batch"]),
+        float(d["forward_s"]),
+        float(d["backward_s"]),
+        float(d["after_s"]),
+        params,
+        int(d["rest_bytes"]),
+    )
+    numbers = [m.forward_s, m.backward_s, m.after_s, *(p.ready_s for p in params)]
+    if not params or not all(math.isfinite(v) and v >= 0 for v in numbers) or min(p.nbytes for p in params) < 0:
+        raise ValueError(f"{m.model}/{m.regime}: times must be finite and >= 0, sizes >= 0, parameters non-empty")
+    return m
+
+
+def read_times(path: Path) -> tuple[list[Measurement], dict[str, Any]]:
+    """The measurements and facts of a ``--write-times`` file; ConfigError saying why it is not one."""
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--times {str(path)!r} is not readable JSON ({reason})") from e
+    if not isinstance(blob, dict) or blob.get("format") != TIMES_FORMAT:
+        raise ConfigError(f"--times {str(path)!r} is not a file written by --write-times (format {TIMES_FORMAT})")
+    try:
+        measurements = [_measurement(d) for d in blob["measurements"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"--times {str(path)!r} holds a malformed measurement ({type(e).__name__}: {e})") from e
+    return measurements, {k: v for k, v in blob.items() if k not in ("format", "measurements")}
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+
+def _parser() -> Parser:
+    d = Network()
+    p = Parser(prog="hpcnoise bench scaling", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help=f"comma-separated, or 'all' (default {DEFAULT_MODELS}; with --times: the file's)")
+    p.add_argument("--regimes", help=f"comma-separated, or 'all' (default {DEFAULT_REGIMES}; with --times: the file's)")
+    p.add_argument("--workers", default=DEFAULT_WORKERS, help=f"world sizes W (default {DEFAULT_WORKERS})")
+    p.add_argument("--batch", type=int, help=f"local batch per GPU, measured (default {DEFAULT_BATCH})")
+    p.add_argument("--repeats", type=int, help=f"timed steps per network, median (default {DEFAULT_REPEATS})")
+    p.add_argument("--threads", type=int, help="torch threads while measuring (default 0: torch's default)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to measure (default auto)")
+    p.add_argument(
+        "--bucket-mb", type=float, default=DEFAULT_CAP_MB, help=f"gradient bucket cap, MiB (default {DEFAULT_CAP_MB:g})"
+    )
+    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="G (default 8)")
+    p.add_argument("--intra-latency", type=float, default=d.intra_latency_s / US, help="alpha in a node, us (2)")
+    p.add_argument("--intra-bandwidth", type=float, default=d.intra_bandwidth / GB, help="beta in a node, GB/s (150)")
+    p.add_argument("--inter-latency", type=float, default=d.inter_latency_s / US, help="alpha across nodes, us (5)")
+    p.add_argument(
+        "--inter-bandwidth", type=float, default=d.inter_bandwidth / GB, help="a node's network beta, GB/s (25)"
+    )
+    p.add_argument("--times", type=Path, help="read the compute times from this --write-times file; measure nothing")
+    p.add_argument("--write-times", type=Path, help="also write the measured times to this JSON file")
+    p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    return p
+
+
+def _positive(value: float, option: str, zero_ok: bool = False) -> None:
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{option} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value:g}")
+
+
+def _network(args: Any) -> Network:
+    if args.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be a positive integer, got {args.gpus_per_node}")
+    for option in ("intra_latency", "inter_latency"):
+        _positive(getattr(args, option), f"--{option.replace('_', '-')}", zero_ok=True)
+    for option in ("intra_bandwidth", "inter_bandwidth"):
+        _positive(getattr(args, option), f"--{option.replace('_', '-')}")
+    return Network(
+        args.gpus_per_node, args.intra_latency * US, args.intra_bandwidth * GB, args.inter_latency * US,
+        args.inter_bandwidth * GB,
+    )  # fmt: skip
+
+
+def _workers(text: str, per_node: int) -> list[int]:
+    try:
+        workers = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--workers must be comma-separated positive integers, got {text!r}") from None
+    for w in workers:
+        if w < 1 or (w > per_node and w % per_node):
+            raise ConfigError(
+                f"--workers: {w} is not a world size of whole nodes; use 1 to {per_node} or a multiple of "
+                f"--gpus-per-node {per_node}"
+            )
+    return workers
+
+
+def _target(path: Path | None, option: str) -> None:
+    if path is None:
+        return
+    problem = unwritable(path.parent) if not path.is_dir() else ("", f"{str(path)!r} is a directory")
+    if problem is not None:
+        raise ConfigError(f"cannot write {option} {path}: {problem[1]}")
+
+
+def _from_file(args: Any) -> tuple[list[Measurement], dict[str, Any]]:
+    """The measurements of ``--times`` that ``--models`` and ``--regimes`` select (all by default), and
+    the file's facts (device, repeats, versions)."""
+    measuring = {"--batch": args.batch, "--repeats": args.repeats, "--threads": args.threads, "--device": args.device}
+    given = [option for option, value in {**measuring, "--write-times": args.write_times}.items() if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} measure; --times reads measured times: give one or the other")
+    measurements, facts = read_times(args.times)
+    chosen = measurements
+    for option, key in (("--models", "model"), ("--regimes", "regime")):
+        names = getattr(args, option[2:])
+        if names:
+            names = names.split(",")
+            have = list(dict.fromkeys(getattr(m, key) for m in measurements))
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise ConfigError(
+                    f"{option}: --times {str(args.times)!r} has no times for {key} {', '.join(map(repr, missing))}; "
+                    f"it has {', '.join(have)}"
+                )
+            chosen = [m for m in chosen if getattr(m, key) in names]
+    if not chosen:
+        raise ConfigError(f"--times {str(args.times)!r} has no times for the chosen models and regimes")
+    return chosen, facts
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one invocation predicts, checked before anything runs or is written."""
+
+    network: Network
+    workers: list[int]
+    measure: list[tuple[str, str]]  # (model, regime) pairs to measure here
+    loaded: list[Measurement]  # or the measurements of --times
+    facts: dict[str, Any]  # the --times file's facts (device, repeats, versions)
+
+
+def _check(args: Any) -> Plan:
+    """The plan of the command; ConfigError on bad arguments, before anything runs or is written."""
+    network = _network(args)
+    workers = _workers(args.workers, network.gpus_per_node)
+    _positive(args.bucket_mb, "--bucket-mb")
+    _target(args.csv, "--csv")
+    _target(args.write_times, "--write-times")
+    if args.times is not None:
+        loaded, facts = _from_file(args)
+        return Plan(network, workers, [], loaded, facts)
+    models = _names(args.models or DEFAULT_MODELS, MODELS, "model", "--models")
+    regimes = _names(args.regimes or DEFAULT_REGIMES, REGIMES, "regime", "--regimes")
+    args.batch = DEFAULT_BATCH if args.batch is None else args.batch
+    args.repeats = DEFAULT_REPEATS if args.repeats is None else args.repeats
+    args.threads = 0 if args.threads is None else args.threads
+    args.device = args.device or "auto"
+    if args.batch < 4:
+        raise ConfigError(f"--batch must be an integer >= 4 (the small batch is a quarter of it), got {args.batch}")
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be a positive integer, got {args.repeats}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    for model in models:
+        for regime in regimes:
+            try:
+                validate(replace(bench_config(model, regime, args.batch, 1, 0), device=args.device), 1)
+            except ConfigError as e:
+                raise ConfigError(f"{model}/{regime} with --batch {args.batch}: {e}") from e
+    return Plan(network, workers, [(m, r) for m in models for r in regimes], [], {})
+
+
+def _header(network: Network, cap_mb: float, source: str) -> str:
+    return (
+        "MODEL PREDICTION, not a measurement: weak scaling (fixed local batch), ring-allreduce alpha-beta model.\n"
+        f"  network: {network.describe()}\n"
+        f"  buckets: gradients in reverse parameter order, up to {cap_mb:g} MiB each, then one collective of the "
+        "step's other tensors (batch-norm sums, counts, curvature statistics)\n"
+        f"  compute: {source}\n"
+        "  eff = T_step(1) / T_step(W); 'overlap': buckets reduced during backward as they become ready"
+    )
+
+
+FLOATS = {"MB/step": "{:.2f}", "compute ms": "{:.2f}", "comm ms": "{:.2f}", "step ms": "{:.2f}"}
+FLOATS |= {"step ms overlap": "{:.2f}", "eff": "{:.3f}", "eff overlap": "{:.3f}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        plan = _check(args)
+    except ConfigError as e:
+        print(f"hpcnoise bench scaling: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    if args.times is not None:
+        measurements, facts = plan.loaded, plan.facts
+        batches = ", ".join(sorted({str(m.batch) for m in measurements}, key=int))
+        source = f"read from {args.times} (measured on {facts.get('device', '?')}, local batch {batches}, "
+        source += f"median of {facts.get('repeats', '?')} steps)"
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        comm = init(args.device)
+        measurements = [measure(model, regime, args.batch, args.repeats, comm) for model, regime in plan.measure]
+        versions = comm.versions()
+        device = versions["gpu"] if comm.device.type == "cuda" else f"cpu, torch threads {torch.get_num_threads()}"
+        facts = {"device": device, "batch": args.batch, "repeats": args.repeats, "warmup": WARMUP, "git": git_hash()}
+        facts |= versions
+        source = f"measured here on {device} ({versions['host']}), local batch {args.batch}, "
+        source += f"median of {args.repeats} steps after {WARMUP} warm-up steps"
+        if args.write_times is not None:
+            write_times(args.write_times, measurements, facts)
+    cap = int(args.bucket_mb * 2**20)
+    table = pd.DataFrame([row for m in measurements for row in predict(m, plan.network, plan.workers, cap)])
+    print(_header(plan.network, args.bucket_mb, source))
+    print(table.to_string(index=False, formatters={c: f.format for c, f in FLOATS.items()}))
+    if args.csv is not None:  # every row carries what it was computed from
+        context = {
+            "batch": [m.batch for m in measurements for _ in plan.workers],
+            "device": facts.get("device", ""),
+            "times": str(args.times) if args.times is not None else "measured",
+            "bucket_mb": args.bucket_mb,
+            **asdict(plan.network),
+            "git": git_hash(),
+        }
+        write_text_atomic(args.csv, table.assign(**context).to_csv(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
