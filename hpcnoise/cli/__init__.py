@@ -11,6 +11,7 @@
     hpcnoise toy [--out DIR]                              the 2-D quadratic of the paper's Section 3
     hpcnoise bench fisher|data|train                      diag-F cost per step; data feed; throughput
     hpcnoise bench scaling [--times FILE]                 MODEL of step time and efficiency at 8-1024 GPUs
+    hpcnoise bench step                                   the step side by side with hvd.DistributedOptimizer
 
 Bad input gets one line on stderr (from rank 0 only), exit status 2, and nothing written. `train` exits
 65 when the loss diverged, 73 when another job holds the run directory, 74 when a write failed or no
@@ -151,6 +152,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
             "data": _delegate("hpcnoise.benchmarks.data_feed"),
             "train": _delegate("hpcnoise.benchmarks.throughput"),
             "scaling": _delegate("hpcnoise.benchmarks.scaling"),
+            "step": _delegate("hpcnoise.benchmarks.step_compare"),
         },
     ),
 }
