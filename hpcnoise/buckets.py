@@ -21,6 +21,7 @@ and noise is added to the averaged gradient before the optimiser.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,18 +33,18 @@ from hpcnoise.comm import Comm
 DEFAULT_CAP_MB = 25.0  # as DDP's bucket_cap_mb
 
 
-def assign(params: list[nn.Parameter], cap_bytes: int) -> list[list[int]]:
-    """Parameter indices per bucket: reverse parameter order, a new bucket when the next parameter
-    would take this one past ``cap_bytes`` (a parameter larger than the cap gets a bucket of its own)."""
+def assign(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
+    """Parameter indices per bucket, from the parameters' sizes in bytes: reverse parameter order, a new
+    bucket when the next parameter would take this one past ``cap_bytes`` (a parameter larger than the
+    cap gets a bucket of its own). Also the scaling model's rule (hpcnoise.benchmarks.scaling)."""
     buckets: list[list[int]] = []
     size = 0
-    for i in reversed(range(len(params))):
-        nbytes = params[i].numel() * params[i].element_size()
-        if not buckets or (size + nbytes > cap_bytes and buckets[-1]):
+    for i in reversed(range(len(sizes))):
+        if not buckets or (size + sizes[i] > cap_bytes and buckets[-1]):
             buckets.append([])
             size = 0
         buckets[-1].append(i)
-        size += nbytes
+        size += sizes[i]
     return buckets
 
 
@@ -54,7 +55,7 @@ class Buckets:
         if len({(p.dtype, p.device) for p in params}) > 1:
             raise ValueError("gradient buckets need parameters of one dtype and device")
         self.params = params
-        self.members = assign(params, cap_bytes)
+        self.members = assign([p.numel() * p.element_size() for p in params], cap_bytes)
         self.flats = [params[b[0]].new_zeros(sum(params[i].numel() for i in b)) for b in self.members]
         self.views: list[Tensor] = [torch.empty(0)] * len(params)  # views[i]: p_i's gradient in its bucket
         self._bucket_of = [0] * len(params)

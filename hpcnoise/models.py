@@ -160,7 +160,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, sum_over_workers, name):  # type: ignore[override]
         dims = [0, *range(2, x.dim())]  # every dimension but the channel
         shape = [1, -1] + [1] * (x.dim() - 2)
-        first = torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])])
+        first = torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.shape[1])])  # a fill: no host copy
         sum_over_workers(first, f"{name}.mean")
         n = first[-1]
         mean = first[:-1] / n

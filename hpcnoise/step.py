@@ -20,6 +20,7 @@ what tests/test_step.py checks in-process, and what hpcnoise.measure reuses for 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -120,12 +121,14 @@ def local_contribution(
     signs: Tensor | None = None,
     stop: bool = False,
     reset_grads: bool = True,
+    on_forward: Callable[[Groups], None] | None = None,
 ) -> Groups:
     """(a) One worker's forward and backward of its mean loss; the groups to sum over workers.
 
     p.grad holds the local mean gradient afterwards (the ``grad`` group is those tensors).
     ``reset_grads=False``: p.grad already holds zeroed bucket views (``Buckets.arm``), which backward
-    fills in place while their sums start.
+    fills in place while their sums start. ``on_forward`` receives the groups known before backward
+    (batch-norm sums, counts with the stop flag), so that their sum can start before backward.
     """
     if reset_grads:
         for p in net.params:
@@ -135,42 +138,75 @@ def local_contribution(
     with hooks.recording(len(y), signs, active) if hooks is not None and active else nullcontext():
         out = net.model(x)
         loss = F.cross_entropy(out, y)
+        with torch.no_grad():
+            flag = torch.full((), float(stop), dtype=loss.dtype, device=loss.device)  # a fill: no host copy
+            errors = (out.argmax(1) != y).sum().to(loss.dtype)
+            small: Groups = {
+                "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
+                "counts": [torch.stack([loss * len(y), errors, flag])],
+            }
+        if on_forward is not None:
+            on_forward(small)
         loss.backward()
-    loss, out = loss.detach(), out.detach()
-    flag = torch.full((), float(stop), dtype=loss.dtype, device=loss.device)  # a fill: no host copy
-    groups: Groups = {
-        "grad": [p.grad for p in net.params],  # type: ignore[misc]
-        "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
-        "counts": [torch.stack([loss * len(y), (out.argmax(1) != y).sum().to(loss.dtype), flag])],
-    }
+    groups: Groups = {"grad": [p.grad for p in net.params], **small}  # type: ignore[misc]
     for name in sorted(statistics):
         groups[name] = STATISTICS[name].pack(hooks)  # type: ignore[arg-type]
     return groups
 
 
-def fused_allreduce(comm: Comm, groups: Groups, name: str = "hpcnoise.fused") -> Groups:
-    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
-    tensors = [t for ts in groups.values() for t in ts]
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    comm.allreduce_sum_(flat, name)
-    out: Groups = {}
+def _flatten(groups: Groups) -> tuple[Tensor, Groups]:
+    """One flat copy of every tensor of every group, and views of it shaped alike."""
+    flat = torch.cat([t.reshape(-1) for ts in groups.values() for t in ts])
+    views: Groups = {}
     offset = 0
     for name, ts in groups.items():
-        out[name] = []
+        views[name] = []
         for t in ts:
-            out[name].append(flat[offset : offset + t.numel()].view_as(t))
+            views[name].append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-    return out
+    return flat, views
 
 
-def reduce_groups(comm: Comm, groups: Groups, buckets: Buckets | None) -> Groups:
+def fused_allreduce(comm: Comm, groups: Groups, name: str = "hpcnoise.fused") -> Groups:
+    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
+    flat, views = _flatten(groups)
+    comm.allreduce_sum_(flat, name)
+    return views
+
+
+SMALL = ("bn", "counts")  # the groups known after forward
+
+
+@dataclass
+class PendingSum:
+    """Groups whose sum over workers was started in the background (``start_sum``)."""
+
+    comm: Comm
+    handle: Any
+    views: Groups
+
+    def wait(self) -> Groups:
+        self.comm.wait(self.handle)
+        return self.views
+
+
+def start_sum(comm: Comm, groups: Groups, name: str) -> PendingSum:
+    """Start summing the groups over workers in one background collective (a flat copy of them)."""
+    flat, views = _flatten(groups)
+    return PendingSum(comm, comm.allreduce_sum_async_(flat, name), views)
+
+
+def reduce_groups(comm: Comm, groups: Groups, buckets: Buckets | None, small: PendingSum | None = None) -> Groups:
     """(b) The groups summed over workers: in one fused collective, or (``buckets``) the gradients in
-    their buckets, started during backward, and the other groups in one more collective meanwhile."""
+    their buckets, started during backward, the batch-norm sums and counts in ``small`` (started
+    before backward), and the curvature statistics in one more collective after backward."""
     if buckets is None:
         return fused_allreduce(comm, groups)
     buckets.flush()
-    rest = fused_allreduce(comm, {k: v for k, v in groups.items() if k != "grad"}, "hpcnoise.rest")
-    return {"grad": buckets.wait(), **rest}
+    statistics = {k: v for k, v in groups.items() if k != "grad" and k not in SMALL}
+    out = fused_allreduce(comm, statistics, "hpcnoise.statistics") if statistics else {}
+    out |= small.wait() if small is not None else fused_allreduce(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts")
+    return {"grad": buckets.wait(), **out}
 
 
 def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
@@ -297,10 +333,18 @@ def train_step(
     buckets = t.net.buckets
     if buckets is not None:
         buckets.arm(t.comm)
+    started: list[PendingSum] = []
+
+    def on_forward(small: Groups) -> None:  # with buckets, the small groups' sum overlaps backward too
+        started.append(start_sum(t.comm, small, "hpcnoise.bn_counts"))
+
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
-        groups = local_contribution(t.net, inp.x, inp.y, refresh, signs, inp.stop, reset_grads=buckets is None)
+        groups = local_contribution(
+            t.net, inp.x, inp.y, refresh, signs, inp.stop, reset_grads=buckets is None,
+            on_forward=on_forward if buckets is not None else None,
+        )
     timer.lap("forward_backward")
-    summed = reduce_groups(t.comm, groups, buckets)
+    summed = reduce_groups(t.comm, groups, buckets, started[0] if started else None)
     reduced = finish(t.net, summed, t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
     faults.reached("step")  # between the collective and the update: a crash inside a step

@@ -36,13 +36,14 @@ def comm() -> LoggingComm:
 
 def test_assignment_is_reverse_order_within_the_cap() -> None:
     params = [nn.Parameter(torch.zeros(n)) for n in (10, 30, 5, 50, 20)]  # float32: 4 bytes each
-    buckets = assign(params, cap_bytes=160)  # 40 floats
+    sizes = [4 * p.numel() for p in params]
+    buckets = assign(sizes, cap_bytes=160)  # 40 floats
     assert buckets == [[4], [3], [2, 1], [0]]  # 20 + 50 > 40; 50 alone; 5 + 30; 35 + 10 > 40
     assert sorted(i for b in buckets for i in b) == list(range(len(params)))
     for b in buckets:
         assert len(b) == 1 or sum(params[i].numel() * 4 for i in b) <= 160
-    assert assign(params, cap_bytes=1) == [[4], [3], [2], [1], [0]]  # each larger than the cap: alone
-    assert assign(params, cap_bytes=10**9) == [[4, 3, 2, 1, 0]]
+    assert assign(sizes, cap_bytes=1) == [[4], [3], [2], [1], [0]]  # each larger than the cap: alone
+    assert assign(sizes, cap_bytes=10**9) == [[4, 3, 2, 1, 0]]
 
 
 def test_grads_are_views_and_buckets_start_during_backward() -> None:

@@ -65,7 +65,7 @@ import pandas as pd
 import torch
 
 from hpcnoise.benchmarks.throughput import _names, bench_config
-from hpcnoise.buckets import DEFAULT_CAP_MB
+from hpcnoise.buckets import DEFAULT_CAP_MB, assign
 from hpcnoise.comm import Comm, init
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import git_hash, unwritable, write_json_atomic, write_text_atomic
@@ -266,28 +266,11 @@ class Bucket:
     ready_s: float
 
 
-def assign_buckets(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
-    """Parameter indices per bucket: reverse parameter order, a new bucket when the next parameter
-    would take this one past ``cap_bytes`` (a parameter larger than the cap gets a bucket of its own).
-
-    The rule of ``hpcnoise.buckets.assign`` (the training step's buckets), on byte sizes instead of
-    parameters, since a ``--times`` file holds only sizes; tests/test_scaling.py checks they agree."""
-    buckets: list[list[int]] = []
-    size = 0
-    for i in reversed(range(len(sizes))):
-        if not buckets or (size + sizes[i] > cap_bytes and buckets[-1]):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(i)
-        size += sizes[i]
-    return buckets
-
-
 def buckets_of(m: Measurement, cap_bytes: int) -> list[Bucket]:
     """The step's collectives in order: the gradient buckets, then the one of its other tensors."""
     out = [
         Bucket(tuple(b), sum(m.params[i].nbytes for i in b), max(m.params[i].ready_s for i in b))
-        for b in assign_buckets([p.nbytes for p in m.params], cap_bytes)
+        for b in assign([p.nbytes for p in m.params], cap_bytes)
     ]
     return [*out, Bucket((), m.rest_bytes, m.backward_end_s)]
 

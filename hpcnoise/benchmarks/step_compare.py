@@ -281,6 +281,8 @@ def _check(args: Any) -> list[str]:
             raise ConfigError(f"--{option} must be a positive integer, got {getattr(args, option)}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not args.bucket_mb > 0:
+        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
     if args.csv is not None:
         problem = unwritable(args.csv.parent) if not args.csv.is_dir() else ("", f"{str(args.csv)!r} is a directory")
         if problem is not None:
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table gives medians (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    p.add_argument("--bucket-mb", type=float, default=Config().bucket_mb, help="gradient bucket size of lb and diagf")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     try:
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     for model_name in models:
-        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device)
+        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device, bucket_mb=args.bucket_mb)
         data, model = data_and_model(cfg, comm)
         local = args.batch // comm.size
         x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         table = pd.DataFrame(rows)
         print(
             f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
-            f"{args.batch}, medians of {args.rounds} rounds of {args.steps} steps"
+            f"{args.batch}, buckets of {args.bucket_mb:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
         )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         print("targets:")
