@@ -86,7 +86,10 @@ class Comm:
         chrome://tracing JSON file) into ``path``; False when not running under Horovod."""
         if self.hvd is None:
             return False
-        self.hvd.start_timeline(path, mark_cycles=True)
+        try:
+            self.hvd.start_timeline(path, mark_cycles=True)
+        except ValueError:  # Horovod was initialised without HOROVOD_TIMELINE=DYNAMIC (see ``init``)
+            return False
         return True
 
     def stop_timeline(self) -> None:
@@ -124,8 +127,10 @@ class Comm:
         return out
 
 
-def init(device: str = "auto") -> Comm:
-    """Join the launcher's world (Horovod) when there is one, and pick this worker's device."""
+def init(device: str = "auto", timeline: bool = False) -> Comm:
+    """Join the launcher's world (Horovod) when there is one, and pick this worker's device.
+    ``timeline``: let the run start Horovod's timeline later (HOROVOD_TIMELINE=DYNAMIC, which Horovod
+    reads at initialisation)."""
     launcher, size = detect_launcher()
     hvd = None
     rank, local_rank = 0, 0
@@ -137,6 +142,8 @@ def init(device: str = "auto") -> Comm:
                 f"started by {launcher} with {size} processes, but Horovod is not importable ({e}); "
                 "run jobs/install.sh or use a single process"
             ) from e
+        if timeline:
+            os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
         hvd_mod.init()
         hvd = hvd_mod
         rank, size, local_rank = hvd.rank(), hvd.size(), hvd.local_rank()

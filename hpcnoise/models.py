@@ -124,7 +124,9 @@ class GhostBatchNorm(nn.Module):
     def _global(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward over the global batch (statistics summed over workers)."""
         assert self.sum_over_workers is not None
-        y, xhat, stats = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps, self.sum_over_workers, self.name)
+        y, xhat, stats = _GlobalBatchNorm.apply(
+            x, self.weight, self.bias, self.eps, self.running_mean, self.sum_over_workers, self.name
+        )
         self.stat_sums = stats
         self.ghost_count = 1
         if self.save_xhat:
@@ -149,29 +151,33 @@ class _GlobalBatchNorm(torch.autograd.Function):
     Hand-written because Horovod's SyncBatchNorm (and torch's) runs on CUDA only, updates the running
     statistics inside every forward and is a different module (other state_dict keys, no ``stat_sums``
     for the step's once-per-step update, no normalised input for the curvature hooks). Per channel,
-    with N the global count: forward sums sum(x) and then sum((x - mean)^2) over workers (two passes,
-    so float32 loses nothing to cancellation); backward sums sum(dy) and sum(dy * xhat) and forms
+    with N the global count: forward sums sum(x - K) and sum((x - K)^2) over workers in one collective,
+    K the running mean (the same on every rank); backward sums sum(dy) and sum(dy * xhat) and forms
     dx = weight / std * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N), the gradient of the SUM of the
     workers' losses with respect to this worker's inputs. The step averages the W workers' gradients,
     so the result is the gradient of the global mean loss, as with one worker.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, sum_over_workers, name):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, eps, shift, sum_over_workers, name):  # type: ignore[override]
         dims = [0, *range(2, x.dim())]  # every dimension but the channel
         shape = [1, -1] + [1] * (x.dim() - 2)
-        first = torch.cat([x.sum(dims), x.new_full((1,), x.numel() // x.shape[1])])  # a fill: no host copy
-        sum_over_workers(first, f"{name}.mean")
-        n = first[-1]
-        mean = first[:-1] / n
-        centred = x - mean.view(shape)
-        second = centred.square().sum(dims)
-        sum_over_workers(second, f"{name}.var")
-        invstd = torch.rsqrt(second / n + eps)
-        xhat = centred * invstd.view(shape)
+        # One collective: the sums of x - K and (x - K)^2 about a shift K identical on every rank (the
+        # running mean), so var = E(x - K)^2 - (mean - K)^2 cancels only (mean - K)^2 / var, small once
+        # the running mean follows the batch (at the start, K = 0: the raw moments of the layer input).
+        shifted = x - shift.view(shape)
+        sums = torch.cat([shifted.sum(dims), shifted.square().sum(dims), x.new_full((1,), x.numel() // x.shape[1])])
+        sum_over_workers(sums, f"{name}.stats")  # a fill above, not a host copy, for the count
+        c = shift.numel()
+        n = sums[-1]
+        offset = sums[:c] / n  # mean - K
+        var = (sums[c : 2 * c] / n - offset.square()).clamp_min(0)  # biased, for normalising
+        mean = shift + offset
+        invstd = torch.rsqrt(var + eps)
+        xhat = (shifted - offset.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, weight, invstd, n)
         ctx.sum_over_workers, ctx.name, ctx.dims, ctx.shape = sum_over_workers, name, dims, shape
-        stats = torch.stack([mean, second / (n - 1).clamp_min(1)])  # mean and unbiased variance
+        stats = torch.stack([mean, var * n / (n - 1).clamp_min(1)])  # mean and unbiased variance
         ctx.mark_non_differentiable(xhat, stats)
         return xhat * weight.view(shape) + bias.view(shape), xhat, stats
 
@@ -184,7 +190,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         dx = (weight * invstd).view(shape) * (
             dy - summed[0].div(n).view(shape) - xhat * summed[1].div(n).view(shape)
         )
-        return dx, local[1], local[0], None, None, None
+        return dx, local[1], local[0], None, None, None, None
 
 
 @contextmanager

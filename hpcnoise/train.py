@@ -137,7 +137,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     """
     if comm is None:
         check_workload(cfg)  # before init: e.g. a cuda device on a machine without one
-        comm = init(cfg.device)
+        comm = init(cfg.device, timeline=cfg.horovod_timeline)
     validate(cfg, comm.size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -185,7 +185,11 @@ def _start_timeline(t: Trainer, run: RunDir | None) -> bool:
     path = t.comm.broadcast_object(str(run.path / TIMELINE) if run is not None else None)
     if path is None or not t.comm.start_timeline(path):
         if t.comm.is_main:
-            print("hpcnoise: horovod_timeline needs a run under horovodrun/mpirun/srun with a run directory; no timeline", flush=True)
+            print(
+                "hpcnoise: horovod_timeline needs a run under horovodrun/mpirun/srun with a run directory, "
+                "and Horovod started with HOROVOD_TIMELINE=DYNAMIC (hpcnoise train sets it); no timeline",
+                flush=True,
+            )
         return False
     return True
 

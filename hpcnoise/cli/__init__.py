@@ -73,7 +73,7 @@ def cmd_train(argv: list[str]) -> int:
 
     try:
         validate(cfg, detect_launcher()[1])  # before init(), which would fail on e.g. a missing GPU
-        train(cfg, init(cfg.device))
+        train(cfg, init(cfg.device, timeline=cfg.horovod_timeline))
     except ConfigError as e:
         return _error(str(e), rank0=launcher_rank() == 0)
     except RunStopped as e:  # preempted, diverged, locked by another job, a failed write, no checkpoint
