@@ -147,7 +147,7 @@ OTHER_CASES = [
     ("bench-train-models", ["bench", "train", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
     ("bench-step-models", ["bench", "step", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
     ("bench-step-rounds", ["bench", "step", "--rounds", "0"], "--rounds must be a positive integer, got 0"),
-    ("bench-step-batch", ["bench", "step", "--batch", "3"], "mlp with --batch 3: "),
+    ("bench-step-batch", ["bench", "step", "--batch", "0"], "--batch must be a positive integer, got 0"),
     ("bench-which", ["bench", "nope"], "hpcnoise bench needs one of: fisher, data, train"),
     # toy
     ("toy-chains", ["toy", "--chains", "1"], "--chains must be an integer >= 2 (got 1)"),
