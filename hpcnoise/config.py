@@ -222,7 +222,11 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
     if cfg.noise_placement not in NOISE_PLACEMENTS:
         raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
-    choices = (("conv_mode", ("exact", "spatial")), ("lr_scaling", ("linear", "sqrt", "none")), ("allreduce", ("buckets", "fused")))
+    choices = (
+        ("conv_mode", ("exact", "spatial")),
+        ("lr_scaling", ("linear", "sqrt", "none")),
+        ("allreduce", ("buckets", "fused")),
+    )
     for key, valid in choices:
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")

@@ -187,9 +187,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         dims, shape = ctx.dims, ctx.shape
         local = torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])  # the local d(bias), d(weight)
         summed = ctx.sum_over_workers(local.clone(), f"{ctx.name}.grad")
-        dx = (weight * invstd).view(shape) * (
-            dy - summed[0].div(n).view(shape) - xhat * summed[1].div(n).view(shape)
-        )
+        dx = (weight * invstd).view(shape) * (dy - summed[0].div(n).view(shape) - xhat * summed[1].div(n).view(shape))
         return dx, local[1], local[0], None, None, None, None
 
 

@@ -205,7 +205,11 @@ def reduce_groups(comm: Comm, groups: Groups, buckets: Buckets | None, small: Pe
     buckets.flush()
     statistics = {k: v for k, v in groups.items() if k != "grad" and k not in SMALL}
     out = fused_allreduce(comm, statistics, "hpcnoise.statistics") if statistics else {}
-    out |= small.wait() if small is not None else fused_allreduce(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts")
+    out |= (
+        small.wait()
+        if small is not None
+        else fused_allreduce(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts")
+    )
     return {"grad": buckets.wait(), **out}
 
 
@@ -340,7 +344,13 @@ def train_step(
 
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
         groups = local_contribution(
-            t.net, inp.x, inp.y, refresh, signs, inp.stop, reset_grads=buckets is None,
+            t.net,
+            inp.x,
+            inp.y,
+            refresh,
+            signs,
+            inp.stop,
+            reset_grads=buckets is None,
             on_forward=on_forward if buckets is not None else None,
         )
     timer.lap("forward_backward")

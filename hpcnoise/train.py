@@ -356,7 +356,14 @@ def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sess
     n_seen = len(ep.batches) * ep.global_batch
     if t.cfg.precise_bn_batches:
         precise_bn(
-            t.net.model, data, t.comm, ep.global_batch, t.cfg.precise_bn_batches, t.cfg.seed, ep.index, bn_sum(t.cfg, t.comm)
+            t.net.model,
+            data,
+            t.comm,
+            ep.global_batch,
+            t.cfg.precise_bn_batches,
+            t.cfg.seed,
+            ep.index,
+            bn_sum(t.cfg, t.comm),
         )
     test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
     row = {

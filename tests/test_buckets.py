@@ -63,7 +63,9 @@ def test_grads_are_views_and_buckets_start_during_backward() -> None:
     summed = buckets.wait()
     first = c.log.index("first layer's backward")
     assert c.log.index("start hpcnoise.bucket0") < first  # the last layer's sum started before backward ended
-    assert [e for e in c.log if e.startswith("start")] == [f"start hpcnoise.bucket{k}" for k in range(len(buckets.members))]
+    assert [e for e in c.log if e.startswith("start")] == [
+        f"start hpcnoise.bucket{k}" for k in range(len(buckets.members))
+    ]
     for p, g, ref in zip(params, summed, reference):
         assert p.grad is g
         torch.testing.assert_close(g, 2 * ref, rtol=0, atol=0)

@@ -127,7 +127,8 @@ def horovod_step(comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: boo
         hvd.broadcast_parameters(net.state_dict(), root_rank=0)
     context: Callable[[], Any] = _nothing
     if extend:
-        from backpack import backpack, extend as backpack_extend  # type: ignore[import-untyped]
+        from backpack import backpack  # type: ignore[import-untyped]
+        from backpack import extend as backpack_extend
         from backpack.extensions import SumGradSquared  # type: ignore[import-untyped]
 
         net = backpack_extend(net)
@@ -238,7 +239,9 @@ def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -
             "vs own base": seconds / median[base[name]],
             "forward ms": 1e3 * fwd if fb is not None else None,
             "backward ms": 1e3 * (phases["lb"]["forward_backward"] - fwd) if fb is not None else None,
-            "curvature ms": 1e3 * (fb - phases["lb"]["forward_backward"]) if fb is not None and "diagf" in name else None,
+            "curvature ms": 1e3 * (fb - phases["lb"]["forward_backward"])
+            if fb is not None and "diagf" in name
+            else None,
             "comm wait ms": 1e3 * ph["allreduce"] if "allreduce" in ph else None,
             "noise ms": 1e3 * ph["noise"] if "noise" in ph else None,
             "optimizer ms": 1e3 * ph["optimizer"] if "optimizer" in ph else None,
@@ -270,7 +273,9 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             if bp is not None and ours is not None:
                 a, b = ours["vs own base"], bp["vs own base"]
                 verdict = "met" if a <= b else "NOT met"
-                lines.append(f"[{model}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}")
+                lines.append(
+                    f"[{model}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}"
+                )
     return lines
 
 
@@ -298,7 +303,9 @@ def _check(args: Any) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="hpcnoise bench step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="mlp,cnn1d,lenet5,resnet44", help=f"comma-separated, or 'all' ({', '.join(MODELS)})")
+    p.add_argument(
+        "--models", default="mlp,cnn1d,lenet5,resnet44", help=f"comma-separated, or 'all' ({', '.join(MODELS)})"
+    )
     p.add_argument("--batch", type=int, default=512, help="global batch (default 512)")
     p.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table gives medians (default 5)")
