@@ -126,6 +126,15 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def make_trainer(cfg: Config, comm: Comm, model: nn.Module) -> Trainer:
+    """The step's shared parts for ``model``: its regime, hooks, gradient buckets (``allreduce=buckets``)
+    and optimiser, as every run builds them (benchmarks too)."""
+    regime = REGIMES[cfg.regime]
+    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
+    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
+    return Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
+
+
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
@@ -157,12 +166,9 @@ def _run(
     cfg: Config, comm: Comm, run: RunDir | None, outcome: dict[str, Any], step_hook: StepHook | None
 ) -> dict[str, Any]:
     """Build the workload and the trainer, start or resume, train the epochs and finish."""
-    regime = REGIMES[cfg.regime]
     data, model = data_and_model(cfg, comm)
     check_batches(cfg, data)
-    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
-    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
-    t = Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
+    t = make_trainer(cfg, comm, model)
     pos = start_or_resume(cfg, t, run, outcome)
     timeline = _start_timeline(t, run)
     try:

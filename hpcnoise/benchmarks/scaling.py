@@ -72,8 +72,8 @@ from hpcnoise.files import git_hash, unwritable, write_json_atomic, write_text_a
 from hpcnoise.models import MODELS, build_model
 from hpcnoise.regimes import REGIMES
 from hpcnoise.statistics import STATISTICS
-from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
-from hpcnoise.train import make_optimizer
+from hpcnoise.step import Net, PhaseTimer, StepInput, train_step
+from hpcnoise.train import make_trainer
 from hpcnoise.workload import dataset_shape, validate
 
 DEFAULT_MODELS = "mlp,cnn1d,lenet5,resnet44,vgg16_bn"
@@ -209,9 +209,8 @@ def measure(model: str, regime: str, batch: int, repeats: int, comm: Comm) -> Me
     in_shape, classes = dataset_shape(cfg.dataset)
     network = build_model(model, in_shape, classes, ghost_size=cfg.ghost_size, bn_momentum=cfg.bn_momentum)
     network = network.to(comm.device)
-    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None  # the training step's layout, as train() has it
-    net = Net.attach(network, reg.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
-    trainer = Trainer(cfg, comm, reg, net, make_optimizer(cfg, network))
+    trainer = make_trainer(cfg, comm, network)  # the training step's layout, as train() has it
+    net = trainer.net
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *in_shape, generator=gen).to(comm.device)
     y = torch.randint(classes, (batch,), generator=gen).to(comm.device)

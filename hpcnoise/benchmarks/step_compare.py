@@ -35,6 +35,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,11 @@ Step = Callable[[], dict[str, float] | None]  # one step; its phase seconds, whe
 
 def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> Step:
     """``train_step`` of ``cfg`` on a copy of ``model``, on this rank's share (x, y) of one global batch."""
-    from hpcnoise.regimes import REGIMES
-    from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, train_step
-    from hpcnoise.train import make_optimizer
+    from hpcnoise.step import PhaseTimer, StepInput, train_step
+    from hpcnoise.train import make_trainer
 
-    net_model = copy.deepcopy(model)
-    regime = REGIMES[cfg.regime]
-    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
-    net = Net.attach(net_model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
-    t = Trainer(cfg, comm, regime, net, make_optimizer(cfg, net_model))
+    t = make_trainer(cfg, comm, copy.deepcopy(model))
+    regime = t.regime
     cache: dict[str, Any] = {}
     state: dict[str, Any] = {}
     count = [0]
@@ -125,7 +122,7 @@ def horovod_step(comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: boo
     if hvd is not None:
         opt = hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
         hvd.broadcast_parameters(net.state_dict(), root_rank=0)
-    context: Callable[[], Any] = _nothing
+    context: Callable[[], Any] = nullcontext
     if extend:
         from backpack import backpack  # type: ignore[import-untyped]
         from backpack import extend as backpack_extend
@@ -146,14 +143,6 @@ def horovod_step(comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: boo
         opt.step()
 
     return step
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def forward_step(model: nn.Module, x: Tensor) -> Step:
