@@ -6,8 +6,11 @@ as CSV, figures as PNG) to the mapping it is given; ``analysis.report.build`` jo
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 
@@ -15,6 +18,11 @@ from analysis import closure, figures, gap, paper_tables, tables
 from analysis.diverged import DIVERGED_FIELDS
 from analysis.formatting import markdown
 from analysis.load import Loaded
+
+# What ``hpcnoise bench train --out`` writes into a run directory of W > 1 workers (kept in step with
+# hpcnoise.benchmarks.throughput, which analysis does not import: it would load torch).
+PREDICTION_FILE = "scaling.json"
+PREDICTION_FORMAT = "hpcnoise-scaling-prediction-v1"
 
 _ACCURACY_NOTE = (
     "Accuracy is 100 (1 - final test error). Each of our cells: mean ± half-width of the 95% Student-t "
@@ -26,8 +34,15 @@ _ACCURACY_NOTE = (
 )
 _THROUGHPUT_NOTE = (
     "Samples per second over all workers and per worker: the mean over a run's epochs after the first "
-    "(start-up), then over runs. Scaling efficiency: per-worker throughput relative to 1 worker of the "
-    "same dataset, model, regime, device and global batch."
+    "(start-up), then over runs. Scaling efficiency (measured): per-worker throughput relative to 1 worker "
+    "of the same dataset, model, regime, device and global batch (strong scaling); empty where no 1-worker "
+    "run exists (`hpcnoise bench train --out DIR`, once alone and once under `horovodrun -np 2 -H "
+    "localhost:2`, measures both). Predicted efficiency (model): NOT a measurement, but what the "
+    "ring-allreduce alpha-beta model of `hpcnoise bench scaling` predicts for the run, "
+    "T_compute(B) / (W T_step(W; local batch B/W)), from compute times measured on one worker of the same "
+    "machine and the network parameters listed below; it leaves out contention between workers, "
+    "Horovod's per-collective costs and stragglers. At 1 worker the model's efficiency is 1 by definition and "
+    "left blank."
 )
 _SHARPNESS_NOTE = (
     "Maximum Hessian eigenvalue of the final model (from sharpness.json), mean ± 95% t interval "
@@ -173,13 +188,62 @@ def _results_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     ]
 
 
+def _prediction(path: Path, world_size: int) -> tuple[float, str]:
+    """(predicted efficiency, network in words) of a run's scaling.json; ValueError saying why it is unusable."""
+    try:
+        blob = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not readable JSON ({type(e).__name__})") from e
+    if not isinstance(blob, dict) or blob.get("format") != PREDICTION_FORMAT:
+        raise ValueError(f"not a {PREDICTION_FORMAT} file")
+    eff, network, world = blob.get("efficiency"), blob.get("network_text"), blob.get("world_size")
+    if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not math.isfinite(eff) or eff <= 0:
+        raise ValueError(f"efficiency is {eff!r}, not a positive number")
+    if not isinstance(network, str) or not network:
+        raise ValueError("no network_text")
+    if world != world_size:
+        raise ValueError(f"predicts for {world!r} workers but the run had {world_size}")
+    return float(eff), network
+
+
+def predictions(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The scaling model's prediction of every finished run that has RUN_DIR/scaling.json (columns
+    ``tables.PREDICTION_COLUMNS``), and one note per such file that is unusable (the run stays measured)."""
+    rows, problems = [], []
+    for _, r in runs.iterrows() if "path" in runs else []:
+        path = Path(str(r["path"])) / PREDICTION_FILE
+        if not path.exists():
+            continue
+        try:
+            eff, network = _prediction(path, int(r["world_size"]))
+        except ValueError as e:
+            problems.append(f"`{r['run_id']}`: {PREDICTION_FILE} ignored: {e}")
+            continue
+        rows.append({"run_id": r["run_id"], "predicted_efficiency": eff, "network": network})
+    return pd.DataFrame(rows, columns=list(tables.PREDICTION_COLUMNS)), problems
+
+
 def _throughput_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
     md = ["## Throughput", "", _THROUGHPUT_NOTE, ""]
-    throughput = tables.throughput_table(loaded.runs, loaded.epochs, loaded.diverged)
+    predicted, problems = predictions(loaded.runs)
+    throughput = tables.throughput_table(loaded.runs, loaded.epochs, loaded.diverged, predicted)
     if throughput.empty:
         return md + ["No throughput data (no samples_per_s in metrics.jsonl).", ""]
     files["tables/throughput.csv"] = csv_bytes(throughput)
-    return md + [tables.throughput_markdown(throughput), ""]
+    md += [tables.throughput_markdown(throughput), ""]
+    modelled = throughput[throughput["n_predicted"] > 0]
+    if len(modelled):
+        md += ["Network parameters of the predictions (model inputs, not measurements):", ""]
+        for network, cells in modelled.groupby("network", sort=True):
+            which = ", ".join(
+                f"{r['model']} {r['label']} batch {int(r['batch'])} W={int(r['world_size'])}"
+                for _, r in cells.iterrows()
+            )
+            md.append(f"- {network}: {which}.")
+        md.append("")
+    else:
+        md += ["No run has a prediction (RUN_DIR/scaling.json, written by `hpcnoise bench train --out`).", ""]
+    return md + [f"- {p}" for p in problems] + ([""] if problems else [])
 
 
 def _sharpness_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:

@@ -67,6 +67,7 @@ __all__ = [  # the per-variant tables defined here, and what other modules defin
     "throughput_markdown",
     "throughput_table",
     "run_throughput",
+    "PREDICTION_COLUMNS",
     "welch_diff",
 ]
 
@@ -152,12 +153,26 @@ def run_throughput(epochs: pd.DataFrame) -> pd.Series:
     return epochs.groupby("run_id")[["epoch", "samples_per_s"]].apply(steady)
 
 
-def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
+PREDICTION_COLUMNS = ("run_id", "predicted_efficiency", "network")
+
+
+def throughput_table(
+    runs: pd.DataFrame,
+    epochs: pd.DataFrame,
+    diverged: pd.DataFrame | None = None,
+    predictions: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Samples/s in total and per worker by (dataset, model, regime, device, batch, world size).
 
     Scaling efficiency = per-worker throughput at W workers / per-worker throughput at 1 worker of the same
-    (dataset, model, regime, device, batch); NaN when no 1-worker runs exist. Means over finished runs;
-    ``n_diverged``: the cell's diverged runs (a cell with no finished run has no row).
+    (dataset, model, regime, device, batch); NaN when no 1-worker runs exist. The batch is the global one, so
+    this is strong scaling. Means over finished runs; ``n_diverged``: the cell's diverged runs (a cell with no
+    finished run has no row).
+
+    ``predictions`` (columns ``PREDICTION_COLUMNS``, one row per run that has one; the report reads them from
+    RUN_DIR/scaling.json, ``hpcnoise.benchmarks.throughput``): the scaling MODEL's efficiency of each run.
+    ``predicted_efficiency`` is their mean over the cell's runs (``n_predicted`` of them), ``network`` the
+    distinct network descriptions they were computed with; NaN and "" where no run of the cell has one.
     """
     diverged = or_empty(diverged)
     per_run = run_throughput(epochs)
@@ -165,10 +180,15 @@ def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame, diverged: pd.Data
         return pd.DataFrame()
     df = runs.set_index("run_id").join(per_run.rename("samples_per_s"), how="inner").reset_index()
     df["per_worker"] = df["samples_per_s"] / df["world_size"]
+    if predictions is None or predictions.empty:
+        predictions = pd.DataFrame({c: pd.Series(dtype=float if c == "predicted_efficiency" else object)
+                                    for c in PREDICTION_COLUMNS})  # fmt: skip
+    df = df.merge(predictions[list(PREDICTION_COLUMNS)], on="run_id", how="left")
     out = []
     for key, cell in df.groupby(_THROUGHPUT_KEYS + ["world_size"], sort=True, dropna=False):
         total, worker = mean_ci(cell["samples_per_s"]), mean_ci(cell["per_worker"])
         where = dict(zip(_THROUGHPUT_KEYS + ["world_size"], key))
+        predicted = cell["predicted_efficiency"].dropna()
         out.append(
             {
                 **where,
@@ -178,13 +198,22 @@ def throughput_table(runs: pd.DataFrame, epochs: pd.DataFrame, diverged: pd.Data
                 "samples_per_s_ci": total.ci,
                 "per_worker": worker.mean,
                 "per_worker_ci": worker.ci,
+                "predicted_efficiency": float(predicted.mean()) if len(predicted) else math.nan,
+                "n_predicted": len(predicted),
+                "network": "; ".join(sorted(set(cell["network"].dropna().astype(str)))),
             }
         )
     table = pd.DataFrame(out)
     base = table[table["world_size"] == 1].set_index(_THROUGHPUT_KEYS)["per_worker"].rename("base")
     table = table.join(base, on=_THROUGHPUT_KEYS)
     table["efficiency"] = table["per_worker"] / table["base"]
-    return table.drop(columns="base")
+    columns = [c for c in table.columns if c not in ("base", "efficiency", "predicted_efficiency")]
+    at = columns.index("per_worker_ci") + 1
+    return table[[*columns[:at], "efficiency", "predicted_efficiency", *columns[at:]]]
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else ""
 
 
 def throughput_markdown(df: pd.DataFrame) -> str:
@@ -201,7 +230,8 @@ def throughput_markdown(df: pd.DataFrame) -> str:
                 r["samples_per_s"], r["samples_per_s_ci"], int(r["n_runs"]), digits=0, n_diverged=n_diverged(r)
             ),
             "Samples/s per worker": fmt_estimate(r["per_worker"], r["per_worker_ci"], int(r["n_runs"]), digits=0),
-            "Scaling efficiency": f"{r['efficiency']:.2f}" if math.isfinite(r["efficiency"]) else "",
+            "Scaling efficiency (measured)": _ratio(r["efficiency"]),
+            "Predicted efficiency (model)": _ratio(r["predicted_efficiency"]),
         },
     )
 

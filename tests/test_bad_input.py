@@ -145,6 +145,12 @@ OTHER_CASES = [
     ("bench-fisher-batch", ["bench", "fisher", "--batch", "0"], "--batch must be a positive integer, got 0"),
     ("bench-data-batches", ["bench", "data", "--batches", "a,b"], "argument --batches: expected comma-separated"),
     ("bench-train-models", ["bench", "train", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
+    ("bench-train-out", ["bench", "train", "--out", "afile/runs"], "cannot keep the runs in --out afile/runs: "),
+    (
+        "bench-train-bandwidth",
+        ["bench", "train", "--intra-bandwidth", "0"],
+        "--intra-bandwidth must be a finite number > 0, got 0",
+    ),
     ("bench-step-models", ["bench", "step", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
     ("bench-step-rounds", ["bench", "step", "--rounds", "0"], "--rounds must be a positive integer, got 0"),
     ("bench-step-batch", ["bench", "step", "--batch", "0"], "--batch must be a positive integer, got 0"),
