@@ -107,8 +107,11 @@ class GhostBatchNorm(nn.Module):
         with torch.no_grad():
             self.stat_sums = stats.view(2, k, c).sum(1)
             self.ghost_count = k
-            if self.save_xhat:  # the normalised input, from the kernel's own ghost means and 1/std
-                self.saved_xhat = back((xt - mean.view(self._shape(xt))) * invstd.view(self._shape(xt)))
+            if self.save_xhat:  # the normalised input, from the kernel's own ghost means and 1/std,
+                # formed in x's own layout (ghost batch k as a leading dimension), so no transposing copy
+                per_ghost = [k, 1, c] + [1] * len(rest)
+                xv = x.detach().reshape(k, g, c, *rest)
+                self.saved_xhat = (xv - mean.view(per_ghost)).mul_(invstd.view(per_ghost)).view(x.shape)
         return back(yt)
 
     def _single_value(self, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ Noise placement (``Config.noise_placement``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,14 @@ class NoiseInput:
     generator: torch.Generator  # the (seed, step) noise stream: identical on all ranks
     state: dict[str, Any]  # per-run state a regime keeps between steps (e.g. K-FAC square roots)
     refreshed: frozenset[str]  # statistics recomputed at this step
+    # the step's N(0, I) draw shaped like the parameters, when the step drew it ahead (see
+    # ``Regime.draws_normals``); None: ``standard_normal`` draws it from ``generator``
+    normals: list[torch.Tensor] | None = None
+
+    def standard_normal(self) -> list[torch.Tensor]:
+        """The step's N(0, I) draw xi, the first thing drawn from ``generator`` (so drawing it ahead, while
+        the reduction is in flight, gives the same numbers as drawing it here)."""
+        return self.normals if self.normals is not None else standard_normal_like(self.grads, self.generator)
 
 
 NoiseFn = Callable[[NoiseInput], list[torch.Tensor]]
@@ -54,9 +62,12 @@ class Regime:
     lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
     # the noise's total variance given NoiseInput with diag_fisher (and the regime's own statistics)
     injected_variance: Callable[[NoiseInput], float] = lambda x: 0.0
+    # the noise starts with one N(0, I) draw xi shaped like the parameters (NoiseInput.standard_normal);
+    # it needs no data, so the step draws it while the gradients' sum is in flight
+    draws_normals: bool = False
 
 
-def standard_normal_like(tensors: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+def standard_normal_like(tensors: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
     """One N(0, I) draw shaped like ``tensors``, from a single flat draw (so the stream is layout-stable)."""
     total = sum(t.numel() for t in tensors)
     flat = torch.randn(total, generator=generator, device=generator.device, dtype=tensors[0].dtype)
@@ -75,9 +86,11 @@ def noise_std(cfg: Config) -> float:
 
 def diag_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
     """Algorithm 1: lambda s sqrt(diag F) xi with s = sqrt((M_L - M_S)/(M_L M_S)), xi ~ N(0, I)."""
-    s = noise_std(x.cfg)
-    xi = standard_normal_like(x.grads, x.generator)
-    return [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
+    xi = x.standard_normal()
+    # multi-tensor (foreach) kernels: a pass over all parameters per operation, not one call per tensor
+    torch._foreach_mul_(xi, torch._foreach_sqrt(x.stats["diag_fisher"]))
+    torch._foreach_mul_(xi, noise_std(x.cfg))
+    return xi
 
 
 def trace_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
@@ -91,7 +104,7 @@ def trace_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
     diag = x.stats["diag_fisher"]
     d = sum(f.numel() for f in diag)
     scale = noise_std(x.cfg) * torch.sqrt(sum(f.sum() for f in diag) / d)
-    return [z.mul_(scale) for z in standard_normal_like(x.grads, x.generator)]
+    return [z.mul_(scale) for z in x.standard_normal()]
 
 
 def multiplicative_noise(x: NoiseInput) -> list[torch.Tensor]:
@@ -99,7 +112,7 @@ def multiplicative_noise(x: NoiseInput) -> list[torch.Tensor]:
 
     The noise multiplier lambda scales sigma (the noise term's standard deviation relative to |g|).
     """
-    xi = standard_normal_like(x.grads, x.generator)
+    xi = x.standard_normal()
     sigma = x.cfg.multiplicative_sigma * noise_multiplier(x.cfg)
     return [z.mul_(g).mul_(sigma) for z, g in zip(xi, x.grads)]
 
@@ -129,7 +142,7 @@ def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:
     s = noise_std(x.cfg)
     if "kfac" in x.refreshed or "kfac_sqrt" not in x.state:
         x.state["kfac_sqrt"] = [(_psd_sqrt(layer.A), _psd_sqrt(layer.G), layer) for layer in x.stats["kfac"]]
-    xi = standard_normal_like(x.grads, x.generator)
+    xi = x.standard_normal()
     noise = [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
     z_gen = x.generator
     for a_half, g_half, layer in x.state["kfac_sqrt"]:
@@ -191,6 +204,7 @@ REGIMES: dict[str, Regime] = {
         diag_fisher_noise,
         _DIAG,
         injected_variance=_diag_variance,
+        draws_normals=True,
     ),
     "trace": Regime(
         "large batch + isotropic noise scaled by Tr(F)",
@@ -199,6 +213,7 @@ REGIMES: dict[str, Regime] = {
         trace_fisher_noise,
         _DIAG,
         injected_variance=_diag_variance,
+        draws_normals=True,
     ),
     "multiplicative": Regime(
         "large batch, gradient times (1 + sigma xi) (Hoffer et al.)",
@@ -206,6 +221,7 @@ REGIMES: dict[str, Regime] = {
         _large,
         multiplicative_noise,
         injected_variance=_multiplicative_variance,
+        draws_normals=True,
     ),
     "fullf": Regime(
         "large batch + full-Fisher noise from Rademacher signed sums",
@@ -222,6 +238,7 @@ REGIMES: dict[str, Regime] = {
         kfac_noise,
         frozenset({"kfac", "diag_fisher"}),
         injected_variance=_kfac_variance,
+        draws_normals=True,
     ),
     "batchchange": Regime(
         "small batch for batchchange_epochs, then large batch",

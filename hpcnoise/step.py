@@ -5,7 +5,8 @@ One step on each of W workers (global batch M, local batch m = M / W), in three 
     curvature hooks compute their local sums in the same backward pass. Returns the named groups of
     tensors to sum over workers: the local mean gradients, the ghost-batch-norm statistic sums, the
     loss/error counts with the stop flag, and each due statistic's packed sums.
-(b) ``fused_allreduce`` sums every group over all workers in ONE collective (a flat buffer); ``finish`` turns
+(b) ``start_reduction`` sums every group over all workers in ONE collective (a flat buffer), or, with
+    gradient buckets, the gradients bucket by bucket during backward; ``finish`` turns
     the sums into g_LB = sum / W (set as p.grad), the batch-norm running statistics (the average over
     all ghost batches of the global batch) and the normalised statistics (``STATISTICS[...].unpack``).
 (c) ``update``: the regime's noise, drawn from the (seed, step) stream (identical on every rank, no
@@ -35,7 +36,7 @@ from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
 from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized
-from hpcnoise.regimes import NoiseInput, Regime
+from hpcnoise.regimes import NoiseInput, Regime, standard_normal_like
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS, quantities
 
@@ -167,13 +168,6 @@ def _flatten(groups: Groups) -> tuple[Tensor, Groups]:
     return flat, views
 
 
-def fused_allreduce(comm: Comm, groups: Groups, name: str = "hpcnoise.fused") -> Groups:
-    """Sum every tensor of every group over all workers in ONE collective; return views shaped alike."""
-    flat, views = _flatten(groups)
-    comm.allreduce_sum_(flat, name)
-    return views
-
-
 SMALL = ("bn", "counts")  # the groups known after forward
 
 
@@ -191,32 +185,47 @@ class PendingSum:
 
 
 def start_sum(comm: Comm, groups: Groups, name: str) -> PendingSum:
-    """Start summing the groups over workers in one background collective (a flat copy of them)."""
+    """Start summing the groups over workers in one background collective (a flat copy of them). On one
+    worker the sum is the groups themselves: nothing is copied."""
+    if comm.size == 1:
+        return PendingSum(comm, None, groups)
     flat, views = _flatten(groups)
     return PendingSum(comm, comm.allreduce_sum_async_(flat, name), views)
 
 
-def reduce_groups(comm: Comm, groups: Groups, buckets: Buckets | None, small: PendingSum | None = None) -> Groups:
-    """(b) The groups summed over workers: in one fused collective, or (``buckets``) the gradients in
-    their buckets, started during backward, the batch-norm sums and counts in ``small`` (started
-    before backward), and the curvature statistics in one more collective after backward."""
+@dataclass
+class Reduction:
+    """(b) in flight: the groups' sums over workers, started by ``start_reduction``."""
+
+    buckets: Buckets | None
+    pending: list[PendingSum]
+
+    def wait(self) -> Groups:
+        out: Groups = {}
+        for p in self.pending:
+            out |= p.wait()
+        return {"grad": self.buckets.wait(), **out} if self.buckets is not None else out
+
+
+def start_reduction(comm: Comm, groups: Groups, buckets: Buckets | None, small: PendingSum | None = None) -> Reduction:
+    """(b) Start summing the groups over workers: in one fused collective, or (``buckets``) the gradients
+    in their buckets, started during backward, the batch-norm sums and counts in ``small`` (started
+    before backward), and the curvature statistics in one more collective started now."""
     if buckets is None:
-        return fused_allreduce(comm, groups)
+        return Reduction(None, [start_sum(comm, groups, "hpcnoise.fused")])
     buckets.flush()
     statistics = {k: v for k, v in groups.items() if k != "grad" and k not in SMALL}
-    out = fused_allreduce(comm, statistics, "hpcnoise.statistics") if statistics else {}
-    out |= (
-        small.wait()
-        if small is not None
-        else fused_allreduce(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts")
-    )
-    return {"grad": buckets.wait(), **out}
+    pending = [start_sum(comm, statistics, "hpcnoise.statistics")] if statistics else []
+    pending.append(small if small is not None else start_sum(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts"))
+    return Reduction(buckets, pending)
 
 
 def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
     """(b) From the summed groups: g_LB into p.grad, the batch-norm running statistics (``ghosts``: ghost
     batches in the global batch), and the normalised statistics into ``cache``."""
-    grads = [g.div_(workers) for g in summed["grad"]]  # average of the W local means
+    grads = summed["grad"]
+    if workers > 1:
+        torch._foreach_div_(grads, float(workers))  # average of the W local means
     for p, g in zip(net.params, grads):
         p.grad = g
     for bn, c in zip(net.norms, summed["bn"]):
@@ -241,13 +250,12 @@ def update(
     for group in opt.param_groups:
         group["lr"] = lr
     if noise is not None and cfg.noise_placement == "gradient":
-        for g, z in zip(grads, noise):
-            g.add_(z)
+        torch._foreach_add_(grads, noise)
     opt.step()
     if noise is not None and cfg.noise_placement == "parameter":
         with torch.no_grad():
-            for p, z in zip(net.params, noise):
-                p.add_(z, alpha=-lr)
+            params: list[Tensor] = list(net.params)
+            torch._foreach_add_(params, noise, alpha=-lr)
 
 
 class PhaseTimer:
@@ -354,15 +362,19 @@ def train_step(
             on_forward=on_forward if buckets is not None else None,
         )
     timer.lap("forward_backward")
-    summed = reduce_groups(t.comm, groups, buckets, started[0] if started else None)
-    reduced = finish(t.net, summed, t.comm.size, inp.global_batch, inp.ghosts, cache)
+    reduction = start_reduction(t.comm, groups, buckets, started[0] if started else None)
+    noise_fn = t.regime.noise if inp.noise_on else None
+    gen = generator(t.cfg.seed, "noise", inp.step, device=t.comm.device) if noise_fn is not None else None
+    # the noise's N(0, I) draw needs no data: it runs while the sums are in flight
+    normals = standard_normal_like(t.net.params, gen) if gen is not None and t.regime.draws_normals else None
+    timer.lap("noise")
+    reduced = finish(t.net, reduction.wait(), t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
     faults.reached("step")  # between the collective and the update: a crash inside a step
     g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads
     noise = None
-    if inp.noise_on and t.regime.noise is not None:
-        gen = generator(t.cfg.seed, "noise", inp.step, device=t.comm.device)
-        noise = t.regime.noise(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh))
+    if noise_fn is not None and gen is not None:
+        noise = noise_fn(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh, normals))
     timer.lap("noise")
     update(t.net, t.opt, t.cfg, inp.lr, reduced.grads, noise)
     timer.lap("optimizer")

@@ -126,11 +126,14 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def make_trainer(cfg: Config, comm: Comm, model: nn.Module) -> Trainer:
-    """The step's shared parts for ``model``: its regime, hooks, gradient buckets (``allreduce=buckets``)
-    and optimiser, as every run builds them (benchmarks too)."""
+def make_trainer(cfg: Config, comm: Comm, model: nn.Module, buckets: bool | None = None) -> Trainer:
+    """The step's shared parts for ``model``: its regime, hooks, gradient buckets and optimiser, as every
+    run builds them (benchmarks too). Buckets (``allreduce=buckets``) overlap communication with backward,
+    so one worker, with nothing to overlap, goes without them unless ``buckets`` asks for the layout of
+    several workers."""
     regime = REGIMES[cfg.regime]
-    bucket_mb = cfg.bucket_mb if cfg.allreduce == "buckets" else None
+    bucketed = cfg.allreduce == "buckets" and (comm.size > 1 if buckets is None else buckets)
+    bucket_mb = cfg.bucket_mb if bucketed else None
     net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
     return Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
 

@@ -209,7 +209,7 @@ def measure(model: str, regime: str, batch: int, repeats: int, comm: Comm) -> Me
     in_shape, classes = dataset_shape(cfg.dataset)
     network = build_model(model, in_shape, classes, ghost_size=cfg.ghost_size, bn_momentum=cfg.bn_momentum)
     network = network.to(comm.device)
-    trainer = make_trainer(cfg, comm, network)  # the training step's layout, as train() has it
+    trainer = make_trainer(cfg, comm, network, buckets=True)  # the step's layout on several workers
     net = trainer.net
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *in_shape, generator=gen).to(comm.device)

@@ -8,8 +8,8 @@ in the paper; synthetic data of its dataset's shape), every rank times, in inter
 block of ``--steps`` steps of each variant per round, so drifting load hits all alike):
 
 - ``horovod``: the plain loop users already run: ``hvd.DistributedOptimizer`` (per-tensor async
-  allreduce from backward hooks, Horovod's tensor fusion) over SGD with momentum; without a launcher,
-  the same loop without Horovod;
+  allreduce from backward hooks, Horovod's tensor fusion) over the same optimiser as hpcnoise's step
+  (SGD, momentum 0.9, weight decay 5e-4); without a launcher, the same loop without Horovod;
 - ``lb`` and ``lb fused``: hpcnoise's ``train_step`` (the regime ``lb``) with its gradient buckets
   reduced during backward (``allreduce=buckets``, the default) and with the one fused collective
   after backward (``allreduce=fused``);
@@ -113,11 +113,14 @@ def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tenso
     return step
 
 
-def horovod_step(comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: bool = False) -> Step:
-    """The plain loop on a copy of ``model``: hvd.DistributedOptimizer over SGD with momentum (without
-    Horovod, plain SGD). ``extend``: BackPACK's SumGradSquared in the backward, its sums allreduced."""
+def horovod_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor, extend: bool = False) -> Step:
+    """The plain loop on a copy of ``model``: hvd.DistributedOptimizer over the optimiser hpcnoise's step
+    uses (SGD with ``cfg``'s momentum and weight decay), so the two differ only in the step (without
+    Horovod, the bare optimiser). ``extend``: BackPACK's SumGradSquared in the backward, its sums allreduced."""
+    from hpcnoise.train import make_optimizer
+
     net = copy.deepcopy(model)
-    opt: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    opt: torch.optim.Optimizer = make_optimizer(cfg, net)
     hvd = comm.hvd if comm.size > 1 else None
     if hvd is not None:
         opt = hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
@@ -158,7 +161,7 @@ def forward_step(model: nn.Module, x: Tensor) -> Step:
 
 def variants(model_name: str, cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Step]:
     out: dict[str, Step] = {
-        "horovod": horovod_step(comm, model, x, y),
+        "horovod": horovod_step(cfg, comm, model, x, y),
         "forward": forward_step(model, x),
         "lb": hpcnoise_step(cfg, comm, model, x, y),
         "lb fused": hpcnoise_step(replace(cfg, allreduce="fused"), comm, model, x, y),
@@ -170,8 +173,8 @@ def variants(model_name: str, cfg: Config, comm: Comm, model: nn.Module, x: Tens
         from hpcnoise.benchmarks.fisher_conv import to_torch_batchnorm
 
         eval_copy = to_torch_batchnorm(copy.deepcopy(model), x[:2])
-        out["plain nn.BN"] = horovod_step(comm, eval_copy, x, y)
-        out["backpack"] = horovod_step(comm, eval_copy, x, y, extend=True)
+        out["plain nn.BN"] = horovod_step(cfg, comm, eval_copy, x, y)
+        out["backpack"] = horovod_step(cfg, comm, eval_copy, x, y, extend=True)
     except ImportError:  # BackPACK is a dev dependency
         pass
     return out

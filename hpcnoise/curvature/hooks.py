@@ -72,6 +72,11 @@ class CurvatureHooks:
         self.opts = HookOptions(ConvMode(conv_mode), chunk_size)
         self.record_eval = record_eval
         self.params: list[nn.Parameter] = list(model.parameters())
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if len(kinds) != 1:
+            raise ValueError(
+                f"curvature hooks need parameters of one dtype on one device, got {sorted(map(str, kinds)) or 'none'}"
+            )
         self._handlers: dict[nn.Module, LayerHandler] = {}
         self._owner: dict[int, tuple[nn.Module, str]] = {}  # id(param) -> (module, name)
         for module in model.modules():
@@ -107,6 +112,7 @@ class CurvatureHooks:
         self._active: tuple[str, ...] = ()
         self._signs: Tensor | None = None
         self._sums: dict[str, dict[nn.Module, Sums]] = {}
+        self._flat: dict[str, Tensor] = {}  # quantity -> the one buffer its per-parameter sums are views of
         self._factors: dict[nn.Module, list[Tensor]] = {}
         self._seen: set[nn.Module] = set()
         self._pending: dict[nn.Module, list[Tensor]] = {}  # saved forward tensors awaiting the backward
@@ -190,17 +196,20 @@ class CurvatureHooks:
 
     def _allocate(self, active: tuple[str, ...]) -> None:
         """Zeroed accumulators for one recording of the ``active`` quantities."""
-        self._sums = {
-            q: {
-                module: {
-                    name: torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    for name, p in module.named_parameters(recurse=False)
-                }
+        self._sums, self._flat = {}, {}
+        for q in active:
+            if q == "kfac":
+                continue
+            # one zeroed buffer per quantity, each parameter's sums a view of it: one allocation and,
+            # in ``_collect``, one scaling, instead of one per parameter
+            flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
+            views = iter(flat.split([p.numel() for p in self.params]))
+            at = {id(p): next(views).view_as(p) for p in self.params}
+            self._flat[q] = flat
+            self._sums[q] = {
+                module: {name: at[id(p)] for name, p in module.named_parameters(recurse=False)}
                 for module in self._handlers
             }
-            for q in active
-            if q != "kfac"
-        }
         self._factors = {}
         if "kfac" in active:
             for module, (k, o), w, _ in self.kfac_layers:
@@ -214,16 +223,14 @@ class CurvatureHooks:
         scale = {"sum_grad_squared": float(batch_size) ** 2, "signed_sum": float(batch_size)}
         self._results = {}
         for q, per_module in self._sums.items():
-            for sums in per_module.values():
-                for t in sums.values():
-                    t.mul_(scale[q])
+            self._flat[q].mul_(scale[q])
             self._results[q] = [per_module[self._owner[id(p)][0]][self._owner[id(p)][1]] for p in self.params]
         self._kfac_results = []
         for module, _, w, b in self.kfac_layers:
             if module in self._factors:
                 a_factor, g_factor = self._factors[module]
                 self._kfac_results.append(KFactors(a_factor, g_factor.mul_(float(batch_size) ** 2), w, b))
-        self._sums, self._factors = {}, {}
+        self._sums, self._flat, self._factors = {}, {}, {}
 
     def result(self, quantity: str = "sum_grad_squared") -> list[Tensor]:
         """A per-parameter quantity of the last recording, one tensor per parameter of ``params``."""
