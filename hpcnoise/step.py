@@ -21,7 +21,6 @@ what tests/test_step.py checks in-process, and what hpcnoise.measure reuses for 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from hpcnoise import faults
 from hpcnoise.buckets import Buckets
@@ -122,14 +122,12 @@ def local_contribution(
     signs: Tensor | None = None,
     stop: bool = False,
     reset_grads: bool = True,
-    on_forward: Callable[[Groups], None] | None = None,
 ) -> Groups:
     """(a) One worker's forward and backward of its mean loss; the groups to sum over workers.
 
     p.grad holds the local mean gradient afterwards (the ``grad`` group is those tensors).
     ``reset_grads=False``: p.grad already holds zeroed bucket views (``Buckets.arm``), which backward
-    fills in place while their sums start. ``on_forward`` receives the groups known before backward
-    (batch-norm sums, counts with the stop flag), so that their sum can start before backward.
+    fills in place while their sums start.
     """
     if reset_grads:
         for p in net.params:
@@ -146,8 +144,6 @@ def local_contribution(
                 "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
                 "counts": [torch.stack([loss * len(y), errors, flag])],
             }
-        if on_forward is not None:
-            on_forward(small)
         loss.backward()
     groups: Groups = {"grad": [p.grad for p in net.params], **small}  # type: ignore[misc]
     for name in sorted(statistics):
@@ -166,9 +162,6 @@ def _flatten(groups: Groups) -> tuple[Tensor, Groups]:
             views[name].append(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
     return flat, views
-
-
-SMALL = ("bn", "counts")  # the groups known after forward
 
 
 @dataclass
@@ -207,17 +200,16 @@ class Reduction:
         return {"grad": self.buckets.wait(), **out} if self.buckets is not None else out
 
 
-def start_reduction(comm: Comm, groups: Groups, buckets: Buckets | None, small: PendingSum | None = None) -> Reduction:
+def start_reduction(comm: Comm, groups: Groups, buckets: Buckets | None) -> Reduction:
     """(b) Start summing the groups over workers: in one fused collective, or (``buckets``) the gradients
-    in their buckets, started during backward, the batch-norm sums and counts in ``small`` (started
-    before backward), and the curvature statistics in one more collective started now."""
+    in their buckets, started during backward, and everything else (batch-norm sums, counts with the stop
+    flag, curvature statistics) in one more collective with the last bucket. That rest is small next to
+    the gradients; started before backward on its own it cost Horovod one more negotiation per step."""
     if buckets is None:
         return Reduction(None, [start_sum(comm, groups, "hpcnoise.fused")])
     buckets.flush()
-    statistics = {k: v for k, v in groups.items() if k != "grad" and k not in SMALL}
-    pending = [start_sum(comm, statistics, "hpcnoise.statistics")] if statistics else []
-    pending.append(small if small is not None else start_sum(comm, {k: groups[k] for k in SMALL}, "hpcnoise.bn_counts"))
-    return Reduction(buckets, pending)
+    rest = {k: v for k, v in groups.items() if k != "grad"}
+    return Reduction(buckets, [start_sum(comm, rest, "hpcnoise.rest")])
 
 
 def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
@@ -345,11 +337,6 @@ def train_step(
     buckets = t.net.buckets
     if buckets is not None:
         buckets.arm(t.comm)
-    started: list[PendingSum] = []
-
-    def on_forward(small: Groups) -> None:  # with buckets, the small groups' sum overlaps backward too
-        started.append(start_sum(t.comm, small, "hpcnoise.bn_counts"))
-
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
         groups = local_contribution(
             t.net,
@@ -359,22 +346,24 @@ def train_step(
             signs,
             inp.stop,
             reset_grads=buckets is None,
-            on_forward=on_forward if buckets is not None else None,
         )
     timer.lap("forward_backward")
-    reduction = start_reduction(t.comm, groups, buckets, started[0] if started else None)
+    reduction = start_reduction(t.comm, groups, buckets)
     noise_fn = t.regime.noise if inp.noise_on else None
     gen = generator(t.cfg.seed, "noise", inp.step, device=t.comm.device) if noise_fn is not None else None
     # the noise's N(0, I) draw needs no data: it runs while the sums are in flight
-    normals = standard_normal_like(t.net.params, gen) if gen is not None and t.regime.draws_normals else None
+    with record_function("hpcnoise.normals"):
+        normals = standard_normal_like(t.net.params, gen) if gen is not None and t.regime.draws_normals else None
     timer.lap("noise")
-    reduced = finish(t.net, reduction.wait(), t.comm.size, inp.global_batch, inp.ghosts, cache)
+    with record_function("hpcnoise.reduction"):
+        reduced = finish(t.net, reduction.wait(), t.comm.size, inp.global_batch, inp.ghosts, cache)
     timer.lap("allreduce")
     faults.reached("step")  # between the collective and the update: a crash inside a step
     g_lb = [g.clone() for g in reduced.grads] if keep_g_lb else reduced.grads
     noise = None
     if noise_fn is not None and gen is not None:
-        noise = noise_fn(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh, normals))
+        with record_function("hpcnoise.noise"):
+            noise = noise_fn(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh, normals))
     timer.lap("noise")
     update(t.net, t.opt, t.cfg, inp.lr, reduced.grads, noise)
     timer.lap("optimizer")

@@ -1,6 +1,6 @@
 """hpcnoise's step side by side with the plain Horovod recipe, on the same model, batch and launcher.
 
-    hpcnoise bench step [--models mlp,cnn1d,lenet5,resnet44] [--batch 512] [--steps 5] [--rounds 5]
+    hpcnoise bench step [--models mlp,cnn1d,lenet5,resnet44] [--batch 512] [--steps 5] [--rounds 5] [--profile N]
     horovodrun -np 2 -H localhost:2 hpcnoise bench step --threads 1
 
 Per model (hpcnoise's own builder, ghost batch norm at a quarter of the global batch, capped at 128 as
@@ -24,7 +24,11 @@ baseline step (diagf over lb, BackPACK over plain nn.BN), and the step breakdown
 forward with autograd graph, timed alone), backward (lb's forward+backward minus forward), curvature
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
 collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Medians over rounds.
-Then the issue's targets, each marked met or not. Figures only: nothing here asserts a speed.
+Then the issue's targets, each marked met or not. ``--profile N`` then runs torch.profiler over one
+block of lb and diagf and prints where the step's time goes: the step's labelled parts (curvature hooks
+per layer type, the noise's N(0, I) draw, the reduction, the noise) and the N slowest operators.
+Figures only: nothing here asserts a speed. On one worker there is nothing to overlap, so ``lb`` and
+``lb fused`` run the same step (hpcnoise.train.make_trainer).
 """
 
 from __future__ import annotations
@@ -210,6 +214,34 @@ def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -
     return median, {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
 
 
+PROFILED = ("lb", "diagf exact", "diagf spatial")  # the variants ``--profile`` looks inside
+
+
+def profile_variants(steps: dict[str, Step], block: int, top: int, device: torch.device) -> str:
+    """torch.profiler over ``block`` steps of each hpcnoise variant: per step, the time inside the step's
+    labelled parts (``hpcnoise.*``: curvature hooks per layer type, the noise's N(0, I) draw, the
+    reduction, the noise) and the ``top`` operators by self time. Profiling slows the step: these are
+    shares, not the table's times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for name in PROFILED:
+        if name not in steps:
+            continue
+        with profile(activities=activities) as prof:
+            for _ in range(block):
+                steps[name]()
+            _sync(device)
+        events = prof.key_averages()
+        labels = sorted((e for e in events if e.key.startswith("hpcnoise.")), key=lambda e: -e.cpu_time_total)
+        out.append(f"profile of {name!r}, {block} steps; labelled parts, ms per step (CPU time, children included):")
+        out += [f"  {e.key:40s} {e.cpu_time_total / block / 1e3:8.3f}" for e in labels]
+        out.append(events.table(sort_by=sort, row_limit=top, max_name_column_width=40))
+    return "\n".join(out)
+
+
 def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -> list[dict[str, Any]]:
     """The table's rows of one model: samples/s, ratios and the breakdown (ms per step)."""
     base = {"horovod": "horovod", "lb": "horovod", "lb fused": "horovod", "diagf exact": "lb", "diagf spatial": "lb"}
@@ -276,6 +308,8 @@ def _check(args: Any) -> list[str]:
     for option in ("batch", "steps", "rounds"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option} must be a positive integer, got {getattr(args, option)}")
+    if args.profile < 0:
+        raise ConfigError(f"--profile must be >= 0 (0: no profile), got {args.profile}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if not args.bucket_mb > 0:
@@ -305,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket-mb", type=float, default=Config().bucket_mb, help="gradient bucket size of lb and diagf")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="then profile lb and diagf: the N slowest operators"
+    )
     try:
         args = p.parse_args(argv)
         models = _check(args)
@@ -320,14 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
+    profiles: list[str] = []
     for model_name in models:
         cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device, bucket_mb=args.bucket_mb)
         data, model = data_and_model(cfg, comm)
         local = args.batch // comm.size
         x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
         y = data.y_train[comm.rank * local : (comm.rank + 1) * local]
-        median, phases = time_variants(variants(model_name, cfg, comm, model, x, y), args.steps, args.rounds, comm)
+        steps = variants(model_name, cfg, comm, model, x, y)
+        median, phases = time_variants(steps, args.steps, args.rounds, comm)
         rows += model_rows(model_name, args.batch, median, phases)
+        if args.profile:
+            profiles.append(f"[{model_name}] " + profile_variants(steps, args.steps, args.profile, comm.device))
     if comm.is_main:
         table = pd.DataFrame(rows)
         print(
@@ -340,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         if args.csv:
             write_text_atomic(args.csv, table.to_csv(index=False))
+        for text in profiles:
+            print(text)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from hpcnoise.curvature.handlers import HANDLERS, ConvMode, HookOptions, LayerHandler, Sums
@@ -136,6 +137,7 @@ class CurvatureHooks:
         recording, active, signs = self._recording, self._active, self._signs
         sums = {q: self._sums[q][module] for q in active if q != "kfac"}
         factors = self._factors.get(module)
+        label = f"hpcnoise.curvature.{type(module).__name__}"  # names the hook's work in profiles
 
         def on_grad(delta: Tensor) -> None:
             if self._recording != recording:
@@ -143,7 +145,7 @@ class CurvatureHooks:
             if not holder:
                 raise RuntimeError("a second backward through one recorded forward")
             saved = holder.pop()  # dropped once used
-            with torch.no_grad():
+            with torch.no_grad(), record_function(label):
                 if "sum_grad_squared" in sums:
                     handler.sum_grad_squared(module, saved, delta, sums["sum_grad_squared"], self.opts)
                 if "signed_sum" in sums:
