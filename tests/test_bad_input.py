@@ -154,6 +154,7 @@ OTHER_CASES = [
     ("bench-step-models", ["bench", "step", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
     ("bench-step-rounds", ["bench", "step", "--rounds", "0"], "--rounds must be a positive integer, got 0"),
     ("bench-step-batch", ["bench", "step", "--batch", "0"], "--batch must be a positive integer, got 0"),
+    ("bench-step-profile", ["bench", "step", "--profile", "-1"], "--profile must be >= 0 (0: no profile), got -1"),
     ("bench-which", ["bench", "nope"], "hpcnoise bench needs one of: fisher, data, train"),
     # toy
     ("toy-chains", ["toy", "--chains", "1"], "--chains must be an integer >= 2 (got 1)"),

@@ -336,6 +336,29 @@ def test_unsupported_module_raises_type_error() -> None:
     SumGradSquared(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Flatten()))  # parameter-free modules pass
 
 
+def test_parameters_of_mixed_dtypes_are_refused() -> None:
+    """The sums of one quantity share one buffer, so the parameters must share a dtype and device."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2).double())
+    with pytest.raises(ValueError, match="one dtype on one device") as info:
+        SumGradSquared(model)
+    assert "torch.float32" in str(info.value) and "torch.float64" in str(info.value)
+
+
+def test_each_recording_has_its_own_sums() -> None:
+    """Results of one recording stay as they were after the next (each recording allocates afresh)."""
+    model = build_model("mlp", (40,), 10)
+    sgs = SumGradSquared(model)
+    x, y = torch.randn(8, 40), torch.randint(0, 10, (8,))
+    with sgs.recording(8):
+        F.cross_entropy(model(x), y).backward()
+    first = sgs.result()
+    kept = [s.clone() for s in first]
+    with sgs.recording(8):
+        F.cross_entropy(model(2 * x), y).backward()
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    assert not all(torch.equal(a, b) for a, b in zip(first, sgs.result()))
+
+
 def test_params_order_and_shapes() -> None:
     model = build_model("cnn1d", (40,), 10)
     sgs = SumGradSquared(model)

@@ -219,9 +219,16 @@ def test_bench_step_under_horovodrun(tmp_path: Path) -> None:
 
     csv = tmp_path / "step.csv"
     args = ["-m", "hpcnoise.cli", "bench", "step", "--models", "cnn1d", "--batch", "64", "--steps", "1"]
-    proc = run_launched("horovodrun", 2, [*args, "--rounds", "1", "--threads", "1", "--csv", str(csv)])
+    proc = run_launched(
+        "horovodrun", 2, [*args, "--rounds", "1", "--threads", "1", "--csv", str(csv), "--profile", "3"]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 worker(s)" in proc.stdout
+    # --profile: where the step's time goes, by the step's own labels
+    for variant in ("lb", "diagf exact", "diagf spatial"):
+        assert f"profile of {variant!r}" in proc.stdout, variant
+    for label in ("hpcnoise.curvature.Conv1d", "hpcnoise.curvature.GhostBatchNorm", "hpcnoise.normals"):
+        assert label in proc.stdout, label
     table = pd.read_csv(csv).set_index("variant")
     variants = ["horovod", "lb", "lb fused", "diagf exact", "diagf spatial", "plain nn.BN", "backpack"]
     assert sorted(table.index) == sorted(variants)
