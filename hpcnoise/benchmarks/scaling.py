@@ -64,7 +64,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from hpcnoise.benchmarks.throughput import _names, bench_config
+from hpcnoise.benchmarks.common import bench_config, names
 from hpcnoise.buckets import DEFAULT_CAP_MB, assign
 from hpcnoise.comm import Comm, init
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
@@ -476,8 +476,8 @@ def _check(args: Any) -> Plan:
     if args.times is not None:
         loaded, facts = _from_file(args)
         return Plan(network, workers, [], loaded, facts)
-    models = _names(args.models or DEFAULT_MODELS, MODELS, "model", "--models")
-    regimes = _names(args.regimes or DEFAULT_REGIMES, REGIMES, "regime", "--regimes")
+    models = names(args.models or DEFAULT_MODELS, MODELS, "model", "--models")
+    regimes = names(args.regimes or DEFAULT_REGIMES, REGIMES, "regime", "--regimes")
     args.batch = DEFAULT_BATCH if args.batch is None else args.batch
     args.repeats = DEFAULT_REPEATS if args.repeats is None else args.repeats
     args.threads = 0 if args.threads is None else args.threads

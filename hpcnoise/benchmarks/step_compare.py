@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpcnoise.benchmarks.throughput import MODEL_DATA, _names
+from hpcnoise.benchmarks.common import MODEL_DATA, names
 from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
 from hpcnoise.config import Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
@@ -304,7 +304,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _check(args: Any) -> list[str]:
-    models = _names(args.models, MODELS, "model", "--models")
+    models = names(args.models, MODELS, "model", "--models")
     for option in ("batch", "steps", "rounds"):
         if getattr(args, option) < 1:
             raise ConfigError(f"--{option} must be a positive integer, got {getattr(args, option)}")

@@ -52,6 +52,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpcnoise.benchmarks.common import bench_config, names
 from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
 from hpcnoise.config import Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
@@ -60,50 +61,13 @@ from hpcnoise.models import MODELS
 from hpcnoise.regimes import REGIMES
 from hpcnoise.workload import validate
 
-if TYPE_CHECKING:  # scaling imports this module
+if TYPE_CHECKING:  # imported where used: it loads torch and pandas
     from hpcnoise.benchmarks.scaling import Network
 
-# The dataset whose shape each model is built for.
-MODEL_DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "mnist_mlp": "mnist", "lenet5": "mnist"}
 PREDICTION_FILE = "scaling.json"  # in a kept run directory of W > 1 workers
 PREDICTION_FORMAT = "hpcnoise-scaling-prediction-v1"
 PREDICTION_REPEATS = 5  # timed steps of each compute measurement (median), after scaling.WARMUP
 US, GB = 1e-6, 1e9  # the network options' units, as in ``hpcnoise bench scaling``
-
-
-def bench_config(model: str, regime: str, batch: int, steps: int, threads: int) -> Config:
-    small = max(batch // 4, 1)
-    trained_batch = small if regime == "sb" else batch
-    return Config(
-        dataset=MODEL_DATA.get(model, "cifar10"),
-        model=model,
-        regime=regime,
-        batch_size=batch,
-        small_batch=small,
-        batchchange_epochs=1,  # batchchange: the reported second epoch is at the large batch
-        ghost_bn=True,
-        ghost_size=small,
-        epochs=2,
-        noise_epochs=2,
-        lr=0.01,
-        synthetic_data=True,
-        train_samples=trained_batch * steps if regime != "batchchange" else batch * steps,
-        test_samples=batch,
-        checkpoint_every=0,
-        threads=threads,
-        progress=False,
-        conv_mode="spatial" if MODEL_DATA.get(model, "cifar10") != "mnist1d" else "exact",
-    )
-
-
-def _names(text: str, registry: dict[str, Any], what: str, option: str) -> list[str]:
-    """A comma-separated list of registry names, or 'all'; ConfigError naming the unknown ones."""
-    names = list(registry) if text == "all" else [n for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in registry]
-    if bad or not names:
-        given = ", ".join(map(repr, bad)) or "(none given)"
-        raise ConfigError(f"{option}: unknown {what} {given}; valid: all, {', '.join(registry)}")
-    return names
 
 
 def _network_options(args: argparse.Namespace) -> None:
@@ -120,8 +84,8 @@ def _network_options(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The models and regimes to measure; ConfigError on bad arguments, before anything runs or is written."""
-    models = _names(args.models, MODELS, "model", "--models")
-    regimes = _names(args.regimes, REGIMES, "regime", "--regimes")
+    models = names(args.models, MODELS, "model", "--models")
+    regimes = names(args.regimes, REGIMES, "regime", "--regimes")
     if args.batch < 4:
         raise ConfigError(f"--batch must be an integer >= 4 (the small batch is a quarter of it), got {args.batch}")
     if args.steps < 1:
@@ -220,7 +184,7 @@ def _parser() -> Parser:
     p.add_argument(
         "--out", type=Path, help="keep the run directories here (for `hpcnoise report`), with the model's prediction"
     )
-    # the defaults of hpcnoise.benchmarks.scaling.Network (not imported here: it imports this module)
+    # the defaults of hpcnoise.benchmarks.scaling.Network (not imported here: it loads torch; a test checks they agree)
     p.add_argument("--intra-latency", type=float, default=2.0, help="model: alpha inside a node, us (default 2)")
     p.add_argument("--intra-bandwidth", type=float, default=150.0, help="model: beta inside a node, GB/s (150)")
     p.add_argument("--inter-latency", type=float, default=5.0, help="model: alpha across nodes, us (default 5)")
