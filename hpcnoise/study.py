@@ -8,7 +8,8 @@ offline), 3 seeds each, trained under ``horovodrun --gloo -np 2`` on localhost (
 so Horovod starts once), with the sharpness of every final model and Fisher and temperature
 diagnostics during training; then the report (tables, figures, report.md) from the run directories.
 The quick default (15 runs) takes about 12 minutes on 2 CPU cores (measured 12 min 7 s); ``--full`` trains 64 epochs;
-``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at GRID_EPOCHS; 59 minutes measured with a step that sent one more collective per step, less today).
+``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at GRID_EPOCHS; 59 minutes
+measured with a step that sent one more collective per step, less today).
 Runs that already finished are kept and not rerun, so an interrupted study continues where it stopped.
 """
 
