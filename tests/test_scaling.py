@@ -14,16 +14,15 @@ import pytest
 import torch
 
 from hpcnoise.benchmarks import scaling
+from hpcnoise.benchmarks.network import Network, ring_allreduce_s
 from hpcnoise.benchmarks.scaling import (
     Bucket,
     Measurement,
-    Network,
     ParamTime,
     buckets_of,
     pipeline_end,
     predict,
     read_times,
-    ring_allreduce_s,
     step_s,
     write_times,
 )

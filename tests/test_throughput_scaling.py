@@ -19,7 +19,7 @@ import pytest
 from analysis import sections, tables
 from analysis.report import main as report_main
 from hpcnoise.benchmarks import throughput
-from hpcnoise.benchmarks.scaling import GB, US, Network
+from hpcnoise.benchmarks.network import Network
 from tests.conftest import run_launched
 
 KEY = dict(dataset="mnist1d", label="LB+GBN", device_used="cpu")
@@ -146,11 +146,8 @@ def test_prediction_files_are_read_and_broken_ones_noted(tmp_path: Path) -> None
     assert any("`trunc`" in p and "not readable JSON" in p for p in problems)
 
 
-def test_network_options_default_to_the_scaling_model() -> None:
-    args = throughput._parser().parse_args([])
+def test_network_text_names_the_links_used() -> None:
     d = Network()
-    assert (args.intra_latency * US, args.intra_bandwidth * GB) == pytest.approx((d.intra_latency_s, d.intra_bandwidth))
-    assert (args.inter_latency * US, args.inter_bandwidth * GB) == pytest.approx((d.inter_latency_s, d.inter_bandwidth))
     text = throughput.network_text({**vars(d), "gpus_per_node": 2}, 2)
     assert text == "1 node x 2 ranks; intra-node alpha 2 us, beta 150 GB/s"
     assert "inter-node alpha 5 us, beta 25 GB/s" in throughput.network_text(vars(d), 16)

@@ -65,6 +65,7 @@ import pandas as pd
 import torch
 
 from hpcnoise.benchmarks.common import bench_config, names
+from hpcnoise.benchmarks.network import Network, add_network_options, check_positive, network_from_args
 from hpcnoise.buckets import DEFAULT_CAP_MB, assign
 from hpcnoise.comm import Comm, init
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
@@ -83,48 +84,6 @@ DEFAULT_BATCH = 128  # local batch per GPU: the paper's M_L = 4096 over 32 GPUs
 DEFAULT_REPEATS = 5
 WARMUP = 2  # untimed steps first: the first pays allocation and kernel selection
 TIMES_FORMAT = "hpcnoise-scaling-times-v1"
-US, GB = 1e-6, 1e9  # the CLI's units: latencies in microseconds, bandwidths in GB/s (10^9 bytes per second)
-
-
-@dataclass(frozen=True)
-class Network:
-    """The machine the model predicts for. The defaults are a generic GPU cluster, not a measurement."""
-
-    gpus_per_node: int = 8  # DGX/HGX-style nodes
-    # NCCL's allreduce of a few bytes on one 8-GPU NVLink node takes about 10-30 us, i.e. 1-2 us per ring
-    # step (2 (G - 1) = 14 steps); the upper end, to be conservative.
-    intra_latency_s: float = 2 * US
-    # NCCL's bus bandwidth of large allreduces on one node: about 130 GB/s on V100 (NVLink 2), 230 GB/s on
-    # A100 (NVLink 3), 450 GB/s on H100 (NVLink 4). 150 GB/s: the V100/A100 class, conservative.
-    intra_bandwidth: float = 150 * GB
-    # InfiniBand's wire latency is 1-2 us; NCCL's network proxy adds a few us per ring step.
-    inter_latency_s: float = 5 * US
-    # The node's bandwidth to the network, shared by its G GPUs: one 200 Gb/s HDR InfiniBand adapter
-    # (25 GB/s). A DGX A100 has one such adapter per GPU: --inter-bandwidth 200.
-    inter_bandwidth: float = 25 * GB
-
-    def nodes(self, workers: int) -> int:
-        return max(1, workers // self.gpus_per_node)
-
-    def allreduce_s(self, nbytes: float, workers: int) -> float:
-        """Seconds to sum ``nbytes`` over ``workers`` GPUs: an intra-node ring plus an inter-node ring."""
-        intra = ring_allreduce_s(nbytes, min(workers, self.gpus_per_node), self.intra_latency_s, self.intra_bandwidth)
-        inter = ring_allreduce_s(nbytes, self.nodes(workers), self.inter_latency_s, self.inter_bandwidth)
-        return intra + inter
-
-    def describe(self) -> str:
-        return (
-            f"{self.gpus_per_node} GPUs per node; intra-node alpha {self.intra_latency_s / US:g} us, "
-            f"beta {self.intra_bandwidth / GB:g} GB/s (NVLink); inter-node alpha {self.inter_latency_s / US:g} us, "
-            f"beta {self.inter_bandwidth / GB:g} GB/s per node ({8 * self.inter_bandwidth / GB:g} Gb/s InfiniBand)"
-        )
-
-
-def ring_allreduce_s(nbytes: float, ranks: int, latency_s: float, bandwidth: float) -> float:
-    """Alpha-beta time of a ring allreduce of ``nbytes`` over ``ranks``: 2 (p-1) alpha + 2 (p-1)/p n / beta."""
-    if ranks <= 1:
-        return 0.0
-    return 2 * (ranks - 1) * latency_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth
 
 
 # --- measured compute ------------------------------------------------------------------------------
@@ -364,7 +323,6 @@ def read_times(path: Path) -> tuple[list[Measurement], dict[str, Any]]:
 
 
 def _parser() -> Parser:
-    d = Network()
     p = Parser(prog="hpcnoise bench scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help=f"comma-separated, or 'all' (default {DEFAULT_MODELS}; with --times: the file's)")
     p.add_argument("--regimes", help=f"comma-separated, or 'all' (default {DEFAULT_REGIMES}; with --times: the file's)")
@@ -376,35 +334,11 @@ def _parser() -> Parser:
     p.add_argument(
         "--bucket-mb", type=float, default=DEFAULT_CAP_MB, help=f"gradient bucket cap, MiB (default {DEFAULT_CAP_MB:g})"
     )
-    p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="G (default 8)")
-    p.add_argument("--intra-latency", type=float, default=d.intra_latency_s / US, help="alpha in a node, us (2)")
-    p.add_argument("--intra-bandwidth", type=float, default=d.intra_bandwidth / GB, help="beta in a node, GB/s (150)")
-    p.add_argument("--inter-latency", type=float, default=d.inter_latency_s / US, help="alpha across nodes, us (5)")
-    p.add_argument(
-        "--inter-bandwidth", type=float, default=d.inter_bandwidth / GB, help="a node's network beta, GB/s (25)"
-    )
+    add_network_options(p, gpus_per_node=True)
     p.add_argument("--times", type=Path, help="read the compute times from this --write-times file; measure nothing")
     p.add_argument("--write-times", type=Path, help="also write the measured times to this JSON file")
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     return p
-
-
-def _positive(value: float, option: str, zero_ok: bool = False) -> None:
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{option} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value:g}")
-
-
-def _network(args: Any) -> Network:
-    if args.gpus_per_node < 1:
-        raise ConfigError(f"--gpus-per-node must be a positive integer, got {args.gpus_per_node}")
-    for option in ("intra_latency", "inter_latency"):
-        _positive(getattr(args, option), f"--{option.replace('_', '-')}", zero_ok=True)
-    for option in ("intra_bandwidth", "inter_bandwidth"):
-        _positive(getattr(args, option), f"--{option.replace('_', '-')}")
-    return Network(
-        args.gpus_per_node, args.intra_latency * US, args.intra_bandwidth * GB, args.inter_latency * US,
-        args.inter_bandwidth * GB,
-    )  # fmt: skip
 
 
 def _workers(text: str, per_node: int) -> list[int]:
@@ -468,9 +402,9 @@ class Plan:
 
 def _check(args: Any) -> Plan:
     """The plan of the command; ConfigError on bad arguments, before anything runs or is written."""
-    network = _network(args)
+    network = network_from_args(args)
     workers = _workers(args.workers, network.gpus_per_node)
-    _positive(args.bucket_mb, "--bucket-mb")
+    check_positive(args.bucket_mb, "--bucket-mb")
     _target(args.csv, "--csv")
     _target(args.write_times, "--write-times")
     if args.times is not None:

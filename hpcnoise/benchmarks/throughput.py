@@ -28,7 +28,7 @@ or without it for ``--allreduce=fused``):
 so that it is comparable with the measured one (equal when compute scales linearly in the batch and
 communication is free). The network is where the run ran: as many ranks per node as Horovod's local
 size, the ``--intra-*`` latency and bandwidth inside a node and ``--inter-*`` across nodes (defaults:
-``scaling.Network``'s, a generic GPU cluster; give this machine's to predict for it). The prediction,
+``network.Network``'s, a generic GPU cluster; give this machine's to predict for it). The prediction,
 its inputs and the network go to RUN_DIR/scaling.json (``PREDICTION_FORMAT``), written atomically after
 the run finished; the report shows it beside the measured efficiency. The model leaves out what the
 scaling module lists (contention between the workers for cores and memory, Horovod's per-collective
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import secrets
 import shutil
 import sys
@@ -50,9 +49,10 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hpcnoise.benchmarks.common import bench_config, names
+from hpcnoise.benchmarks.network import GB, US, Network, add_network_options, network_from_args
 from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
 from hpcnoise.config import Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
@@ -61,25 +61,9 @@ from hpcnoise.models import MODELS
 from hpcnoise.regimes import REGIMES
 from hpcnoise.workload import validate
 
-if TYPE_CHECKING:  # imported where used: it loads torch and pandas
-    from hpcnoise.benchmarks.scaling import Network
-
 PREDICTION_FILE = "scaling.json"  # in a kept run directory of W > 1 workers
 PREDICTION_FORMAT = "hpcnoise-scaling-prediction-v1"
 PREDICTION_REPEATS = 5  # timed steps of each compute measurement (median), after scaling.WARMUP
-US, GB = 1e-6, 1e9  # the network options' units, as in ``hpcnoise bench scaling``
-
-
-def _network_options(args: argparse.Namespace) -> None:
-    """ConfigError unless every latency is finite and >= 0 and every bandwidth finite and > 0."""
-    for option in ("intra_latency", "inter_latency"):
-        value = getattr(args, option)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"--{option.replace('_', '-')} must be a finite number >= 0, got {value:g}")
-    for option in ("intra_bandwidth", "inter_bandwidth"):
-        value = getattr(args, option)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"--{option.replace('_', '-')} must be a finite number > 0, got {value:g}")
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -92,7 +76,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    _network_options(args)
+    network_from_args(args, gpus_per_node=1)  # checks the options; the run knows its ranks per node
     csv = args.csv
     if csv is not None:
         problem = unwritable(csv.parent) if not csv.is_dir() else ("", f"{str(csv)!r} is a directory")
@@ -114,12 +98,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def run_network(args: argparse.Namespace, comm: Comm) -> Network:
     """The network the run ran on, for the model: Horovod's local size as ranks per node, the options' links."""
-    from hpcnoise.benchmarks.scaling import Network
-
-    per_node = comm.hvd.local_size() if comm.hvd is not None else 1
-    return Network(
-        per_node, args.intra_latency * US, args.intra_bandwidth * GB, args.inter_latency * US, args.inter_bandwidth * GB
-    )
+    return network_from_args(args, comm.hvd.local_size() if comm.hvd is not None else 1)
 
 
 def network_text(network: dict[str, Any], world: int) -> str:
@@ -184,11 +163,7 @@ def _parser() -> Parser:
     p.add_argument(
         "--out", type=Path, help="keep the run directories here (for `hpcnoise report`), with the model's prediction"
     )
-    # the defaults of hpcnoise.benchmarks.scaling.Network (not imported here: it loads torch; a test checks they agree)
-    p.add_argument("--intra-latency", type=float, default=2.0, help="model: alpha inside a node, us (default 2)")
-    p.add_argument("--intra-bandwidth", type=float, default=150.0, help="model: beta inside a node, GB/s (150)")
-    p.add_argument("--inter-latency", type=float, default=5.0, help="model: alpha across nodes, us (default 5)")
-    p.add_argument("--inter-bandwidth", type=float, default=25.0, help="model: a node's network beta, GB/s (25)")
+    add_network_options(p, gpus_per_node=False)
     return p
 
 
