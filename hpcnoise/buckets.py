@@ -3,13 +3,17 @@
 The gradients live in a few flat buffers ("buckets") for the whole run, with every ``p.grad`` a view
 into one of them (as DDP's ``gradient_as_bucket_view``), so no step copies gradients into or out of a
 collective buffer. Parameters are assigned to buckets in REVERSE order, the order backward produces
-their gradients, up to ``cap_bytes`` per bucket. Before a step's backward, ``arm`` zeroes the buffers
-and points ``p.grad`` at the views (autograd then accumulates in place); a post-accumulate-grad hook
-per parameter counts the bucket's gradients, and when the last one has arrived the bucket's
-asynchronous sum-allreduce starts (``Comm.allreduce_sum_async_``, named ``hpcnoise.bucket<i>``:
-every rank names the same bucket alike), while backward goes on with earlier layers. ``flush`` starts
-any bucket whose gradients never arrived (a parameter unused in this forward: its gradient is 0),
-in bucket order on every rank; ``wait`` completes them all.
+their gradients, up to ``cap_bytes`` per bucket and, so that a small network still overlaps its
+communication with backward, up to 1/``min_buckets`` of all the gradients' bytes (a parameter larger
+than that has a bucket of its own): with one bucket, a small network's whole sum waited for the end of
+backward (``hpcnoise bench step --bucket-mb`` compares layouts side by side). Before a step's backward,
+``arm`` zeroes the buffers and points ``p.grad`` at the views (autograd then accumulates in place); a
+post-accumulate-grad hook per parameter counts the bucket's gradients, and when the last one has arrived
+the bucket's asynchronous sum-allreduce starts (``Comm.allreduce_sum_async_``, named
+``hpcnoise.bucket<i>``: every rank names the same bucket alike), while backward goes on with earlier
+layers. ``flush`` starts any bucket whose gradients never arrived (a parameter unused in this forward:
+its gradient is 0), in bucket order on every rank; ``wait`` completes them all.
+
 
 The sums are elementwise, so splitting the gradients over buckets changes no bit of the result, and
 the semantics are those of the single fused collective (hpcnoise.step): the step's other tensors
@@ -31,12 +35,15 @@ from torch.utils.hooks import RemovableHandle
 from hpcnoise.comm import Comm
 
 DEFAULT_CAP_MB = 25.0  # as DDP's bucket_cap_mb
+MIN_BUCKETS = 16  # buckets hold at most 1/16 of the gradients (Config.min_buckets)
 
 
-def assign(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
+def assign(sizes: Sequence[int], cap_bytes: int, min_buckets: int = 1) -> list[list[int]]:
     """Parameter indices per bucket, from the parameters' sizes in bytes: reverse parameter order, a new
-    bucket when the next parameter would take this one past ``cap_bytes`` (a parameter larger than the
-    cap gets a bucket of its own). Also the scaling model's rule (hpcnoise.benchmarks.scaling)."""
+    bucket when the next parameter would take this one past the cap, ``cap_bytes`` or 1/``min_buckets``
+    of the total, whichever is smaller (a parameter larger than the cap gets a bucket of its own). Also
+    the scaling model's rule (hpcnoise.benchmarks.scaling)."""
+    cap_bytes = min(cap_bytes, -(-sum(sizes) // max(min_buckets, 1)))
     buckets: list[list[int]] = []
     size = 0
     for i in reversed(range(len(sizes))):
@@ -51,11 +58,11 @@ def assign(sizes: Sequence[int], cap_bytes: int) -> list[list[int]]:
 class Buckets:
     """The gradient buckets of one network's parameters (one dtype and device)."""
 
-    def __init__(self, params: list[nn.Parameter], cap_bytes: int):
+    def __init__(self, params: list[nn.Parameter], cap_bytes: int, min_buckets: int = 1):
         if len({(p.dtype, p.device) for p in params}) > 1:
             raise ValueError("gradient buckets need parameters of one dtype and device")
         self.params = params
-        self.members = assign([p.numel() * p.element_size() for p in params], cap_bytes)
+        self.members = assign([p.numel() * p.element_size() for p in params], cap_bytes, min_buckets)
         self.flats = [params[b[0]].new_zeros(sum(params[i].numel() for i in b)) for b in self.members]
         self.views: list[Tensor] = [torch.empty(0)] * len(params)  # views[i]: p_i's gradient in its bucket
         self._bucket_of = [0] * len(params)

@@ -75,7 +75,8 @@ class Config:
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     allreduce: str = "buckets"  # buckets: gradients summed bucket by bucket during backward (overlap);
     # fused: everything in one collective after backward (hpcnoise.buckets, hpcnoise.step)
-    bucket_mb: float = 25.0  # gradient bucket size for allreduce=buckets, in MiB
+    bucket_mb: float = 25.0  # largest gradient bucket for allreduce=buckets, in MiB
+    min_buckets: int = 16  # and buckets of at most 1/min_buckets of the gradients (1: bucket_mb alone)
     horovod_timeline: bool = False  # write Horovod's timeline to RUN_DIR/horovod_timeline.json (under Horovod)
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
     preset: str = ""  # the preset this config came from (informational)
@@ -179,6 +180,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("sharpness_samples", 1, None, False, False),
     ("threads", 0, None, False, False),
     ("bucket_mb", 0, None, True, False),
+    ("min_buckets", 1, None, False, False),
 )
 RANGES = {r[0]: r[1:] for r in _RANGES}
 

@@ -61,15 +61,17 @@ class Net:
         conv_mode: str,
         record_eval: bool = False,
         bucket_mb: float | None = None,
+        min_buckets: int = 1,
     ) -> Net:
-        """Hooks for the hook quantities of ``statistics`` (none when empty); gradient buckets of
-        ``bucket_mb`` megabytes when given (the training step's, see hpcnoise.buckets)."""
+        """Hooks for the hook quantities of ``statistics`` (none when empty); gradient buckets of at most
+        ``bucket_mb`` MiB and 1/``min_buckets`` of the gradients when given (the training step's, see
+        hpcnoise.buckets)."""
         wanted = quantities(statistics)
         hooks = (
             CurvatureHooks(model, conv_mode=conv_mode, record_eval=record_eval, quantities=wanted) if wanted else None
         )
         params = list(model.parameters())
-        buckets = Buckets(params, int(bucket_mb * 2**20)) if bucket_mb is not None else None
+        buckets = Buckets(params, int(bucket_mb * 2**20), min_buckets) if bucket_mb is not None else None
         return Net(model, params, ghost_norms(model), hooks, buckets)
 
     def detach(self) -> None:

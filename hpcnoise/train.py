@@ -134,7 +134,7 @@ def make_trainer(cfg: Config, comm: Comm, model: nn.Module, buckets: bool | None
     regime = REGIMES[cfg.regime]
     bucketed = cfg.allreduce == "buckets" and (comm.size > 1 if buckets is None else buckets)
     bucket_mb = cfg.bucket_mb if bucketed else None
-    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb)
+    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb, min_buckets=cfg.min_buckets)
     return Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
 
 

@@ -33,6 +33,7 @@ DRY = ("--dry-run",)
 # (id, argv after `hpcnoise`, a substring of the one stderr line: the argument and what is valid)
 TRAIN_CASES = [
     ("negative-lambda", [*TRAIN, "--noise_multiplier=-0.5"], "noise_multiplier must be >= 0, got -0.5"),
+    ("min-buckets", [*TRAIN, "--min_buckets=0"], "min_buckets must be a positive integer, got 0"),
     (
         "unknown-calibration",
         [*TRAIN, "--noise_calibration=magic"],
@@ -155,6 +156,12 @@ OTHER_CASES = [
     ("bench-step-rounds", ["bench", "step", "--rounds", "0"], "--rounds must be a positive integer, got 0"),
     ("bench-step-batch", ["bench", "step", "--batch", "0"], "--batch must be a positive integer, got 0"),
     ("bench-step-profile", ["bench", "step", "--profile", "-1"], "--profile must be >= 0 (0: no profile), got -1"),
+    (
+        "bench-step-bucket-mb",
+        ["bench", "step", "--bucket-mb", "1,1"],
+        "--bucket-mb must be distinct sizes > 0 in MiB, comma-separated, got '1,1'",
+    ),
+    ("bench-scaling-min-buckets", ["bench", "scaling", "--min-buckets", "0"], "--min-buckets must be a positive"),
     ("bench-which", ["bench", "nope"], "hpcnoise bench needs one of: fisher, data, train"),
     # toy
     ("toy-chains", ["toy", "--chains", "1"], "--chains must be an integer >= 2 (got 1)"),

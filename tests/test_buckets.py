@@ -46,6 +46,18 @@ def test_assignment_is_reverse_order_within_the_cap() -> None:
     assert assign(sizes, cap_bytes=10**9) == [[4, 3, 2, 1, 0]]
 
 
+def test_min_buckets_caps_each_bucket_at_a_share_of_the_gradients() -> None:
+    sizes = [4 * n for n in (10, 30, 5, 50, 20)]  # 115 floats, 460 bytes
+    assert assign(sizes, cap_bytes=10**9, min_buckets=1) == [[4, 3, 2, 1, 0]]
+    # in bytes, reverse order: 80, 200, 20, 120, 40. min_buckets=4: at most 115 bytes, each alone
+    assert assign(sizes, cap_bytes=10**9, min_buckets=4) == [[4], [3], [2], [1], [0]]
+    # min_buckets=2: at most 230 bytes: 80 + 200 > 230; 200 + 20; + 120 > 230; 120 + 40
+    assert assign(sizes, cap_bytes=10**9, min_buckets=2) == [[4], [3, 2], [1, 0]]
+    assert assign(sizes, cap_bytes=160, min_buckets=2) == assign(sizes, cap_bytes=160)  # the smaller cap rules
+    layout = Buckets([nn.Parameter(torch.zeros(n)) for n in (10, 30, 5, 50, 20)], 10**9, min_buckets=2)
+    assert layout.members == [[4], [3, 2], [1, 0]]
+
+
 def test_grads_are_views_and_buckets_start_during_backward() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))

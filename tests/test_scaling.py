@@ -57,7 +57,7 @@ def _measurement(ready: list[float], sizes: list[int], backward_end: float = 6.0
 
 def test_one_worker_has_no_communication_and_efficiency_one() -> None:
     m = _measurement([5.0, 4.0, 2.0], [10**6, 2 * 10**6, 3 * 10**6])
-    (row,) = predict(m, Network(), [1], cap_bytes=2**20)
+    (row,) = predict(m, Network(), [1], cap_bytes=2**20, min_buckets=1)
     assert row["comm ms"] == 0.0
     assert row["step ms"] == row["step ms overlap"] == pytest.approx(1e3 * m.compute_s)
     assert row["eff"] == row["eff overlap"] == 1.0
@@ -111,7 +111,7 @@ def test_buckets_are_the_training_steps(measured: dict[str, Measurement]) -> Non
 
 def test_rest_bucket_and_bytes() -> None:
     m = _measurement([5.0, 4.0, 2.0], [3, 2, 4])
-    buckets = buckets_of(m, cap_bytes=5)
+    buckets = buckets_of(m, cap_bytes=5, min_buckets=1)
     assert buckets == [Bucket((2,), 4, 2.0), Bucket((1, 0), 5, 5.0), Bucket((), 16, 6.0)]
 
 
@@ -141,7 +141,7 @@ def test_times_file_round_trip(measured: dict[str, Measurement], tmp_path: Path)
     assert back == list(measured.values())
     assert facts == {"device": "cpu", "repeats": 1}
     for m, b in zip(measured.values(), back):
-        assert buckets_of(b, 2**16) == buckets_of(m, 2**16)
+        assert buckets_of(b, 2**16, 1) == buckets_of(m, 2**16, 1)
 
 
 def test_command_writes_and_reads_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

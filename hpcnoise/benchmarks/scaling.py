@@ -2,8 +2,9 @@
 the training step at W = 8 ... 1024 GPUs, for each network and regime. It is a model, not a measurement.
 
     hpcnoise bench scaling [--models a,b] [--regimes lb,diagf] [--batch 128] [--workers 8,16,...,1024]
-                           [--bucket-mb 25] [--gpus-per-node 8] [--intra-latency US] [--intra-bandwidth GBPS]
-                           [--inter-latency US] [--inter-bandwidth GBPS] [--write-times FILE | --times FILE]
+                           [--bucket-mb 25] [--min-buckets 16] [--gpus-per-node 8] [--intra-latency US]
+                           [--intra-bandwidth GBPS] [--inter-latency US] [--inter-bandwidth GBPS]
+                           [--write-times FILE | --times FILE]
 
 Inputs
 - Compute, measured here on one worker (or read with ``--times`` from the ``--write-times`` file of
@@ -15,13 +16,15 @@ Inputs
   events (no synchronisation inside the step). Each time is the median over ``--repeats`` steps after
   ``WARMUP`` warm-up steps. CPU compute is one to two orders of magnitude slower than a GPU's and makes
   communication look cheap: feed GPU times (``--times``) for predictions that mean anything at scale.
-- Buckets: the gradients in reverse parameter order (the order backward produces them), a new bucket
-  when the next gradient would take the current one past ``--bucket-mb`` MiB (default 25 MiB, DDP's
-  ``bucket_cap_mb``; a gradient larger than the cap gets a bucket of its own). A bucket is ready when
-  its last gradient is. The step's other tensors (the batch-norm statistic sums, the loss/error/stop
-  counts and the regime's curvature statistics: for ``diagf`` the diagonal-Fisher sums, as large as the
-  gradients, so diagf sends twice the bytes) form one last bucket, ready when backward ends, as the
-  training step's bucketed reduction sends them (one more collective after backward).
+- Buckets: the gradients in reverse parameter order (the order backward produces them), a new bucket when
+  the next gradient would take the current one past the cap: ``--bucket-mb`` MiB (default 25 MiB, DDP's
+  ``bucket_cap_mb``) or 1/``--min-buckets`` of all the gradients (default 16), whichever is smaller, as
+  the training step splits them (hpcnoise.buckets; a gradient larger than the cap gets a bucket of its
+  own). Every bucket pays the latency term: ``--min-buckets 1`` models few large buckets. A bucket is
+  ready when its last gradient is. The step's other tensors (the batch-norm statistic sums, the
+  loss/error/stop counts and the regime's curvature statistics: for ``diagf`` the diagonal-Fisher sums,
+  as large as the gradients, so diagf sends twice the bytes) form one last bucket, ready when backward
+  ends, as the training step's bucketed reduction sends them (one more collective after backward).
 - Allreduce time, alpha-beta (Hockney) model of a ring of p ranks, latency alpha per step, bandwidth beta
   (NCCL's "bus bandwidth"), n bytes:
 
@@ -66,7 +69,7 @@ import torch
 
 from hpcnoise.benchmarks.common import bench_config, names
 from hpcnoise.benchmarks.network import Network, add_network_options, check_positive, network_from_args
-from hpcnoise.buckets import DEFAULT_CAP_MB, assign
+from hpcnoise.buckets import DEFAULT_CAP_MB, MIN_BUCKETS, assign
 from hpcnoise.comm import Comm, init
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import git_hash, unwritable, write_json_atomic, write_text_atomic
@@ -224,11 +227,11 @@ class Bucket:
     ready_s: float
 
 
-def buckets_of(m: Measurement, cap_bytes: int) -> list[Bucket]:
+def buckets_of(m: Measurement, cap_bytes: int, min_buckets: int) -> list[Bucket]:
     """The step's collectives in order: the gradient buckets, then the one of its other tensors."""
     out = [
         Bucket(tuple(b), sum(m.params[i].nbytes for i in b), max(m.params[i].ready_s for i in b))
-        for b in assign([p.nbytes for p in m.params], cap_bytes)
+        for b in assign([p.nbytes for p in m.params], cap_bytes, min_buckets)
     ]
     return [*out, Bucket((), m.rest_bytes, m.backward_end_s)]
 
@@ -251,9 +254,11 @@ def step_s(
     return plain, overlapped
 
 
-def predict(m: Measurement, network: Network, workers: Sequence[int], cap_bytes: int) -> list[dict[str, Any]]:
+def predict(
+    m: Measurement, network: Network, workers: Sequence[int], cap_bytes: int, min_buckets: int
+) -> list[dict[str, Any]]:
     """One row per world size: bytes, times and the weak-scaling efficiency without and with overlap."""
-    buckets = buckets_of(m, cap_bytes)
+    buckets = buckets_of(m, cap_bytes, min_buckets)
     rows = []
     for w in workers:
         comm = [network.allreduce_s(b.nbytes, w) for b in buckets]
@@ -334,6 +339,12 @@ def _parser() -> Parser:
     p.add_argument(
         "--bucket-mb", type=float, default=DEFAULT_CAP_MB, help=f"gradient bucket cap, MiB (default {DEFAULT_CAP_MB:g})"
     )
+    p.add_argument(
+        "--min-buckets",
+        type=int,
+        default=MIN_BUCKETS,
+        help=f"and buckets of at most 1/N of the gradients (default {MIN_BUCKETS}; 1: --bucket-mb alone)",
+    )
     add_network_options(p, gpus_per_node=True)
     p.add_argument("--times", type=Path, help="read the compute times from this --write-times file; measure nothing")
     p.add_argument("--write-times", type=Path, help="also write the measured times to this JSON file")
@@ -405,6 +416,8 @@ def _check(args: Any) -> Plan:
     network = network_from_args(args)
     workers = _workers(args.workers, network.gpus_per_node)
     check_positive(args.bucket_mb, "--bucket-mb")
+    if args.min_buckets < 1:
+        raise ConfigError(f"--min-buckets must be a positive integer, got {args.min_buckets}")
     _target(args.csv, "--csv")
     _target(args.write_times, "--write-times")
     if args.times is not None:
@@ -431,11 +444,12 @@ def _check(args: Any) -> Plan:
     return Plan(network, workers, [(m, r) for m in models for r in regimes], [], {})
 
 
-def _header(network: Network, cap_mb: float, source: str) -> str:
+def _header(network: Network, cap_mb: float, min_buckets: int, source: str) -> str:
     return (
         "MODEL PREDICTION, not a measurement: weak scaling (fixed local batch), ring-allreduce alpha-beta model.\n"
         f"  network: {network.describe()}\n"
-        f"  buckets: gradients in reverse parameter order, up to {cap_mb:g} MiB each, then one collective of the "
+        f"  buckets: gradients in reverse parameter order, up to {cap_mb:g} MiB and 1/{min_buckets} of "
+        "them each, then one collective of the "
         "step's other tensors (batch-norm sums, counts, curvature statistics)\n"
         f"  compute: {source}\n"
         "  eff = T_step(1) / T_step(W); 'overlap': buckets reduced during backward as they become ready"
@@ -472,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_times is not None:
             write_times(args.write_times, measurements, facts)
     cap = int(args.bucket_mb * 2**20)
-    table = pd.DataFrame([row for m in measurements for row in predict(m, plan.network, plan.workers, cap)])
-    print(_header(plan.network, args.bucket_mb, source))
+    rows = [row for m in measurements for row in predict(m, plan.network, plan.workers, cap, args.min_buckets)]
+    table = pd.DataFrame(rows)
+    print(_header(plan.network, args.bucket_mb, args.min_buckets, source))
     print(table.to_string(index=False, formatters={c: f.format for c, f in FLOATS.items()}))
     if args.csv is not None:  # every row carries what it was computed from
         context = {
@@ -481,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": facts.get("device", ""),
             "times": str(args.times) if args.times is not None else "measured",
             "bucket_mb": args.bucket_mb,
+            "min_buckets": args.min_buckets,
             **asdict(plan.network),
             "git": git_hash(),
         }

@@ -13,6 +13,9 @@ block of ``--steps`` steps of each variant per round, so drifting load hits all 
 - ``lb`` and ``lb fused``: hpcnoise's ``train_step`` (the regime ``lb``) with its gradient buckets
   reduced during backward (``allreduce=buckets``, the default) and with the one fused collective
   after backward (``allreduce=fused``);
+- with ``--bucket-mb A,B,...``, ``lb B MiB`` and so on: ``lb`` with buckets of the other sizes alone
+  (``min_buckets`` 1), to choose a layout side by side (``lb`` and ``diagf`` use the first size and
+  the configured ``min_buckets``);
 - ``diagf exact`` and, for convolutional networks, ``diagf spatial``: the step with diagonal-Fisher
   noise, diag F refreshed every step;
 - ``backpack`` and its baseline ``plain nn.BN``: the Horovod loop with BackPACK's SumGradSquared (its
@@ -23,10 +26,13 @@ It prints samples/s (global), the ratio to ``horovod``, each curvature step in u
 baseline step (diagf over lb, BackPACK over plain nn.BN), and the step breakdown in ms: forward (a
 forward with autograd graph, timed alone), backward (lb's forward+backward minus forward), curvature
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
-collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Medians over rounds.
-Then the issue's targets, each marked met or not. ``--profile N`` then runs torch.profiler over one
-block of lb and diagf and prints where the step's time goes: the step's labelled parts (curvature hooks
-per layer type, the noise's N(0, I) draw, the reduction, the noise) and the N slowest operators.
+collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Times are medians over
+rounds; each ratio is the median over rounds of the ratio of the two blocks timed in the same round,
+with its interquartile range (IQR). Then the issue's targets, each marked met or not by the median
+("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
+torch.profiler over one block of lb and diagf and prints where the step's time goes: the step's
+labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
+and the N slowest operators.
 Figures only: nothing here asserts a speed. On one worker there is nothing to overlap, so ``lb`` and
 ``lb fused`` run the same step (hpcnoise.train.make_trainer).
 """
@@ -163,12 +169,19 @@ def forward_step(model: nn.Module, x: Tensor) -> Step:
     return step
 
 
-def variants(model_name: str, cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Step]:
+def variants(
+    model_name: str, cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor, other_mb: list[float]
+) -> dict[str, Step]:
+    """The steps to time, by name; ``other_mb``: more bucket sizes for ``lb``."""
     out: dict[str, Step] = {
         "horovod": horovod_step(cfg, comm, model, x, y),
         "forward": forward_step(model, x),
         "lb": hpcnoise_step(cfg, comm, model, x, y),
         "lb fused": hpcnoise_step(replace(cfg, allreduce="fused"), comm, model, x, y),
+    }
+    for mb in other_mb:  # the size alone decides the buckets (no min_buckets share)
+        out[f"lb {mb:g} MiB"] = hpcnoise_step(replace(cfg, bucket_mb=mb, min_buckets=1), comm, model, x, y)
+    out |= {
         "diagf exact": hpcnoise_step(replace(cfg, regime="diagf", conv_mode="exact"), comm, model, x, y),
     }
     if model_name in CONV:
@@ -189,8 +202,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -> tuple[dict[str, float], dict]:
-    """Median seconds per step of each variant over rounds (each a block of ``block`` steps), and the
+Times = dict[str, list[float]]  # seconds per step of each variant, one per round
+
+
+def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -> tuple[Times, dict]:
+    """Seconds per step of each variant in every round (each a block of ``block`` steps), and the
     median phase seconds per step of the hpcnoise variants."""
     for step in steps.values():
         for _ in range(WARMUP):
@@ -210,8 +226,7 @@ def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -
             times[name].append((time.perf_counter() - t0) / block)
             for phase, s in sums.items():
                 phases[name].setdefault(phase, []).append(s / block)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    return median, {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
+    return times, {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
 
 
 PROFILED = ("lb", "diagf exact", "diagf spatial")  # the variants ``--profile`` looks inside
@@ -242,10 +257,23 @@ def profile_variants(steps: dict[str, Step], block: int, top: int, device: torch
     return "\n".join(out)
 
 
-def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -> list[dict[str, Any]]:
-    """The table's rows of one model: samples/s, ratios and the breakdown (ms per step)."""
-    base = {"horovod": "horovod", "lb": "horovod", "lb fused": "horovod", "diagf exact": "lb", "diagf spatial": "lb"}
-    base |= {"plain nn.BN": "horovod", "backpack": "plain nn.BN"}
+def paired(times: Times, top: str, bottom: str) -> tuple[float, float, float]:
+    """The ratio top / bottom of step times measured in the same round, over the rounds: (median,
+    first quartile, third quartile). Pairing by round cancels the load drifting between rounds."""
+    ratios = [a / b for a, b in zip(times[top], times[bottom], strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
+
+
+BASE = {"diagf exact": "lb", "diagf spatial": "lb", "backpack": "plain nn.BN"}  # else: horovod
+
+
+def model_rows(model: str, batch: int, times: Times, phases: dict) -> list[dict[str, Any]]:
+    """The table's rows of one model: samples/s, ratios (medians of per-round ratios, with their
+    interquartile range) and the breakdown (ms per step)."""
+    median = {name: statistics.median(ts) for name, ts in times.items()}
     fwd = median["forward"]
     rows = []
     for name, seconds in median.items():
@@ -253,14 +281,18 @@ def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -
             continue
         ph = phases.get(name, {})
         fb = ph.get("forward_backward")
+        faster = paired(times, "horovod", name)
+        slower = paired(times, name, BASE.get(name, "horovod"))
         row: dict[str, Any] = {
             "model": model,
             "variant": name,
             "batch": batch,
             "samples/s": batch / seconds,
             "step ms": 1e3 * seconds,
-            "vs horovod": median["horovod"] / seconds,
-            "vs own base": seconds / median[base[name]],
+            "vs horovod": faster[0],
+            "vs horovod IQR": f"{faster[1]:.2f}-{faster[2]:.2f}",
+            "vs own base": slower[0],
+            "own base IQR": f"{slower[1]:.2f}-{slower[2]:.2f}",
             "forward ms": 1e3 * fwd if fb is not None else None,
             "backward ms": 1e3 * (phases["lb"]["forward_backward"] - fwd) if fb is not None else None,
             "curvature ms": 1e3 * (fb - phases["lb"]["forward_backward"])
@@ -274,22 +306,29 @@ def model_rows(model: str, batch: int, median: dict[str, float], phases: dict) -
     return rows
 
 
+def _verdict(met: bool, iqr: str, bound: float) -> str:
+    """met / NOT met by the median; the bound inside the interquartile range says the rounds disagree."""
+    low, high = (float(v) for v in iqr.split("-"))
+    return ("met" if met else "NOT met") + (" (within the rounds' spread)" if low <= bound <= high else "")
+
+
 def targets(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per target the measured models allow: the figure and met / NOT met."""
+    """One line per target the measured models allow: the median paired ratio with its interquartile
+    range, and met / NOT met."""
     by = {(r["model"], r["variant"]): r for r in rows}
     models = sorted({r["model"] for r in rows})
     lines = []
     _, variant, base, bound = THROUGHPUT_TARGET
     for model in models:
-        if (model, variant) in by and (model, base) in by:
-            value = by[(model, base)]["step ms"] / by[(model, variant)]["step ms"]
-            verdict = "met" if value >= bound else "NOT met"
-            lines.append(f"[{model}] {variant} throughput >= {bound}x {base}: {value:.2f}x  {verdict}")
+        if (row := by.get((model, variant))) is not None:
+            value, iqr = row["vs horovod"], row["vs horovod IQR"]
+            verdict = _verdict(value >= bound, iqr, bound)
+            lines.append(f"[{model}] {variant} throughput >= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
     for model, variant, base, bound in STEP_TARGETS:
-        if (model, variant) in by and (model, base) in by:
-            value = by[(model, variant)]["step ms"] / by[(model, base)]["step ms"]
-            verdict = "met" if value <= bound else "NOT met"
-            lines.append(f"[{model}] {variant} step <= {bound}x {base}: {value:.2f}x  {verdict}")
+        if (row := by.get((model, variant))) is not None:
+            value, iqr = row["vs own base"], row["own base IQR"]
+            verdict = _verdict(value <= bound, iqr, bound)
+            lines.append(f"[{model}] {variant} step <= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
     for model in models:
         bp = by.get((model, "backpack"))
         for mode in ("diagf exact", "diagf spatial"):
@@ -312,8 +351,13 @@ def _check(args: Any) -> list[str]:
         raise ConfigError(f"--profile must be >= 0 (0: no profile), got {args.profile}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    if not args.bucket_mb > 0:
-        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
+    text = args.bucket_mb
+    try:
+        args.bucket_mb = [float(v) for v in text.split(",")]
+    except ValueError:
+        args.bucket_mb = []
+    if not args.bucket_mb or not all(mb > 0 for mb in args.bucket_mb) or len(set(args.bucket_mb)) < len(args.bucket_mb):
+        raise ConfigError(f"--bucket-mb must be distinct sizes > 0 in MiB, comma-separated, got {text!r}")
     if args.csv is not None:
         problem = unwritable(args.csv.parent) if not args.csv.is_dir() else ("", f"{str(args.csv)!r} is a directory")
         if problem is not None:
@@ -336,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table gives medians (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--bucket-mb", type=float, default=Config().bucket_mb, help="gradient bucket size of lb and diagf")
+    p.add_argument(
+        "--bucket-mb",
+        default=f"{Config().bucket_mb:g}",
+        help="gradient bucket size of lb and diagf in MiB; more sizes, comma-separated, add lb variants",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     p.add_argument(
@@ -359,21 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     profiles: list[str] = []
     for model_name in models:
-        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device, bucket_mb=args.bucket_mb)
+        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device, bucket_mb=args.bucket_mb[0])
         data, model = data_and_model(cfg, comm)
         local = args.batch // comm.size
         x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
         y = data.y_train[comm.rank * local : (comm.rank + 1) * local]
-        steps = variants(model_name, cfg, comm, model, x, y)
-        median, phases = time_variants(steps, args.steps, args.rounds, comm)
-        rows += model_rows(model_name, args.batch, median, phases)
+        steps = variants(model_name, cfg, comm, model, x, y, args.bucket_mb[1:])
+        times, phases = time_variants(steps, args.steps, args.rounds, comm)
+        rows += model_rows(model_name, args.batch, times, phases)
         if args.profile:
             profiles.append(f"[{model_name}] " + profile_variants(steps, args.steps, args.profile, comm.device))
     if comm.is_main:
         table = pd.DataFrame(rows)
         print(
             f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
-            f"{args.batch}, buckets of {args.bucket_mb:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
+            f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
         )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         print("targets:")

@@ -128,7 +128,7 @@ def predict_run(cfg: Config, global_batch: int, comm: Comm, network: Network) ->
     whole = measure(cfg.model, cfg.regime, global_batch, PREDICTION_REPEATS, alone)
     share = measure(cfg.model, cfg.regime, global_batch // world, PREDICTION_REPEATS, alone)
     overlap = cfg.allreduce == "buckets"
-    row = predict(share, network, [world], int(cfg.bucket_mb * 2**20))[0]
+    row = predict(share, network, [world], int(cfg.bucket_mb * 2**20), cfg.min_buckets)[0]
     step = 1e-3 * row["step ms overlap" if overlap else "step ms"]
     return {
         "format": PREDICTION_FORMAT,
@@ -140,6 +140,7 @@ def predict_run(cfg: Config, global_batch: int, comm: Comm, network: Network) ->
         "global_batch": global_batch,
         "local_batch": global_batch // world,
         "bucket_mb": cfg.bucket_mb,
+        "min_buckets": cfg.min_buckets,
         "overlap": overlap,
         "compute_global_batch_s": whole.compute_s,
         "compute_local_batch_s": share.compute_s,
