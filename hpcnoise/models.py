@@ -35,7 +35,7 @@ class GhostBatchNorm(nn.Module):
     Running statistics are NOT updated in ``forward``. Instead, each training forward leaves
     ``stat_sums``: the sum over its ghost batches of the ghost means and of the unbiased ghost
     variances. The training step adds these sums to its one fused allreduce and calls
-    ``update_running_stats`` with the averages over all ghost batches of the global batch, once per
+    ``update_running_stats`` with the sums over all ghost batches of the global batch, once per
     step, with momentum ``momentum``: running <- (1 - momentum) * running + momentum * average.
     This differs from Hoffer et al., who update sequentially per ghost batch (an effective per-step
     momentum of 1 - (1 - momentum)^K for K ghost batches, weighted towards the last one); averaging is
@@ -136,11 +136,21 @@ class GhostBatchNorm(nn.Module):
             self.saved_xhat = xhat
         return y
 
-    @torch.no_grad()
-    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Move the running statistics towards the global ghost-batch averages (once per step)."""
-        self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
-        self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
+
+@torch.no_grad()
+def update_running_stats(norms: list[GhostBatchNorm], sums: list[torch.Tensor], ghosts: int) -> None:
+    """Move every batch norm's running statistics towards the global ghost-batch averages, once per step:
+    running <- (1 - momentum) running + momentum * (sum / ghosts), with ``sums`` the batch norms'
+    ``stat_sums`` summed over workers and ``ghosts`` the ghost batches in the global batch. Multi-tensor
+    (foreach) kernels over all batch norms of one momentum, not four small operations per layer."""
+    by_momentum: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for bn, c in zip(norms, sums, strict=True):
+        running, stats = by_momentum.setdefault(bn.momentum, ([], []))
+        running += [bn.running_mean, bn.running_var]
+        stats += list(c.view(2, -1))  # the summed ghost means, then the summed ghost variances
+    for momentum, (running, stats) in by_momentum.items():
+        torch._foreach_mul_(running, 1 - momentum)
+        torch._foreach_add_(running, stats, alpha=momentum / ghosts)
 
 
 def ghost_norms(model: nn.Module) -> list[GhostBatchNorm]:

@@ -20,6 +20,7 @@ what tests/test_step.py checks in-process, and what hpcnoise.measure reuses for 
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from hpcnoise.buckets import Buckets
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
-from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized
+from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized, update_running_stats
 from hpcnoise.regimes import NoiseInput, Regime, standard_normal_like
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS, quantities
@@ -221,16 +222,15 @@ def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: in
     if workers > 1:
         torch._foreach_div_(grads, float(workers))  # average of the W local means
     for p, g in zip(net.params, grads):
-        p.grad = g
-    for bn, c in zip(net.norms, summed["bn"]):
-        mean_var = c.view(2, -1).div(ghosts)  # averages over all ghost batches
-        bn.update_running_stats(mean_var[0], mean_var[1])
+        if p.grad is not g:  # with buckets p.grad already is the summed view
+            p.grad = g
+    update_running_stats(net.norms, summed["bn"], ghosts)
     for name in STATISTICS:
         if name in summed:
             cache[name] = STATISTICS[name].unpack(summed[name], global_batch, net.hooks)  # type: ignore[arg-type]
     counts = summed["counts"][0]
-    stop, finite = torch.stack([counts[2] > 0, counts[0].isfinite()]).tolist()  # the step's one host sync
-    return Reduced(grads, counts[0], counts[1], stop, finite)
+    loss_sum, _, flag = counts.tolist()  # the step's one host sync; the loss and error sums stay on the device
+    return Reduced(grads, counts[0], counts[1], flag > 0, math.isfinite(loss_sum))
 
 
 def update(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise.curvature import SumGradSquared
-from hpcnoise.models import MODELS, GhostBatchNorm, ZeroPadShortcut, build_model, ghost_norms
+from hpcnoise.models import MODELS, GhostBatchNorm, ZeroPadShortcut, build_model, ghost_norms, update_running_stats
 
 TOL = 1e-5  # relative error allowed (float64 reaches ~1e-14)
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)  # input shapes (channels, height, width); Fashion-MNIST as MNIST
@@ -295,14 +295,34 @@ def test_update_running_stats_moves_towards_the_ghost_averages() -> None:
     before = bn.running_mean.clone(), bn.running_var.clone()
     bn(x)
     assert bn.stat_sums is not None
-    avg_mean, avg_var = bn.stat_sums / bn.ghost_count
-    bn.update_running_stats(avg_mean, avg_var)
+    update_running_stats([bn], [bn.stat_sums], bn.ghost_count)
     # running <- (1 - momentum) * running + momentum * average, momentum 0.3
     dims = (0, 2, 3)
     expected_mean = torch.stack([ch.mean(dims) for ch in x.split(4)]).mean(0)
     expected_var = torch.stack([ch.var(dims, correction=1) for ch in x.split(4)]).mean(0)
     assert_rel_close(bn.running_mean, 0.7 * before[0] + 0.3 * expected_mean)
     assert_rel_close(bn.running_var, 0.7 * before[1] + 0.3 * expected_var)
+
+
+def test_update_running_stats_of_several_norms_each_with_its_momentum() -> None:
+    """One call updates every batch norm, grouped by momentum, each as if updated alone."""
+    torch.manual_seed(3)
+    norms = [GhostBatchNorm(c, momentum=m).double() for c, m in ((3, 0.1), (5, 0.3), (4, 0.1))]
+    for bn in norms:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    sums = [torch.randn(2, bn.num_features, dtype=torch.float64).abs() for bn in norms]
+    expected = [
+        (
+            (1 - bn.momentum) * bn.running_mean + bn.momentum * c[0] / 6,
+            (1 - bn.momentum) * bn.running_var + bn.momentum * c[1] / 6,
+        )
+        for bn, c in zip(norms, sums)
+    ]
+    update_running_stats(norms, sums, ghosts=6)
+    for bn, (mean, var) in zip(norms, expected):
+        assert_rel_close(bn.running_mean, mean)
+        assert_rel_close(bn.running_var, var)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -312,7 +332,7 @@ def test_ghost_size_zero_is_torch_batch_norm(shape: tuple[int, ...]) -> None:
     ref.load_state_dict(bn.state_dict(), strict=False)  # same weight, bias and running statistics
     assert_rel_close(bn(x), ref(x))  # training mode; torch updates its running statistics here
     assert bn.stat_sums is not None and bn.ghost_count == 1
-    bn.update_running_stats(bn.stat_sums[0], bn.stat_sums[1])  # one ghost batch: the sums are the averages
+    update_running_stats([bn], [bn.stat_sums], 1)  # one ghost batch: the sums are the averages
     assert ref.running_mean is not None and ref.running_var is not None
     assert_rel_close(bn.running_mean, ref.running_mean)
     assert_rel_close(bn.running_var, ref.running_var)
