@@ -31,7 +31,7 @@ from hpcnoise.benchmarks.fisher_methods import (
 from hpcnoise.models import GhostBatchNorm, build_model
 
 CONV_SHAPES = {"lenet5": (1, 28, 28), "resnet44": (3, 32, 32)}  # MNIST and CIFAR images, 10 classes each
-SPATIAL_TARGET = 1.5  # the bound on a spatial diagf step, in plain steps (train-mode batch norm)
+SPATIAL_TARGET = 1.5  # the suite's bound on a spatial diagf step, in plain steps (train-mode batch norm)
 
 # BackPACK warnings that say nothing about its results here: a residual block is a container whose
 # parameterised children BackPACK handles itself, and the first module's full backward hook fires on a

@@ -14,7 +14,7 @@ For the convolutional networks ``lenet5`` (MNIST shape (1, 28, 28)) and ``resnet
 (3, 32, 32)), both with 10 classes, at a local batch of 128 by default (``--conv``, or ``--models``):
 
 - train-mode batch norm: plain, and the step with ``SumGradSquared`` in conv_mode "spatial" and "exact".
-  The issue's target: spatial costs at most 1.5x a plain step.
+  The suite's target: spatial costs at most 1.5x a plain step.
 - eval-mode batch norm, running statistics set from one train-mode forward of the batch (so the eval
   network computes what the train-mode one does on that batch): plain, hooks exact and spatial, and
   BackPACK's SumGradSquared extension. BackPACK knows nn.BatchNorm1d/2d, not GhostBatchNorm, and refuses

@@ -28,7 +28,7 @@ forward with autograd graph, timed alone), backward (lb's forward+backward minus
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
 collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Times are medians over
 rounds; each ratio is the median over rounds of the ratio of the two blocks timed in the same round,
-with its interquartile range (IQR). Then the issue's targets, each marked met or not by the median
+with its interquartile range (IQR). Then the suite's targets, each marked met or not by the median
 ("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
 torch.profiler over one block of lb and diagf and prints where the step's time goes: the step's
 labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
@@ -63,7 +63,7 @@ from hpcnoise.models import MODELS
 from hpcnoise.workload import validate
 
 WARMUP = 2  # untimed steps of each variant before the rounds
-# The issue's targets: (model or None for every model, variant, its baseline, bound). The first is a
+# The suite's targets: (model or None for every model, variant, its baseline, bound). The first is a
 # throughput ratio (variant's samples/s over the baseline's, at least the bound); the others step-time
 # ratios (variant's step over the baseline's, at most the bound).
 THROUGHPUT_TARGET = (None, "lb", "horovod", 1.0)
