@@ -16,9 +16,10 @@ its gradient is 0), in bucket order on every rank; ``wait`` completes them all.
 
 
 The sums are elementwise, so splitting the gradients over buckets changes no bit of the result, and
-the semantics are those of the single fused collective (hpcnoise.step): the step's other tensors
-(batch-norm statistic sums, the counts with the stop flag, the curvature statistics) follow in one
-more collective after backward. Hand-written rather than ``hvd.DistributedOptimizer`` because the
+the semantics are those of the single fused collective (hpcnoise.step). Per-parameter curvature sums
+(diagonal Fisher, full-Fisher signed sums) ride in the buckets after the gradients; the step's other
+tensors (batch-norm statistic sums, the counts with the stop flag, K-FAC factors) follow in one more
+collective after backward. Hand-written rather than ``hvd.DistributedOptimizer`` because the
 step must own the reduction: the curvature statistics and batch-norm sums travel with the gradients,
 and noise is added to the averaged gradient before the optimiser.
 """
@@ -56,23 +57,27 @@ def assign(sizes: Sequence[int], cap_bytes: int, min_buckets: int = 1) -> list[l
 
 
 class Buckets:
-    """The gradient buckets of one network's parameters (one dtype and device)."""
+    """The gradient buckets of one network's parameters (one dtype and device).
+
+    A step may carry ``extra`` per-parameter sums with the gradients (the curvature sums S_w or r_w,
+    one tensor shaped like each parameter): bucket k then holds its gradients followed by each extra
+    quantity of the same parameters, so those sums start with the bucket, during backward (the hooks
+    finish a layer's sums before its parameters' gradients arrive). Each number of extras has its own
+    persistent buffers (a layout), made on first use.
+    """
 
     def __init__(self, params: list[nn.Parameter], cap_bytes: int, min_buckets: int = 1):
         if len({(p.dtype, p.device) for p in params}) > 1:
             raise ValueError("gradient buckets need parameters of one dtype and device")
         self.params = params
         self.members = assign([p.numel() * p.element_size() for p in params], cap_bytes, min_buckets)
-        self.flats = [params[b[0]].new_zeros(sum(params[i].numel() for i in b)) for b in self.members]
-        self.views: list[Tensor] = [torch.empty(0)] * len(params)  # views[i]: p_i's gradient in its bucket
         self._bucket_of = [0] * len(params)
-        for k, (members, flat) in enumerate(zip(self.members, self.flats)):
-            offset = 0
+        for k, members in enumerate(self.members):
             for i in members:
-                n = params[i].numel()
-                self.views[i] = flat[offset : offset + n].view_as(params[i])
                 self._bucket_of[i] = k
-                offset += n
+        self._layouts: dict[int, tuple[list[Tensor], list[list[Tensor]]]] = {}
+        self.flats, views = self._layout(0)
+        self.views: list[Tensor] = views[0]  # views[i]: p_i's gradient in its bucket
         self._missing: list[int] = []
         self._handles: list[Any] = []
         self._started: list[bool] = []
@@ -80,6 +85,24 @@ class Buckets:
         self._hooks: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._arrived(i)) for i, p in enumerate(params)
         ]
+
+    def _layout(self, extra: int) -> tuple[list[Tensor], list[list[Tensor]]]:
+        """The buffers with ``extra`` per-parameter quantities after the gradients in every bucket, and
+        views[q][i]: parameter i's segment q (0: its gradient) in its bucket."""
+        if extra not in self._layouts:
+            flats, views = [], [[torch.empty(0)] * len(self.params) for _ in range(1 + extra)]
+            for members in self.members:
+                n = sum(self.params[i].numel() for i in members)
+                flat = self.params[members[0]].new_zeros((1 + extra) * n)
+                for q in range(1 + extra):
+                    offset = q * n
+                    for i in members:
+                        size = self.params[i].numel()
+                        views[q][i] = flat[offset : offset + size].view_as(self.params[i])
+                        offset += size
+                flats.append(flat)
+            self._layouts[extra] = (flats, views)
+        return self._layouts[extra]
 
     def _arrived(self, i: int):
         def hook(p: Tensor) -> None:
@@ -97,8 +120,12 @@ class Buckets:
         self._handles[k] = self._comm.allreduce_sum_async_(self.flats[k], f"hpcnoise.bucket{k}")
         self._started[k] = True
 
-    def arm(self, comm: Comm) -> None:
-        """Zeroed buckets, ``p.grad`` as their views, and the hooks ready to start each bucket's sum."""
+    def arm(self, comm: Comm, extra: int = 0) -> list[list[Tensor]]:
+        """Zeroed buckets, ``p.grad`` as their views, and the hooks ready to start each bucket's sum.
+        ``extra``: per-parameter quantities to carry with the gradients; their zeroed views, one list
+        (in parameter order) per quantity, for the curvature hooks to accumulate into."""
+        self.flats, views = self._layout(extra)
+        self.views = views[0]
         for flat in self.flats:
             flat.zero_()
         for p, v in zip(self.params, self.views):
@@ -107,6 +134,7 @@ class Buckets:
         self._handles = [None] * len(self.members)
         self._started = [False] * len(self.members)
         self._comm = comm
+        return views[1:]
 
     def flush(self) -> None:
         """Start, in bucket order, every bucket not started yet (gradients that never arrived are 0)."""
@@ -115,7 +143,8 @@ class Buckets:
                 self._start(k)
 
     def wait(self) -> list[Tensor]:
-        """Wait for every bucket's sum; the summed gradients (the views), in parameter order."""
+        """Wait for every bucket's sum; the summed gradients (the views), in parameter order (the extra
+        quantities' sums are in the views ``arm`` returned)."""
         assert self._comm is not None
         for h in self._handles:
             self._comm.wait(h)

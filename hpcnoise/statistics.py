@@ -40,6 +40,7 @@ class Statistic:
     pack: Callable[[CurvatureHooks], list[Tensor]]  # local sums of the last recording, to be summed
     unpack: Callable[[list[Tensor], int, CurvatureHooks], Any]  # (summed tensors, M, hooks) -> statistic
     needs_signs: bool = False  # the hooks need one Rademacher sign per sample
+    per_parameter: bool = False  # one tensor per parameter: may ride in the gradient buckets (hpcnoise.buckets)
 
 
 def _per_parameter(quantity: str) -> Callable[[CurvatureHooks], list[Tensor]]:
@@ -65,6 +66,7 @@ STATISTICS: dict[str, Statistic] = {
         due=lambda cfg, step: step % cfg.fisher_every == 0,
         pack=_per_parameter("sum_grad_squared"),
         unpack=lambda summed, batch, hooks: [s.div_(batch) for s in summed],
+        per_parameter=True,
     ),
     "signed_sum": Statistic(
         "signed_sum",
@@ -72,6 +74,7 @@ STATISTICS: dict[str, Statistic] = {
         pack=_per_parameter("signed_sum"),
         unpack=lambda summed, batch, hooks: summed,
         needs_signs=True,
+        per_parameter=True,
     ),
     "kfac": Statistic(
         "kfac",

@@ -6,7 +6,8 @@ One step on each of W workers (global batch M, local batch m = M / W), in three 
     tensors to sum over workers: the local mean gradients, the ghost-batch-norm statistic sums, the
     loss/error counts with the stop flag, and each due statistic's packed sums.
 (b) ``start_reduction`` sums every group over all workers in ONE collective (a flat buffer), or, with
-    gradient buckets, the gradients bucket by bucket during backward; ``finish`` turns
+    gradient buckets, the gradients (with the per-parameter curvature sums) bucket by bucket during
+    backward; ``finish`` turns
     the sums into g_LB = sum / W (set as p.grad), the batch-norm running statistics (the average over
     all ghost batches of the global batch) and the normalised statistics (``STATISTICS[...].unpack``).
 (c) ``update``: the regime's noise, drawn from the (seed, step) stream (identical on every rank, no
@@ -35,7 +36,7 @@ from hpcnoise import faults
 from hpcnoise.buckets import Buckets
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
-from hpcnoise.curvature import CurvatureHooks
+from hpcnoise.curvature import MEAN_LOSS_POWER, CurvatureHooks
 from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized, update_running_stats
 from hpcnoise.regimes import NoiseInput, Regime, standard_normal_like
 from hpcnoise.seeding import generator
@@ -125,19 +126,21 @@ def local_contribution(
     signs: Tensor | None = None,
     stop: bool = False,
     reset_grads: bool = True,
+    into: dict[str, list[Tensor]] | None = None,
 ) -> Groups:
     """(a) One worker's forward and backward of its mean loss; the groups to sum over workers.
 
     p.grad holds the local mean gradient afterwards (the ``grad`` group is those tensors).
     ``reset_grads=False``: p.grad already holds zeroed bucket views (``Buckets.arm``), which backward
-    fills in place while their sums start.
+    fills in place while their sums start. ``into``: bucket views for per-parameter curvature
+    quantities, which the hooks then fill unscaled (``CurvatureHooks.recording``).
     """
     if reset_grads:
         for p in net.params:
             p.grad = None  # the last step left p.grad as views of its fused buffer
     active = quantities(statistics)
     hooks = net.hooks
-    with hooks.recording(len(y), signs, active) if hooks is not None and active else nullcontext():
+    with hooks.recording(len(y), signs, active, into) if hooks is not None and active else nullcontext():
         out = net.model(x)
         loss = F.cross_entropy(out, y)
         with torch.no_grad():
@@ -195,24 +198,36 @@ class Reduction:
 
     buckets: Buckets | None
     pending: list[PendingSum]
+    riding: dict[str, tuple[list[Tensor], float]]  # statistic -> (its bucket views, the 1/m to undo)
 
     def wait(self) -> Groups:
         out: Groups = {}
         for p in self.pending:
             out |= p.wait()
-        return {"grad": self.buckets.wait(), **out} if self.buckets is not None else out
+        if self.buckets is None:
+            return out
+        grads = self.buckets.wait()
+        # the mean loss's 1/m undone after the sum, into new tensors: the buckets' are zeroed next step
+        riding = {name: [v * scale for v in views] for name, (views, scale) in self.riding.items()}
+        return {"grad": grads, **riding, **out}
 
 
-def start_reduction(comm: Comm, groups: Groups, buckets: Buckets | None) -> Reduction:
+def start_reduction(
+    comm: Comm, groups: Groups, buckets: Buckets | None, riding: dict[str, float] | None = None
+) -> Reduction:
     """(b) Start summing the groups over workers: in one fused collective, or (``buckets``) the gradients
-    in their buckets, started during backward, and everything else (batch-norm sums, counts with the stop
-    flag, curvature statistics) in one more collective with the last bucket. That rest is small next to
-    the gradients; started before backward on its own it cost Horovod one more negotiation per step."""
+    in their buckets, started during backward, with the per-parameter curvature sums of ``riding``
+    (statistic -> the factor m^p that undoes the mean loss's 1/m, applied after the sum), and everything
+    else (batch-norm sums, counts with the stop flag, K-FAC factors) in one more collective with the last
+    bucket. That rest is small next to the gradients; started before backward on its own it cost
+    Horovod one more negotiation per step."""
     if buckets is None:
-        return Reduction(None, [start_sum(comm, groups, "hpcnoise.fused")])
+        return Reduction(None, [start_sum(comm, groups, "hpcnoise.fused")], {})
+    riding = riding or {}
     buckets.flush()
-    rest = {k: v for k, v in groups.items() if k != "grad"}
-    return Reduction(buckets, [start_sum(comm, rest, "hpcnoise.rest")])
+    rest = {k: v for k, v in groups.items() if k != "grad" and k not in riding}
+    carried = {name: (groups[name], scale) for name, scale in riding.items()}
+    return Reduction(buckets, [start_sum(comm, rest, "hpcnoise.rest")], carried)
 
 
 def finish(net: Net, summed: Groups, workers: int, global_batch: int, ghosts: int, cache: dict[str, Any]) -> Reduced:
@@ -337,8 +352,14 @@ def train_step(
     signed = any(STATISTICS[s].needs_signs for s in refresh)
     signs = rank_signs(t.cfg, inp.step, inp.global_batch, t.comm, inp.x.dtype) if signed else None
     buckets = t.net.buckets
+    riding: dict[str, float] = {}  # per-parameter statistics summed in the gradient buckets
+    into: dict[str, list[Tensor]] = {}
     if buckets is not None:
-        buckets.arm(t.comm)
+        names = sorted(s for s in refresh if STATISTICS[s].per_parameter)
+        for name, views in zip(names, buckets.arm(t.comm, len(names)), strict=True):
+            quantity = STATISTICS[name].quantity
+            into[quantity] = views
+            riding[name] = float(len(inp.y)) ** MEAN_LOSS_POWER[quantity]
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
         groups = local_contribution(
             t.net,
@@ -348,9 +369,10 @@ def train_step(
             signs,
             inp.stop,
             reset_grads=buckets is None,
+            into=into,
         )
     timer.lap("forward_backward")
-    reduction = start_reduction(t.comm, groups, buckets)
+    reduction = start_reduction(t.comm, groups, buckets, riding)
     noise_fn = t.regime.noise if inp.noise_on else None
     gen = generator(t.cfg.seed, "noise", inp.step, device=t.comm.device) if noise_fn is not None else None
     # the noise's N(0, I) draw needs no data: it runs while the sums are in flight

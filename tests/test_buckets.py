@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise.buckets import Buckets, assign
 from hpcnoise.comm import Comm
+from hpcnoise.curvature import CurvatureHooks
 
 
 @dataclass
@@ -84,6 +86,51 @@ def test_grads_are_views_and_buckets_start_during_backward() -> None:
     buckets.arm(c)  # the next step starts from zero, in the same buffers
     assert all(float(p.grad.abs().sum()) == 0 for p in params)  # type: ignore[union-attr]
     buckets.remove()
+
+
+@dataclass
+class SnapshotComm(LoggingComm):
+    """Keeps a copy of each bucket as its collective starts."""
+
+    snapshots: dict[str, Tensor] = field(default_factory=dict)
+
+    def allreduce_sum_async_(self, flat: Tensor, name: str) -> Any:
+        self.snapshots[name] = flat.clone()
+        return super().allreduce_sum_async_(flat, name)
+
+
+def test_curvature_sums_ride_with_their_gradients() -> None:
+    """With ``extra=1`` every bucket holds its gradients, then the same parameters' curvature sums; the
+    hooks have finished a layer's sums when its gradients arrive, so each bucket starts complete."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    params = list(model.parameters())
+    x, y = torch.randn(8, 6), torch.randint(3, (8,))
+    hooks = CurvatureHooks(model)
+    with hooks.recording(8):  # the reference: the hooks' own buffer, scaled by m^2
+        F.cross_entropy(model(x), y).backward()
+    reference = [s.clone() for s in hooks.result()]
+    c = SnapshotComm(rank=0, size=2, local_rank=0, launcher="none", device=torch.device("cpu"))
+    buckets = Buckets(params, cap_bytes=4 * 20)
+    (sums,) = buckets.arm(c, extra=1)
+    assert [f.numel() for f in buckets.flats] == [2 * sum(params[i].numel() for i in b) for b in buckets.members]
+    with hooks.recording(8, into={"sum_grad_squared": sums}):
+        F.cross_entropy(model(x), y).backward()
+    assert all(r is s for r, s in zip(hooks.result(), sums))  # the given tensors, left unscaled
+    buckets.flush()
+    for k, flat in enumerate(buckets.flats):
+        assert torch.equal(c.snapshots[f"hpcnoise.bucket{k}"], flat)  # nothing was added after the start
+    buckets.wait()  # the "sum over two workers" doubles gradients and curvature sums alike
+    for s, ref, p in zip(sums, reference, params):
+        assert s.shape == p.shape
+        torch.testing.assert_close(s * 8**2, 2 * ref, rtol=1e-6, atol=0)
+    assert buckets.arm(c) == []  # back to gradients alone
+    assert sum(f.numel() for f in buckets.flats) == sum(p.numel() for p in params)
+    with pytest.raises(ValueError, match="into: per-parameter quantities of this recording only"):
+        with hooks.recording(8, into={"signed_sum": sums}):
+            pass
+    buckets.remove()
+    hooks.remove()
 
 
 def test_unused_parameter_is_flushed_as_zero() -> None:

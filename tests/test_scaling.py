@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -113,6 +114,13 @@ def test_rest_bucket_and_bytes() -> None:
     m = _measurement([5.0, 4.0, 2.0], [3, 2, 4])
     buckets = buckets_of(m, cap_bytes=5, min_buckets=1)
     assert buckets == [Bucket((2,), 4, 2.0), Bucket((1, 0), 5, 5.0), Bucket((), 16, 6.0)]
+    # diagf: each bucket carries its parameters' diagonal-Fisher sums too; the rest loses them
+    diagf = replace(m, regime="diagf", rest_bytes=16 + 9)
+    assert buckets_of(diagf, cap_bytes=5, min_buckets=1) == [
+        Bucket((2,), 8, 2.0),
+        Bucket((1, 0), 10, 5.0),
+        Bucket((), 16, 6.0),
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -511,13 +511,18 @@ def test_helper_is_train_step(name: str, workers: int) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_gradient_buckets_equal_the_fused_collective(name: str, workers: int) -> None:
     """Gradients summed bucket by bucket during backward (buckets of 200 bytes: several per network,
-    some parameters alone in theirs) give the fused collective's step, bit for bit."""
+    some parameters alone in theirs), with the per-parameter curvature sums in the same buckets, give the
+    fused collective's step, bit for bit (m is a power of two: m^2 scales exactly before or after the sum)."""
     case = CASES[name]
     bucketed = replace(case, bucket_bytes=200)
     assert len(replicas(bucketed, 1)[1][0].net.buckets.members) > 3  # type: ignore[union-attr]
     fused = run_shards(case, workers)
+    riding = sum(STATISTICS[s].per_parameter for s in REGIMES[case.regime].statistics)  # diag F, signed sums
     for r in run_train_step(bucketed, workers):
         assert_equal_replica(r, fused[0])
+        # the last step's buckets carried the per-parameter curvature sums after the gradients
+        assert r.net.buckets is not None
+        assert sum(f.numel() for f in r.net.buckets.flats) == (1 + riding) * sum(p.numel() for p in r.net.params)
 
 
 def test_rank_signs_are_slices_of_one_global_draw() -> None:

@@ -21,10 +21,11 @@ Inputs
   ``bucket_cap_mb``) or 1/``--min-buckets`` of all the gradients (default 16), whichever is smaller, as
   the training step splits them (hpcnoise.buckets; a gradient larger than the cap gets a bucket of its
   own). Every bucket pays the latency term: ``--min-buckets 1`` models few large buckets. A bucket is
-  ready when its last gradient is. The step's other tensors (the batch-norm statistic sums, the
-  loss/error/stop counts and the regime's curvature statistics: for ``diagf`` the diagonal-Fisher sums,
-  as large as the gradients, so diagf sends twice the bytes) form one last bucket, ready when backward
-  ends, as the training step's bucketed reduction sends them (one more collective after backward).
+  ready when its last gradient is. Per-parameter curvature sums ride in the buckets with their
+  parameters' gradients (``diagf``'s diagonal-Fisher sums, as large as the gradients: its buckets carry
+  twice the bytes). The step's other tensors (the batch-norm statistic sums, the loss/error/stop counts,
+  K-FAC factors) form one last bucket, ready when backward ends, as the training step's bucketed
+  reduction sends them (one more collective after backward).
 - Allreduce time, alpha-beta (Hockney) model of a ring of p ranks, latency alpha per step, bandwidth beta
   (NCCL's "bus bandwidth"), n bytes:
 
@@ -110,7 +111,7 @@ class Measurement:
     backward_s: float
     after_s: float  # after backward: finishing the reduction, the noise, the optimiser step
     params: tuple[ParamTime, ...]  # in parameter order
-    rest_bytes: int  # the last bucket: batch-norm sums, counts, curvature statistics
+    rest_bytes: int  # the step's tensors besides the gradients: batch-norm sums, counts, curvature statistics
 
     @property
     def backward_end_s(self) -> float:
@@ -228,12 +229,15 @@ class Bucket:
 
 
 def buckets_of(m: Measurement, cap_bytes: int, min_buckets: int) -> list[Bucket]:
-    """The step's collectives in order: the gradient buckets, then the one of its other tensors."""
+    """The step's collectives in order: the gradient buckets, each with the per-parameter curvature sums
+    of its parameters (diagonal Fisher, signed sums), then the one of the step's other tensors."""
+    riding = sum(STATISTICS[s].per_parameter for s in REGIMES[m.regime].statistics)
     out = [
-        Bucket(tuple(b), sum(m.params[i].nbytes for i in b), max(m.params[i].ready_s for i in b))
+        Bucket(tuple(b), (1 + riding) * sum(m.params[i].nbytes for i in b), max(m.params[i].ready_s for i in b))
         for b in assign([p.nbytes for p in m.params], cap_bytes, min_buckets)
     ]
-    return [*out, Bucket((), m.rest_bytes, m.backward_end_s)]
+    rest = m.rest_bytes - riding * sum(p.nbytes for p in m.params)
+    return [*out, Bucket((), rest, m.backward_end_s)]
 
 
 def pipeline_end(ready_s: Sequence[float], comm_s: Sequence[float]) -> float:
@@ -449,8 +453,8 @@ def _header(network: Network, cap_mb: float, min_buckets: int, source: str) -> s
         "MODEL PREDICTION, not a measurement: weak scaling (fixed local batch), ring-allreduce alpha-beta model.\n"
         f"  network: {network.describe()}\n"
         f"  buckets: gradients in reverse parameter order, up to {cap_mb:g} MiB and 1/{min_buckets} of "
-        "them each, then one collective of the "
-        "step's other tensors (batch-norm sums, counts, curvature statistics)\n"
+        "them each, with their per-parameter curvature sums, then one collective of the step's other "
+        "tensors (batch-norm sums, counts, K-FAC factors)\n"
         f"  compute: {source}\n"
         "  eff = T_step(1) / T_step(W); 'overlap': buckets reduced during backward as they become ready"
     )

@@ -27,10 +27,11 @@ from hpcnoise.curvature.handlers import (
     LayerHandler,
     LinearHandler,
 )
-from hpcnoise.curvature.hooks import QUANTITIES, CurvatureHooks, KFactors, SumGradSquared
+from hpcnoise.curvature.hooks import MEAN_LOSS_POWER, QUANTITIES, CurvatureHooks, KFactors, SumGradSquared
 
 __all__ = [
     "HANDLERS",
+    "MEAN_LOSS_POWER",
     "QUANTITIES",
     "ConvHandler",
     "ConvMode",

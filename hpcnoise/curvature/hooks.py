@@ -19,6 +19,9 @@ from hpcnoise.curvature.handlers import HANDLERS, ConvMode, HookOptions, LayerHa
 from hpcnoise.models import GhostBatchNorm
 
 QUANTITIES = ("sum_grad_squared", "signed_sum", "kfac")
+# Per-parameter quantities and the power of m that undoes the mean loss's 1/m in them: g_i = m * (what
+# autograd delivers), so squares scale by m^2 and signed sums by m.
+MEAN_LOSS_POWER = {"sum_grad_squared": 2, "signed_sum": 1}
 
 
 @dataclass(frozen=True)
@@ -157,12 +160,20 @@ class CurvatureHooks:
 
     @contextmanager
     def recording(
-        self, batch_size: int, signs: Tensor | None = None, quantities: tuple[str, ...] | None = None
+        self,
+        batch_size: int,
+        signs: Tensor | None = None,
+        quantities: tuple[str, ...] | None = None,
+        into: dict[str, list[Tensor]] | None = None,
     ) -> Iterator[None]:
         """Activate the hooks for one step: its forward and backward of the mean loss over batch_size.
 
         ``signs`` (batch_size values, +-1) are needed for ``signed_sum``; ``quantities`` restricts this
         recording to a subset of the constructed ones (e.g. K-FAC factors only on refresh steps).
+        ``into``: for per-parameter quantities, zeroed tensors (one per parameter of ``params``) to sum
+        into instead of a buffer of the recording's own, e.g. gradient-bucket views whose collective
+        starts during backward; their results are left UNSCALED (the caller multiplies them by
+        ``batch_size ** MEAN_LOSS_POWER[q]``, after summing over workers).
         """
         if not self._hooks:
             raise RuntimeError("hooks were removed")
@@ -175,9 +186,12 @@ class CurvatureHooks:
             raise ValueError(f"quantities {active} not among those constructed: {self.quantities}")
         if "signed_sum" in active and (signs is None or signs.shape != (batch_size,)):
             raise ValueError(f"signed_sum needs signs of shape ({batch_size},)")
+        into = into or {}
+        if set(into) - (set(active) & set(MEAN_LOSS_POWER)):
+            raise ValueError(f"into: per-parameter quantities of this recording only, got {sorted(into)}")
         self._count += 1
         self._active, self._signs = active, signs
-        self._allocate(active)
+        self._allocate(active, into)
         norms = [m for m in self._handlers if isinstance(m, GhostBatchNorm)]
         for bn in norms:
             bn.save_xhat = True
@@ -196,18 +210,21 @@ class CurvatureHooks:
             self._seen.clear()
         self._collect(batch_size)
 
-    def _allocate(self, active: tuple[str, ...]) -> None:
-        """Zeroed accumulators for one recording of the ``active`` quantities."""
+    def _allocate(self, active: tuple[str, ...], into: dict[str, list[Tensor]]) -> None:
+        """Zeroed accumulators for one recording of the ``active`` quantities (``into``: given ones)."""
         self._sums, self._flat = {}, {}
         for q in active:
             if q == "kfac":
                 continue
-            # one zeroed buffer per quantity, each parameter's sums a view of it: one allocation and,
-            # in ``_collect``, one scaling, instead of one per parameter
-            flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
-            views = iter(flat.split([p.numel() for p in self.params]))
-            at = {id(p): next(views).view_as(p) for p in self.params}
-            self._flat[q] = flat
+            if q in into:
+                at = {id(p): t for p, t in zip(self.params, into[q], strict=True)}
+            else:
+                # one zeroed buffer per quantity, each parameter's sums a view of it: one allocation and,
+                # in ``_collect``, one scaling, instead of one per parameter
+                flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
+                views = iter(flat.split([p.numel() for p in self.params]))
+                at = {id(p): next(views).view_as(p) for p in self.params}
+                self._flat[q] = flat
             self._sums[q] = {
                 module: {name: at[id(p)] for name, p in module.named_parameters(recurse=False)}
                 for module in self._handlers
@@ -221,11 +238,10 @@ class CurvatureHooks:
 
     def _collect(self, batch_size: int) -> None:
         """The recording's results, aligned with ``params`` (and ``kfac_layers``), the mean's 1/m undone."""
-        # g_i = m * (what autograd delivers), so squares scale by m^2, sums by m.
-        scale = {"sum_grad_squared": float(batch_size) ** 2, "signed_sum": float(batch_size)}
         self._results = {}
         for q, per_module in self._sums.items():
-            self._flat[q].mul_(scale[q])
+            if q in self._flat:  # not the sums the caller gave (``into``): those are scaled after summing
+                self._flat[q].mul_(float(batch_size) ** MEAN_LOSS_POWER[q])
             self._results[q] = [per_module[self._owner[id(p)][0]][self._owner[id(p)][1]] for p in self.params]
         self._kfac_results = []
         for module, _, w, b in self.kfac_layers:
