@@ -7,9 +7,10 @@ the temperature-calibrated diagF+GBN (lambda = 0.39) under sqrt scaling; on MNIS
 offline), 3 seeds each, trained under ``horovodrun --gloo -np 2`` on localhost (all cells in one launcher world,
 so Horovod starts once), with the sharpness of every final model and Fisher and temperature
 diagnostics during training; then the report (tables, figures, report.md) from the run directories.
-The quick default (15 runs) takes about 12 minutes on 2 CPU cores (measured 12 min 7 s); ``--full`` trains 64 epochs;
-``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at GRID_EPOCHS; 59 minutes
-measured with a step that sent one more collective per step, less today).
+The quick default (15 runs) takes 12 to 14 minutes on 2 CPU cores (measured 12 min 7 s and 14 min 1 s,
+the three small-batch runs, with sync batch norm under Gloo, about half of it); ``--full`` trains 64
+epochs; ``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at
+GRID_EPOCHS; 59 minutes measured with a step that sent one more collective per step).
 Runs that already finished are kept and not rerun, so an interrupted study continues where it stopped.
 """
 
@@ -29,7 +30,7 @@ from hpcnoise.files import unwritable
 from hpcnoise.presets import GRID_EPOCHS, with_epochs
 from hpcnoise.sweepfile import cell_lines, read_cell, run_name, table_cells, write_file
 
-QUICK_EPOCHS = 13  # the quick study: 15 runs in about 12 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
+QUICK_EPOCHS = 13  # the quick study: 15 runs in 12 to 14 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
 PRECISE_BN_BATCHES = 8  # global training batches that re-estimate BN statistics before each evaluation
 
