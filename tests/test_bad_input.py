@@ -156,6 +156,7 @@ OTHER_CASES = [
     ("bench-step-rounds", ["bench", "step", "--rounds", "0"], "--rounds must be a positive integer, got 0"),
     ("bench-step-batch", ["bench", "step", "--batch", "0"], "--batch must be a positive integer, got 0"),
     ("bench-step-profile", ["bench", "step", "--profile", "-1"], "--profile must be >= 0 (0: no profile), got -1"),
+    ("bench-step-no-gpu", ["bench", "step", "--device", "cuda"], "device 'cuda' is not available on this machine"),
     (
         "bench-step-bucket-mb",
         ["bench", "step", "--bucket-mb", "1,1"],

@@ -365,7 +365,7 @@ def _check(args: Any) -> list[str]:
     world = detect_launcher()[1]
     for model in models:
         try:
-            validate(step_config(model, "diagf", args.batch, args.threads), world)
+            validate(step_config(model, "diagf", args.batch, args.threads, device=args.device), world)
         except ConfigError as e:
             raise ConfigError(f"{model} with --batch {args.batch}: {e}") from e
     return models
