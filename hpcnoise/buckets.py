@@ -14,7 +14,6 @@ the bucket's asynchronous sum-allreduce starts (``Comm.allreduce_sum_async_``, n
 layers. ``flush`` starts any bucket whose gradients never arrived (a parameter unused in this forward:
 its gradient is 0), in bucket order on every rank; ``wait`` completes them all.
 
-
 The sums are elementwise, so splitting the gradients over buckets changes no bit of the result, and
 the semantics are those of the single fused collective (hpcnoise.step). Per-parameter curvature sums
 (diagonal Fisher, full-Fisher signed sums) ride in the buckets after the gradients; the step's other
@@ -92,14 +91,11 @@ class Buckets:
         if extra not in self._layouts:
             flats, views = [], [[torch.empty(0)] * len(self.params) for _ in range(1 + extra)]
             for members in self.members:
-                n = sum(self.params[i].numel() for i in members)
-                flat = self.params[members[0]].new_zeros((1 + extra) * n)
-                for q in range(1 + extra):
-                    offset = q * n
-                    for i in members:
-                        size = self.params[i].numel()
-                        views[q][i] = flat[offset : offset + size].view_as(self.params[i])
-                        offset += size
+                sizes = [self.params[i].numel() for i in members]
+                flat = self.params[members[0]].new_zeros((1 + extra) * sum(sizes))
+                for q, segment in enumerate(flat.chunk(1 + extra)):
+                    for i, v in zip(members, segment.split(sizes)):
+                        views[q][i] = v.view_as(self.params[i])
                 flats.append(flat)
             self._layouts[extra] = (flats, views)
         return self._layouts[extra]

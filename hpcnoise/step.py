@@ -7,9 +7,9 @@ One step on each of W workers (global batch M, local batch m = M / W), in three 
     loss/error counts with the stop flag, and each due statistic's packed sums.
 (b) ``start_reduction`` sums every group over all workers in ONE collective (a flat buffer), or, with
     gradient buckets, the gradients (with the per-parameter curvature sums) bucket by bucket during
-    backward; ``finish`` turns
-    the sums into g_LB = sum / W (set as p.grad), the batch-norm running statistics (the average over
-    all ghost batches of the global batch) and the normalised statistics (``STATISTICS[...].unpack``).
+    backward; ``finish`` turns the sums into g_LB = sum / W (set as p.grad), the batch-norm running
+    statistics (the average over all ghost batches of the global batch) and the normalised statistics
+    (``STATISTICS[...].unpack``).
 (c) ``update``: the regime's noise, drawn from the (seed, step) stream (identical on every rank, no
     communication), added to the gradient or to the parameters, and the optimiser step.
 Every rank runs the same (b) and (c) on the same sums, so parameters and buffers stay bit-identical
@@ -198,7 +198,7 @@ class Reduction:
 
     buckets: Buckets | None
     pending: list[PendingSum]
-    riding: dict[str, tuple[list[Tensor], float]]  # statistic -> (its bucket views, the 1/m to undo)
+    riding: dict[str, tuple[list[Tensor], float]]  # statistic -> (its bucket views, m^p undoing the 1/m)
 
     def wait(self) -> Groups:
         out: Groups = {}
