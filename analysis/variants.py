@@ -10,18 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-REGIME_NAMES = {
-    "sb": "SB",
-    "lb": "LB",
-    "diagf": "DiagF",
-    "trace": "Trace",
-    "multiplicative": "Multiplicative",
-    "fullf": "FullF",
-    "kfac": "K-FAC",
-    "batchchange": "BatchChange",
-}
+from hpcnoise.regimes import REGIMES
 
-NOISE_FREE = frozenset({"sb", "lb", "batchchange"})  # regimes without injected noise
+# Printed names and noise-free flags come from the regime registry (hpcnoise.regimes), the one home of
+# what a regime is. A regime no longer registered keeps its key as its name and counts as noisy.
+REGIME_NAMES = {key: regime.name for key, regime in REGIMES.items()}
+NOISE_FREE = frozenset(key for key, regime in REGIMES.items() if regime.noise_free)
+REFERENCE = frozenset(key for key, regime in REGIMES.items() if regime.reference)  # the small-batch reference
 
 # Config fields that do not change what is trained; runs differing only in these may be pooled.
 NON_EXPERIMENT_FIELDS = frozenset(
@@ -36,7 +31,7 @@ def label(regime: str, gbn: bool, lr_scaling: str, multiplier: float = 1.0, cali
     """Printed name of a regime variant, e.g. "LB+GBN", "DiagF+GBN (sqrt)", "LB (unscaled LR)", and for a
     noise multiplier other than the paper's: "DiagF+GBN x0.25", "DiagF+GBN (sqrt) x0.39 (temperature)"."""
     text = REGIME_NAMES.get(regime, regime) + ("+GBN" if gbn else "")
-    if regime != "sb" and lr_scaling != "linear":
+    if regime not in REFERENCE and lr_scaling != "linear":
         text += " (unscaled LR)" if lr_scaling == "none" else f" ({lr_scaling})"
     if regime not in NOISE_FREE and (calibration != "paper" or multiplier != 1.0):
         text += f" x{multiplier:.3g}" + (f" ({calibration})" if calibration != "paper" else "")
@@ -75,7 +70,7 @@ def describe(
 def experiment(cfg: dict[str, Any], lr_scaling: str) -> str:
     """The config as JSON without the fields that do not change what is trained (``NON_EXPERIMENT_FIELDS``)."""
     fields = {k: v for k, v in cfg.items() if k not in NON_EXPERIMENT_FIELDS and k != "lr_scaling"}
-    if cfg["regime"] != "sb":  # SB is the reference batch: no learning-rate scaling applies to it
+    if cfg["regime"] not in REFERENCE:  # SB is the reference batch: no learning-rate scaling applies to it
         fields["lr_scaling"] = lr_scaling
     return json.dumps(fields, sort_keys=True)
 

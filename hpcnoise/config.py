@@ -11,14 +11,36 @@ copied into every result row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 from hpcnoise.errors import ConfigError
 
-NOISE_PLACEMENTS = ("gradient", "parameter")
+# Closed choices: each a Literal type, checked in one place (``check_choices``) against its own values.
+NoisePlacement = Literal["gradient", "parameter"]
+NoiseCalibration = Literal["paper", "temperature"]
+LrScaling = Literal["linear", "sqrt", "none"]
+ConvModeName = Literal["exact", "spatial"]
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["float32", "float64"]
+Allreduce = Literal["buckets", "fused"]
+
+# How a learning-rate rule scales a rate when the batch grows by ``ratio`` (M_L / M_S): the one table of
+# the rules, used by the presets (lr_LB from lr_SB), BatchChange (back to M_S) and the temperature (k).
+LR_RULES: dict[str, Callable[[float], float]] = {
+    "linear": lambda ratio: ratio,  # Goyal et al. 2017
+    "sqrt": math.sqrt,  # Hoffer et al. 2017
+    "none": lambda ratio: 1.0,  # the small-batch rate unchanged
+}
+
+
+def scaled_rate(rule: str, ratio: float) -> float:
+    """The factor ``rule`` (an ``LrScaling``) multiplies a learning rate by when the batch grows by ``ratio``."""
+    return LR_RULES[rule](ratio)
 
 
 @dataclass(frozen=True)
@@ -48,17 +70,17 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise_epochs: int = 50  # noise on for epochs [0, noise_epochs), then off (the paper's cut-off)
-    noise_placement: str = "gradient"  # "gradient": added to g before momentum and weight decay;
+    noise_placement: NoisePlacement = "gradient"  # "gradient": added to g before momentum and weight decay;
     # "parameter": theta -= lr * noise after the optimiser step (see hpcnoise.regimes)
     multiplicative_sigma: float = 0.5  # `multiplicative`: g * (1 + sigma xi); the paper gives no value
     noise_multiplier: float = 1.0  # lambda: multiplies every regime's noise standard deviation (1 = Algorithm 1)
-    noise_calibration: str = "paper"  # paper: lambda = noise_multiplier; temperature: lambda matches SB's
+    noise_calibration: NoiseCalibration = "paper"  # paper: lambda = noise_multiplier; temperature: lambda matches SB's
     # temperature under lr_scaling (hpcnoise.temperature)
     batchchange_epochs: int = 50  # `batchchange`: epochs at M_S before switching to M_L
     fisher_every: int = 1  # recompute diag F every k steps, reusing the last one in between
     kfac_every: int = 10  # `kfac`: refresh the K-FAC factors (and their square roots) every k steps
-    conv_mode: str = "exact"  # per-sample squared conv gradients: exact | spatial (Appendix C)
-    lr_scaling: str = "linear"  # the rule the preset used to derive lr: linear | sqrt | none (recorded)
+    conv_mode: ConvModeName = "exact"  # per-sample squared conv gradients: exact | spatial (Appendix C)
+    lr_scaling: LrScaling = "linear"  # the rule the preset used to derive lr: linear | sqrt | none (recorded)
     decay_bn_and_bias: bool = True  # apply weight_decay to batch-norm and bias parameters too
     seed: int = 0  # init, data order, noise: each its own stream (hpcnoise.seeding)
     # --- where and how it runs -------------------------------------------------------------------
@@ -70,10 +92,10 @@ class Config:
     sharpness: bool = False  # measure the final model's max Hessian eigenvalue (sharpness.json)
     sharpness_samples: int = 4096  # training samples the Hessian is taken over
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
+    device: Device = "auto"  # auto | cpu | cuda
+    dtype: DType = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
-    allreduce: str = "buckets"  # buckets: gradients summed bucket by bucket during backward (overlap);
+    allreduce: Allreduce = "buckets"  # buckets: gradients summed bucket by bucket during backward (overlap);
     # fused: everything in one collective after backward (hpcnoise.buckets, hpcnoise.step)
     bucket_mb: float = 25.0  # largest gradient bucket for allreduce=buckets, in MiB
     min_buckets: int = 16  # and buckets of at most 1/min_buckets of the gradients (1: bucket_mb alone)
@@ -112,8 +134,8 @@ def _parse_value(key: str, raw: str) -> Any:
             if not math.isfinite(value):
                 raise ValueError
             return value
-        if hint is str:
-            return raw
+        if hint is str or typing.get_origin(hint) is Literal:
+            return raw  # a Literal's value is checked with the other values (check_choices)
         if typing.get_origin(hint) is tuple:
             (item, _) = typing.get_args(hint)
             return tuple(item(v) for v in raw.split(",") if v.strip())
@@ -211,8 +233,22 @@ def _in_range(key: str, value: float) -> bool:
     return high is None or value < high or (not high_open and value == high)
 
 
+CHOICES = {key: typing.get_args(hint) for key, hint in _HINTS.items() if typing.get_origin(hint) is Literal}
+
+
+def check_choices(cfg: Config) -> None:
+    """Every closed-choice field holds one of its Literal type's values; one ConfigError otherwise."""
+    for key, valid in CHOICES.items():
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
+
+
+@functools.cache
 def check_values(cfg: Config) -> None:
-    """Check the values that need no registry or world size; raise one ConfigError on the first problem."""
+    """Check the values that need no registry or world size; raise one ConfigError on the first problem.
+
+    A config is frozen, so its answer never changes: the check runs once per config and process, however
+    many layers (command, workload, train) ask (a ConfigError is not cached, and ends the command)."""
     for key in RANGES:
         value = getattr(cfg, key)
         if not _in_range(key, value):
@@ -222,19 +258,6 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"lr_decay_epochs must be epochs >= 0 (comma-separated), got {listed}")
     if cfg.small_batch > cfg.batch_size:
         raise ConfigError(f"small_batch ({cfg.small_batch}) must not exceed batch_size ({cfg.batch_size})")
-    if cfg.noise_placement not in NOISE_PLACEMENTS:
-        raise ConfigError(f"noise_placement must be one of {', '.join(NOISE_PLACEMENTS)}, got {cfg.noise_placement!r}")
-    choices = (
-        ("conv_mode", ("exact", "spatial")),
-        ("lr_scaling", ("linear", "sqrt", "none")),
-        ("allreduce", ("buckets", "fused")),
-    )
-    for key, valid in choices:
-        if getattr(cfg, key) not in valid:
-            raise ConfigError(f"{key} must be one of {', '.join(valid)}, got {getattr(cfg, key)!r}")
-    if cfg.dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype must be one of float32, float64, got {cfg.dtype!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be one of auto, cpu, cuda, got {cfg.device!r}")
+    check_choices(cfg)
     if cfg.run_name in (".", "..") or "/" in cfg.run_name:
         raise ConfigError(f"run_name must be a plain directory name (no '/'), got {cfg.run_name!r}")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from hpcnoise.config import Config
+from hpcnoise.config import Config, scaled_rate
 from hpcnoise.errors import ConfigError
 
 PresetFn = Callable[[bool], Config]  # smoke -> config
@@ -104,7 +104,7 @@ def mnist1d(
     epochs = 4 if smoke else epochs
     sb_lr = 0.05  # per 128 samples
     large, small = (512, 64) if smoke else (4096, 128)
-    factor = {"linear": large / small, "sqrt": math.sqrt(large / small)}[scaling]
+    factor = scaled_rate(scaling, large / small)
     return Config(
         **_protocol(regime, ghost_bn, large, small, epochs, sb_lr, factor, smoke, 5.0 if scaling == "linear" else 0.0),
         dataset="mnist1d",
@@ -209,8 +209,7 @@ def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: s
     """
     r = RECIPES[(dataset, model)]
     large, small, epochs = (32, 8, 2) if smoke else (4096, 128, int(r["epochs"]))
-    ratio = large / small
-    factor = {"linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+    factor = scaled_rate(scaling, large / small)
     return Config(
         **_protocol(regime, ghost_bn, large, small, epochs, r["lr"], factor, smoke),
         dataset=dataset,

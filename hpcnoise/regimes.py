@@ -6,7 +6,11 @@ state between steps (K-FAC's square roots) keeps it in ``NoiseInput.state``, apa
 
 A regime is a small record of functions over the shared machinery (curvature hooks, the one fused
 allreduce), registered in ``REGIMES`` under its CLI name, which is also the ``regime`` column of every
-result. There is no class hierarchy: adding a regime is adding one entry.
+result. The entry is everything the suite knows of the regime: its printed name and whether it is
+noise-free (which the analysis reads), the batch it trains with, the statistics it needs, its noise
+draw, and its injected variance and learning-rate ratio (the temperature). There is no class
+hierarchy: adding a regime is adding one entry, in this module or in any module imported before the
+config is checked (``register``).
 
 Noise placement (``Config.noise_placement``):
 - ``gradient`` (default): the noise is added to the averaged gradient before the optimiser, so it goes
@@ -25,8 +29,8 @@ from typing import Any
 
 import torch
 
-from hpcnoise.config import Config
-from hpcnoise.temperature import noise_multiplier
+from hpcnoise.config import Config, scaled_rate
+from hpcnoise.temperature import applied_multiplier, lr_ratio
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class NoiseInput:
     # the step's N(0, I) draw shaped like the parameters, when the step drew it ahead (see
     # ``Regime.draws_normals``); None: ``standard_normal`` draws it from ``generator``
     normals: list[torch.Tensor] | None = None
+    step: int = 0  # steps taken before this one (the key of ``generator``)
 
     def standard_normal(self) -> list[torch.Tensor]:
         """The step's N(0, I) draw xi, the first thing drawn from ``generator`` (so drawing it ahead, while
@@ -52,19 +57,46 @@ class NoiseInput:
 NoiseFn = Callable[[NoiseInput], list[torch.Tensor]]
 
 
+def _no_variance(x: NoiseInput) -> float:
+    return 0.0
+
+
+def _unit_factor(cfg: Config, epoch: int) -> float:
+    return 1.0
+
+
 @dataclass(frozen=True)
 class Regime:
+    """One training regime. Only ``name``, ``description``, ``batch_keys`` and ``batch`` are required: a
+    regime without ``noise`` is noise-free."""
+
+    name: str  # printed name in tables and figures, e.g. "DiagF" (hpcnoise's analysis reads it from here)
     description: str
     batch_keys: tuple[str, ...]  # the config batch sizes this regime trains with (validated against W)
     batch: Callable[[Config, int], int]  # global batch size used in a given epoch
     noise: NoiseFn | None = None  # None: no noise
     statistics: frozenset[str] = field(default_factory=frozenset)  # keys of hpcnoise.statistics.STATISTICS
-    lr_factor: Callable[[Config, int], float] = lambda cfg, epoch: 1.0  # multiplies cfg.lr in an epoch
-    # the noise's total variance given NoiseInput with diag_fisher (and the regime's own statistics)
-    injected_variance: Callable[[NoiseInput], float] = lambda x: 0.0
+    lr_factor: Callable[[Config, int], float] = _unit_factor  # multiplies cfg.lr in an epoch
+    # the noise's total variance given NoiseInput with ``variance_statistics``, for the temperature
+    injected_variance: Callable[[NoiseInput], float] = _no_variance
+    variance_statistics: frozenset[str] | None = None  # what injected_variance reads; None: ``statistics``
     # the noise starts with one N(0, I) draw xi shaped like the parameters (NoiseInput.standard_normal);
     # it needs no data, so the step draws it while the gradients' sum is in flight
     draws_normals: bool = False
+    # the small-batch reference itself: trains at lr_S (temperature ratio k = 1) and no learning-rate rule
+    # applies to it, so results do not group it by ``lr_scaling``
+    reference: bool = False
+
+    @property
+    def noise_free(self) -> bool:
+        return self.noise is None
+
+    def statistics_for_variance(self) -> frozenset[str]:
+        return self.statistics if self.variance_statistics is None else self.variance_statistics
+
+    def lr_ratio(self, cfg: Config, epoch: int) -> float:
+        """k = lr / lr_S in an 0-based epoch: the temperature's learning-rate ratio (hpcnoise.temperature)."""
+        return 1.0 if self.reference else lr_ratio(cfg) * self.lr_factor(cfg, epoch)
 
 
 def standard_normal_like(tensors: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -80,8 +112,8 @@ def standard_normal_like(tensors: Sequence[torch.Tensor], generator: torch.Gener
 
 
 def noise_std(cfg: Config) -> float:
-    """lambda * s: the paper's s = sqrt((M_L - M_S)/(M_L M_S)) times the run's noise multiplier."""
-    return cfg.noise_scale * noise_multiplier(cfg)
+    """lambda * s: the paper's s = sqrt((M_L - M_S)/(M_L M_S)) times the multiplier the run applies."""
+    return cfg.noise_scale * applied_multiplier(cfg)
 
 
 def diag_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
@@ -113,7 +145,7 @@ def multiplicative_noise(x: NoiseInput) -> list[torch.Tensor]:
     The noise multiplier lambda scales sigma (the noise term's standard deviation relative to |g|).
     """
     xi = x.standard_normal()
-    sigma = x.cfg.multiplicative_sigma * noise_multiplier(x.cfg)
+    sigma = x.cfg.multiplicative_sigma * applied_multiplier(x.cfg)
     return [z.mul_(g).mul_(sigma) for z, g in zip(xi, x.grads)]
 
 
@@ -137,21 +169,26 @@ def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:
     """K-FAC noise: for each Linear/Conv layer s * G^1/2 Z A^1/2 (covariance s^2 A (x) G), bias as
     the last input column; parameters outside the factored layers (batch norm) get diag-F noise.
 
-    The square roots are recomputed only when the factors were refreshed (``kfac_every``).
+    The square roots are recomputed only when the factors were refreshed (``kfac_every``); the regime's
+    state keeps them as (A^1/2, G^1/2, weight index, bias index), tensors and plain values only, so that a
+    checkpoint holds them as they are. (A state of another shape, from a checkpoint of an earlier version,
+    is recomputed from the cached factors: eigh of the same factors gives the same roots.)
     """
     s = noise_std(x.cfg)
-    if "kfac" in x.refreshed or "kfac_sqrt" not in x.state:
-        x.state["kfac_sqrt"] = [(_psd_sqrt(layer.A), _psd_sqrt(layer.G), layer) for layer in x.stats["kfac"]]
+    roots = x.state.get("kfac_sqrt")
+    if "kfac" in x.refreshed or roots is None or any(len(r) != 4 for r in roots):
+        roots = [(_psd_sqrt(f.A), _psd_sqrt(f.G), f.weight, f.bias) for f in x.stats["kfac"]]
+        x.state["kfac_sqrt"] = roots
     xi = x.standard_normal()
     noise = [z.mul_(f.sqrt()).mul_(s) for z, f in zip(xi, x.stats["diag_fisher"])]
     z_gen = x.generator
-    for a_half, g_half, layer in x.state["kfac_sqrt"]:
+    for a_half, g_half, weight, bias in roots:
         z = torch.randn(g_half.shape[0], a_half.shape[0], generator=z_gen, device=z_gen.device, dtype=a_half.dtype)
         n = s * (g_half @ z.to(a_half.device) @ a_half)  # (out, in [+ 1])
-        w = noise[layer.weight]
+        w = noise[weight]
         w.copy_(n[:, : w[0].numel()].reshape_as(w))
-        if layer.bias is not None:
-            noise[layer.bias].copy_(n[:, -1])
+        if bias is not None:
+            noise[bias].copy_(n[:, -1])
     return noise
 
 
@@ -162,7 +199,7 @@ def _diag_variance(x: NoiseInput) -> float:
 
 
 def _multiplicative_variance(x: NoiseInput) -> float:
-    sigma = x.cfg.multiplicative_sigma * noise_multiplier(x.cfg)
+    sigma = x.cfg.multiplicative_sigma * applied_multiplier(x.cfg)
     return sigma**2 * float(sum(g.square().sum() for g in x.grads))
 
 
@@ -189,15 +226,15 @@ def _batch_change(cfg: Config, epoch: int) -> int:
 
 def _batch_change_lr(cfg: Config, epoch: int) -> float:
     """cfg.lr is the large-batch rate; the small-batch epochs scale it back by the preset's rule."""
-    ratio = _batch_change(cfg, epoch) / cfg.batch_size
-    return {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[cfg.lr_scaling]
+    return scaled_rate(cfg.lr_scaling, _batch_change(cfg, epoch) / cfg.batch_size)
 
 
 _DIAG = frozenset({"diag_fisher"})
 REGIMES: dict[str, Regime] = {
-    "sb": Regime("small batch M_S, no noise", ("small_batch",), _small),
-    "lb": Regime("large batch M_L, no noise", ("batch_size",), _large),
+    "sb": Regime("SB", "small batch M_S, no noise", ("small_batch",), _small, reference=True),
+    "lb": Regime("LB", "large batch M_L, no noise", ("batch_size",), _large),
     "diagf": Regime(
+        "DiagF",
         "large batch + diagonal-Fisher noise (Algorithm 1)",
         ("batch_size",),
         _large,
@@ -207,6 +244,7 @@ REGIMES: dict[str, Regime] = {
         draws_normals=True,
     ),
     "trace": Regime(
+        "Trace",
         "large batch + isotropic noise scaled by Tr(F)",
         ("batch_size",),
         _large,
@@ -216,6 +254,7 @@ REGIMES: dict[str, Regime] = {
         draws_normals=True,
     ),
     "multiplicative": Regime(
+        "Multiplicative",
         "large batch, gradient times (1 + sigma xi) (Hoffer et al.)",
         ("batch_size",),
         _large,
@@ -224,14 +263,17 @@ REGIMES: dict[str, Regime] = {
         draws_normals=True,
     ),
     "fullf": Regime(
+        "FullF",
         "large batch + full-Fisher noise from Rademacher signed sums",
         ("batch_size",),
         _large,
         full_fisher_noise,
         frozenset({"signed_sum"}),
         injected_variance=_diag_variance,
+        variance_statistics=_DIAG,  # tr F = tr diag F: the variance needs no signs
     ),
     "kfac": Regime(
+        "K-FAC",
         "large batch + K-FAC-covariance noise (diag F for batch norm)",
         ("batch_size",),
         _large,
@@ -241,9 +283,18 @@ REGIMES: dict[str, Regime] = {
         draws_normals=True,
     ),
     "batchchange": Regime(
+        "BatchChange",
         "small batch for batchchange_epochs, then large batch",
         ("small_batch", "batch_size"),
         _batch_change,
         lr_factor=_batch_change_lr,
     ),
 }
+
+
+def register(key: str, regime: Regime) -> Regime:
+    """Add a regime under its CLI name ``key`` (one that is not taken); returns it."""
+    if key in REGIMES:
+        raise ValueError(f"regime {key!r} is already registered")
+    REGIMES[key] = regime
+    return regime

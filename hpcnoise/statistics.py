@@ -9,7 +9,10 @@ for the global batch. Each entry of ``STATISTICS`` says, for one statistic:
   between refreshes the cached value is reused;
 - ``pack``: the local sums, as the list of tensors that travels in the collective;
 - ``unpack``: the reduced tensors and the global batch size M -> the normalised statistic;
-- ``needs_signs``: the hooks need one Rademacher sign per sample.
+- ``to_plain`` / ``from_plain``: the statistic as tensors and plain values for a checkpoint, and back
+  (the identity for lists of tensors).
+Whether the hooks need Rademacher signs, and whether the sums may ride in the gradient buckets, is the
+quantity's to say (``hpcnoise.curvature.quantities``).
 
 The entries:
 - ``diag_fisher``: diag F = (1/M) sum_i g_i^2 over the global batch, one tensor per parameter;
@@ -30,7 +33,11 @@ from typing import Any
 from torch import Tensor
 
 from hpcnoise.config import Config
-from hpcnoise.curvature import CurvatureHooks, KFactors
+from hpcnoise.curvature import QUANTITIES, CurvatureHooks, KFactors
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,23 @@ class Statistic:
     due: Callable[[Config, int], bool]  # (cfg, step) -> recompute at this step
     pack: Callable[[CurvatureHooks], list[Tensor]]  # local sums of the last recording, to be summed
     unpack: Callable[[list[Tensor], int, CurvatureHooks], Any]  # (summed tensors, M, hooks) -> statistic
-    needs_signs: bool = False  # the hooks need one Rademacher sign per sample
-    per_parameter: bool = False  # one tensor per parameter: may ride in the gradient buckets (hpcnoise.buckets)
+    to_plain: Callable[[Any], Any] = _same  # the statistic as tensors and plain values (checkpoints)
+    from_plain: Callable[[Any], Any] = _same  # and back
+
+    @property
+    def needs_signs(self) -> bool:
+        """The hooks need one Rademacher sign per sample."""
+        return QUANTITIES[self.quantity].needs_signs
+
+    @property
+    def per_parameter(self) -> bool:
+        """One tensor per parameter: the sums may ride in the gradient buckets (hpcnoise.buckets)."""
+        return QUANTITIES[self.quantity].per_parameter
+
+    @property
+    def mean_loss_power(self) -> int:
+        """For per-parameter sums: the power of the local batch size m that undoes the mean loss's 1/m."""
+        return QUANTITIES[self.quantity].mean_loss_power
 
 
 def _per_parameter(quantity: str) -> Callable[[CurvatureHooks], list[Tensor]]:
@@ -48,16 +70,25 @@ def _per_parameter(quantity: str) -> Callable[[CurvatureHooks], list[Tensor]]:
 
 
 def _pack_kfac(hooks: CurvatureHooks) -> list[Tensor]:
-    factors = hooks.kfac_result()
+    factors = hooks.result("kfac")
     return [f.A for f in factors] + [f.G for f in factors]
 
 
 def _unpack_kfac(summed: list[Tensor], batch: int, hooks: CurvatureHooks) -> list[KFactors]:
     n = len(summed) // 2
     return [
-        KFactors(a.div_(batch), g.div_(batch), weight, bias)
-        for a, g, (_, _, weight, bias) in zip(summed[:n], summed[n:], hooks.kfac_layers, strict=True)
+        KFactors(a.div_(batch), g.div_(batch), f.weight, f.bias)
+        for a, g, f in zip(summed[:n], summed[n:], hooks.result("kfac"), strict=True)
     ]
+
+
+def _kfac_to_plain(factors: list[KFactors]) -> list[dict[str, Any]]:
+    """Tagged lists, not pickled classes: a checkpoint holds only tensors and plain values."""
+    return [{"__kfactors__": [f.A, f.G, f.weight, f.bias]} for f in factors]
+
+
+def _kfac_from_plain(plain: list[dict[str, Any]]) -> list[KFactors]:
+    return [KFactors(*item["__kfactors__"]) for item in plain]
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -66,21 +97,20 @@ STATISTICS: dict[str, Statistic] = {
         due=lambda cfg, step: step % cfg.fisher_every == 0,
         pack=_per_parameter("sum_grad_squared"),
         unpack=lambda summed, batch, hooks: [s.div_(batch) for s in summed],
-        per_parameter=True,
     ),
     "signed_sum": Statistic(
         "signed_sum",
         due=lambda cfg, step: True,  # the Rademacher signs are new every step
         pack=_per_parameter("signed_sum"),
         unpack=lambda summed, batch, hooks: summed,
-        needs_signs=True,
-        per_parameter=True,
     ),
     "kfac": Statistic(
         "kfac",
         due=lambda cfg, step: step % cfg.kfac_every == 0,
         pack=_pack_kfac,
         unpack=_unpack_kfac,
+        to_plain=_kfac_to_plain,
+        from_plain=_kfac_from_plain,
     ),
 }
 

@@ -36,7 +36,7 @@ from hpcnoise import faults
 from hpcnoise.buckets import Buckets
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
-from hpcnoise.curvature import MEAN_LOSS_POWER, CurvatureHooks
+from hpcnoise.curvature import CurvatureHooks
 from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized, update_running_stats
 from hpcnoise.regimes import NoiseInput, Regime, standard_normal_like
 from hpcnoise.seeding import generator
@@ -357,9 +357,8 @@ def train_step(
     if buckets is not None:
         names = sorted(s for s in refresh if STATISTICS[s].per_parameter)
         for name, views in zip(names, buckets.arm(t.comm, len(names)), strict=True):
-            quantity = STATISTICS[name].quantity
-            into[quantity] = views
-            riding[name] = float(len(inp.y)) ** MEAN_LOSS_POWER[quantity]
+            into[STATISTICS[name].quantity] = views
+            riding[name] = float(len(inp.y)) ** STATISTICS[name].mean_loss_power
     with synchronized(t.net.model, bn_sum(t.cfg, t.comm)):
         groups = local_contribution(
             t.net,
@@ -387,7 +386,7 @@ def train_step(
     noise = None
     if noise_fn is not None and gen is not None:
         with record_function("hpcnoise.noise"):
-            noise = noise_fn(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh, normals))
+            noise = noise_fn(NoiseInput(t.cfg, reduced.grads, cache, gen, state, refresh, normals, inp.step))
     timer.lap("noise")
     update(t.net, t.opt, t.cfg, inp.lr, reduced.grads, noise)
     timer.lap("optimizer")

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import math
 
-from hpcnoise.config import Config
-
-CALIBRATIONS = ("paper", "temperature")  # noise_calibration: the multiplier as given, or derived
+from hpcnoise.config import Config, scaled_rate
 
 
 def lr_ratio(cfg: Config) -> float:
     """k = lr_L / lr_S: how the preset scaled the small-batch learning rate (``lr_scaling``)."""
-    ratio = cfg.batch_size / cfg.small_batch
-    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    return scaled_rate(cfg.lr_scaling, cfg.batch_size / cfg.small_batch)
 
 
 def temperature_multiplier_squared(cfg: Config) -> float:
@@ -38,8 +35,9 @@ def temperature_multiplier_squared(cfg: Config) -> float:
     return (1.0 / (lr_ratio(cfg) * cfg.small_batch) - 1.0 / cfg.batch_size) / s2
 
 
-def noise_multiplier(cfg: Config) -> float:
-    """The multiplier lambda of the noise's standard deviation that a run actually uses."""
+def applied_multiplier(cfg: Config) -> float:
+    """The multiplier lambda of the noise's standard deviation that a run applies: ``cfg.noise_multiplier``
+    as given (``noise_calibration=paper``), or the one that matches small-batch temperature."""
     if cfg.noise_calibration == "temperature":
         return math.sqrt(max(temperature_multiplier_squared(cfg), 0.0))
     return cfg.noise_multiplier

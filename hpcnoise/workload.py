@@ -6,6 +6,7 @@ the registries are checked where the workload is built, so that config stays a l
 
 from __future__ import annotations
 
+import functools
 import pickle
 import zipfile
 from pathlib import Path
@@ -23,7 +24,6 @@ from hpcnoise.models import MODELS, GhostBatchNorm, build_model
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir, load_config
 from hpcnoise.seeding import stream_seed
-from hpcnoise.temperature import CALIBRATIONS
 
 MNIST1D_SHAPE = (40,)  # what the mnist1d package generates: 40-sample signals (hpcnoise.data.mnist1d)
 MNIST1D_CLASSES = 10
@@ -62,21 +62,22 @@ def model_problem(model: str, dataset: str) -> str | None:
     return None
 
 
+@functools.cache
 def check_workload(cfg: Config) -> None:
     """Check what a config trains and where, independent of the world size; one ConfigError on the first problem.
 
-    Registries, the values (``check_values``), whether the model fits the dataset, whether the device
-    exists here and whether ``data_root`` can be a directory.
+    Registries, the values (``check_values``), whether the model fits the dataset (built on the meta
+    device), whether the device exists here and whether ``data_root`` can be a directory. Once per config
+    and process: the command checks before any launcher or Horovod starts, and ``train`` asks again for
+    callers that did not (tests, sweeps), at no cost.
     """
     for key, registry in (("dataset", DATASETS), ("model", MODELS), ("regime", REGIMES)):
         value = getattr(cfg, key)
         if value not in registry:
             raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(sorted(registry))}")
     check_values(cfg)
-    if cfg.noise_calibration not in CALIBRATIONS:
-        raise ConfigError(f"noise_calibration must be one of {', '.join(CALIBRATIONS)}, got {cfg.noise_calibration!r}")
     if cfg.noise_calibration == "temperature":
-        if REGIMES[cfg.regime].noise is None:
+        if REGIMES[cfg.regime].noise_free:
             raise ConfigError(f"noise_calibration=temperature needs a noise regime; regime {cfg.regime!r} has no noise")
         if cfg.lr_scaling not in ("linear", "sqrt"):
             raise ConfigError(

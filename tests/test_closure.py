@@ -21,8 +21,8 @@ from scipy import stats
 
 from analysis import closure, figures, report, tables
 from analysis.load import load
-from hpcnoise.temperature import noise_multiplier
-from tests.conftest import small_config
+from hpcnoise.temperature import applied_multiplier
+from tests.helpers.configs import small_config
 from tests.test_analysis import PNG_MAGIC, _diverged_run
 
 T4 = float(stats.t.ppf(0.975, 4))  # 3 seeds in each of three groups with equal spread: 4 degrees of freedom
@@ -75,7 +75,7 @@ def _finished_run(
     )
     run = root / name
     run.mkdir(parents=True)
-    record = {"config": cfg.to_dict(), "world_size": 1, "device": "cpu", "noise_multiplier": noise_multiplier(cfg)}
+    record = {"config": cfg.to_dict(), "world_size": 1, "device": "cpu", "noise_multiplier": applied_multiplier(cfg)}
     (run / "config.json").write_text(json.dumps(record))
     error = 1.0 - accuracy / 100.0
     batch = cfg.small_batch if regime == "sb" else cfg.batch_size

@@ -482,7 +482,7 @@ def test_kfac_factors_match_explicit_sums() -> None:
         squared_error(model(x), y).mean().backward()
     for h in handles:
         h.remove()
-    factors = hooks.kfac_result()
+    factors = hooks.result("kfac")
     assert [f.weight for f in factors] == [0, 4] and [f.bias for f in factors] == [1, 5]
     # Linear: A = sum_i [a_i,1][a_i,1]^T, G = sum_i g_i g_i^T with g_i = m * dL/dy_i
     a = torch.cat([acts[model[4]], torch.ones(5, 1, dtype=torch.float64)], 1)
@@ -501,7 +501,7 @@ def test_kfac_factors_match_explicit_sums() -> None:
     one = CurvatureHooks(model, quantities=("kfac", "sum_grad_squared"), record_eval=True)
     with one.recording(1):
         squared_error(model(x[:1]), y[:1]).mean().backward()
-    f = one.kfac_result()[1]
+    f = one.result("kfac")[1]
     diag_kron = torch.outer(f.G.diagonal(), f.A.diagonal())  # diag of A (x) G as (out, in+1)
     sq = one.result()
     torch.testing.assert_close(diag_kron[:, :-1], sq[4], rtol=1e-10, atol=1e-14)

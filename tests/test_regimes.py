@@ -82,7 +82,7 @@ def problem() -> dict:
         "grads": grads,
         "cfg": cfg,
         "diag": [s / M for s in hooks.result("sum_grad_squared")],
-        "kfac": [KFactors(f.A / M, f.G / M, f.weight, f.bias) for f in hooks.kfac_result()],
+        "kfac": [KFactors(f.A / M, f.G / M, f.weight, f.bias) for f in hooks.result("kfac")],
         "F": g.T @ g / M,  # the empirical Fisher, explicitly
     }
 

@@ -27,11 +27,11 @@ from hpcnoise.curvature.handlers import (
     LayerHandler,
     LinearHandler,
 )
-from hpcnoise.curvature.hooks import MEAN_LOSS_POWER, QUANTITIES, CurvatureHooks, KFactors, SumGradSquared
+from hpcnoise.curvature.hooks import CurvatureHooks, SumGradSquared
+from hpcnoise.curvature.quantities import QUANTITIES, KFactors, LayerFactors, PerParameter
 
 __all__ = [
     "HANDLERS",
-    "MEAN_LOSS_POWER",
     "QUANTITIES",
     "ConvHandler",
     "ConvMode",
@@ -39,7 +39,9 @@ __all__ = [
     "GhostBatchNormHandler",
     "HookOptions",
     "KFactors",
+    "LayerFactors",
     "LayerHandler",
     "LinearHandler",
+    "PerParameter",
     "SumGradSquared",
 ]

@@ -8,43 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
-from hpcnoise.curvature.handlers import HANDLERS, ConvMode, HookOptions, LayerHandler, Sums
+from hpcnoise.curvature.handlers import HANDLERS, ConvMode, HookOptions, LayerHandler
+from hpcnoise.curvature.quantities import QUANTITIES, Accumulators
 from hpcnoise.models import GhostBatchNorm
-
-QUANTITIES = ("sum_grad_squared", "signed_sum", "kfac")
-# Per-parameter quantities and the power of m that undoes the mean loss's 1/m in them: g_i = m * (what
-# autograd delivers), so squares scale by m^2 and signed sums by m.
-MEAN_LOSS_POWER = {"sum_grad_squared": 2, "signed_sum": 1}
-
-
-@dataclass(frozen=True)
-class KFactors:
-    """One layer's K-FAC factors and where its parameters sit in ``params``.
-
-    The hooks return sums over a batch; the ``kfac`` statistic divides them by the global batch size.
-    """
-
-    A: Tensor  # (K, K): sum_i (1/T) sum_t a a^T, a with a trailing 1 when the layer has a bias
-    G: Tensor  # (O, O): sum_{i,t} g g^T of the per-sample output gradients g (mean-loss 1/m undone)
-    weight: int  # index of the weight in params
-    bias: int | None  # index of the bias in params, or None
 
 
 class CurvatureHooks:
     """Per-sample curvature quantities of one batch, from module hooks in its single backward pass.
 
-    Quantities (any subset, chosen at construction; each recording may use fewer):
-    - ``sum_grad_squared``: S = sum_i g_i^2 per parameter (diagonal Fisher times the batch size);
-    - ``signed_sum``: r = sum_i sigma_i g_i per parameter for given signs sigma (full-Fisher noise:
-      Cov_sigma(r) = sum_i g_i g_i^T when sigma is Rademacher);
-    - ``kfac``: per Linear/Conv layer, the K-FAC factors A and G as sums over the batch (``KFactors``).
+    Quantities: any subset of ``hpcnoise.curvature.quantities.QUANTITIES``, chosen at construction; each
+    recording may use fewer (e.g. ``sum_grad_squared``, S = sum_i g_i^2 per parameter; ``signed_sum``,
+    r = sum_i sigma_i g_i for given signs; ``kfac``, K-FAC factor sums per Linear/Conv layer).
 
     Usage, once per training step (``m`` samples whose MEAN loss is backpropagated)::
 
@@ -82,7 +63,7 @@ class CurvatureHooks:
                 f"curvature hooks need parameters of one dtype on one device, got {sorted(map(str, kinds)) or 'none'}"
             )
         self._handlers: dict[nn.Module, LayerHandler] = {}
-        self._owner: dict[int, tuple[nn.Module, str]] = {}  # id(param) -> (module, name)
+        owners: set[int] = set()
         for module in model.modules():
             direct = list(module.named_parameters(recurse=False))
             if not direct:
@@ -96,32 +77,18 @@ class CurvatureHooks:
                 )
             handler.check(module)
             for name, p in direct:
-                if id(p) in self._owner:
+                if id(p) in owners:
                     raise ValueError(f"parameter {name} of {type(module).__name__} is shared between modules")
-                self._owner[id(p)] = (module, name)
+                owners.add(id(p))
             self._handlers[module] = handler
-        index = {id(p): i for i, p in enumerate(self.params)}
-        # Layers with K-FAC factors, in module order: (module, (K, O), weight index, bias index).
-        self.kfac_layers: list[tuple[nn.Module, tuple[int, int], int, int | None]] = []
-        for module, handler in self._handlers.items():
-            shapes = handler.kfac_shapes(module)
-            if shapes is not None:
-                bias = getattr(module, "bias", None)
-                self.kfac_layers.append(
-                    (module, shapes, index[id(module.weight)], None if bias is None else index[id(bias)])
-                )
         self._hooks: list[RemovableHandle] = [m.register_forward_hook(self._forward_hook) for m in self._handlers]
         self._recording = 0  # id of the recording in progress; 0 when none
         self._count = 0  # recordings so far
-        self._active: tuple[str, ...] = ()
         self._signs: Tensor | None = None
-        self._sums: dict[str, dict[nn.Module, Sums]] = {}
-        self._flat: dict[str, Tensor] = {}  # quantity -> the one buffer its per-parameter sums are views of
-        self._factors: dict[nn.Module, list[Tensor]] = {}
+        self._acc: dict[str, Accumulators] = {}  # the recording's accumulators, per quantity
         self._seen: set[nn.Module] = set()
         self._pending: dict[nn.Module, list[Tensor]] = {}  # saved forward tensors awaiting the backward
-        self._results: dict[str, list[Tensor]] | None = None
-        self._kfac_results: list[KFactors] | None = None
+        self._results: dict[str, list[Any]] | None = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self._recording or not (module.training or self.record_eval):
@@ -137,9 +104,8 @@ class CurvatureHooks:
         handler = self._handlers[module]
         holder = [handler.save(module, inputs[0])]
         self._pending[module] = holder
-        recording, active, signs = self._recording, self._active, self._signs
-        sums = {q: self._sums[q][module] for q in active if q != "kfac"}
-        factors = self._factors.get(module)
+        recording, signs = self._recording, self._signs
+        work = [(QUANTITIES[q], acc.per_layer[module]) for q, acc in self._acc.items() if module in acc.per_layer]
         label = f"hpcnoise.curvature.{type(module).__name__}"  # names the hook's work in profiles
 
         def on_grad(delta: Tensor) -> None:
@@ -149,12 +115,8 @@ class CurvatureHooks:
                 raise RuntimeError("a second backward through one recorded forward")
             saved = holder.pop()  # dropped once used
             with torch.no_grad(), record_function(label):
-                if "sum_grad_squared" in sums:
-                    handler.sum_grad_squared(module, saved, delta, sums["sum_grad_squared"], self.opts)
-                if "signed_sum" in sums:
-                    handler.signed_sum(module, saved, delta, sums["signed_sum"], self.opts, signs)  # type: ignore[arg-type]
-                if factors is not None:
-                    handler.kfac(module, saved, delta, factors, self.opts)
+                for quantity, into in work:
+                    quantity.accumulate(handler, module, saved, delta, into, self.opts, signs)
 
         output.register_hook(on_grad)
 
@@ -173,7 +135,7 @@ class CurvatureHooks:
         ``into``: for per-parameter quantities, zeroed tensors (one per parameter of ``params``) to sum
         into instead of a buffer of the recording's own, e.g. gradient-bucket views whose collective
         starts during backward; their results are left UNSCALED (the caller multiplies them by
-        ``batch_size ** MEAN_LOSS_POWER[q]``, after summing over workers).
+        ``batch_size ** QUANTITIES[q].mean_loss_power``, after summing over workers).
         """
         if not self._hooks:
             raise RuntimeError("hooks were removed")
@@ -184,14 +146,16 @@ class CurvatureHooks:
         active = self.quantities if quantities is None else tuple(quantities)
         if set(active) - set(self.quantities):
             raise ValueError(f"quantities {active} not among those constructed: {self.quantities}")
-        if "signed_sum" in active and (signs is None or signs.shape != (batch_size,)):
-            raise ValueError(f"signed_sum needs signs of shape ({batch_size},)")
+        signed = [q for q in active if QUANTITIES[q].needs_signs]
+        if signed and (signs is None or signs.shape != (batch_size,)):
+            raise ValueError(f"{', '.join(signed)} needs signs of shape ({batch_size},)")
         into = into or {}
-        if set(into) - (set(active) & set(MEAN_LOSS_POWER)):
+        if any(q not in active or not QUANTITIES[q].per_parameter for q in into):
             raise ValueError(f"into: per-parameter quantities of this recording only, got {sorted(into)}")
         self._count += 1
-        self._active, self._signs = active, signs
-        self._allocate(active, into)
+        self._signs = signs
+        self._results = None
+        self._acc = {q: QUANTITIES[q].allocate(self.params, self._handlers, into.get(q)) for q in active}
         norms = [m for m in self._handlers if isinstance(m, GhostBatchNorm)]
         for bn in norms:
             bn.save_xhat = True
@@ -210,57 +174,17 @@ class CurvatureHooks:
             self._seen.clear()
         self._collect(batch_size)
 
-    def _allocate(self, active: tuple[str, ...], into: dict[str, list[Tensor]]) -> None:
-        """Zeroed accumulators for one recording of the ``active`` quantities (``into``: given ones)."""
-        self._sums, self._flat = {}, {}
-        for q in active:
-            if q == "kfac":
-                continue
-            if q in into:
-                at = {id(p): t for p, t in zip(self.params, into[q], strict=True)}
-            else:
-                # one zeroed buffer per quantity, each parameter's sums a view of it: one allocation and,
-                # in ``_collect``, one scaling, instead of one per parameter
-                flat = self.params[0].new_zeros(sum(p.numel() for p in self.params))
-                views = iter(flat.split([p.numel() for p in self.params]))
-                at = {id(p): next(views).view_as(p) for p in self.params}
-                self._flat[q] = flat
-            self._sums[q] = {
-                module: {name: at[id(p)] for name, p in module.named_parameters(recurse=False)}
-                for module in self._handlers
-            }
-        self._factors = {}
-        if "kfac" in active:
-            for module, (k, o), w, _ in self.kfac_layers:
-                p = self.params[w]
-                self._factors[module] = [p.new_zeros(k, k), p.new_zeros(o, o)]
-        self._results, self._kfac_results = None, None
-
     def _collect(self, batch_size: int) -> None:
-        """The recording's results, aligned with ``params`` (and ``kfac_layers``), the mean's 1/m undone."""
-        self._results = {}
-        for q, per_module in self._sums.items():
-            if q in self._flat:  # not the sums the caller gave (``into``): those are scaled after summing
-                self._flat[q].mul_(float(batch_size) ** MEAN_LOSS_POWER[q])
-            self._results[q] = [per_module[self._owner[id(p)][0]][self._owner[id(p)][1]] for p in self.params]
-        self._kfac_results = []
-        for module, _, w, b in self.kfac_layers:
-            if module in self._factors:
-                a_factor, g_factor = self._factors[module]
-                self._kfac_results.append(KFactors(a_factor, g_factor.mul_(float(batch_size) ** 2), w, b))
-        self._sums, self._flat, self._factors = {}, {}, {}
+        """The recording's results, aligned with ``params`` (or the factored layers), the mean's 1/m undone."""
+        self._results = {q: QUANTITIES[q].finish(acc, batch_size) for q, acc in self._acc.items()}
+        self._acc = {}
 
-    def result(self, quantity: str = "sum_grad_squared") -> list[Tensor]:
-        """A per-parameter quantity of the last recording, one tensor per parameter of ``params``."""
+    def result(self, quantity: str = "sum_grad_squared") -> list[Any]:
+        """A quantity of the last recording: one tensor per parameter of ``params`` for per-parameter
+        quantities, one ``KFactors`` per factored layer for ``kfac``."""
         if self._results is None or quantity not in self._results:
             raise RuntimeError(f"no completed recording of {quantity}")
         return self._results[quantity]
-
-    def kfac_result(self) -> list[KFactors]:
-        """The K-FAC factor sums of the last recording, one entry per factored layer (``kfac_layers``)."""
-        if self._kfac_results is None or (self.kfac_layers and not self._kfac_results):
-            raise RuntimeError("no completed recording of kfac")
-        return self._kfac_results
 
     def remove(self) -> None:
         """Remove all hooks; the object cannot record afterwards."""

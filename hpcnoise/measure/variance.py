@@ -22,7 +22,7 @@ from hpcnoise.regimes import REGIMES, NoiseInput, Regime
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import Net, local_contribution, rademacher
-from hpcnoise.temperature import lr_ratio, noise_multiplier, temperature_ratio
+from hpcnoise.temperature import applied_multiplier, temperature_ratio
 
 
 def _draw_gradient(
@@ -154,8 +154,7 @@ def measured_temperature(
     m = regime.batch(cfg, epoch)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
     noise_on = regime.noise is not None and epoch < cfg.noise_epochs
-    statistics = frozenset({"diag_fisher"}) | (regime.statistics if noise_on else frozenset())
-    statistics -= {"signed_sum"}  # fullf's variance is tr F = tr diag F: no signs needed
+    statistics = frozenset({"diag_fisher"}) | (regime.statistics_for_variance() if noise_on else frozenset())
     net = Net.attach(model, statistics, cfg.conv_mode)
     pieces = 1 if cfg.ghost_bn or cfg.sync_bn else size  # local batch norm: one forward per worker share
     sums = torch.zeros(2, dtype=torch.float64, device=data.x_train.device)  # tr C, V summed over draws
@@ -175,14 +174,13 @@ def measured_temperature(
     if comm is not None:
         comm.allreduce_sum_(sums)
     trace_c, injected = (sums / draws).tolist()
-    small = regime.batch_keys == ("small_batch",)  # sb trains at lr_S itself
-    k = 1.0 if small else lr_ratio(cfg) * regime.lr_factor(cfg, epoch)
+    k = regime.lr_ratio(cfg, epoch)
     return {
         "tau": temperature_ratio(k, m, cfg.small_batch, trace_c, injected),
         "trace_c": trace_c,
         "injected_variance": injected,
         "lr_ratio": k,
-        "noise_multiplier": noise_multiplier(cfg) if noise_on else 0.0,
+        "noise_multiplier": applied_multiplier(cfg) if noise_on else 0.0,
         "batch": m,
     }
 
