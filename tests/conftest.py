@@ -1,18 +1,17 @@
-"""Shared test set-up: a private data cache, small configs, and launching under real MPI launchers."""
+"""Pytest set-up: a private data cache, Open MPI settings for launched ranks, and the timeout of quick tests.
+
+The helpers that tests import (small_config, run_launched, the worker scripts, ...) live in tests/helpers/.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hpcnoise.config import Config
-
-BIN = Path(sys.executable).parent
+# A quick test (one not marked slow) that runs longer than this has hung; slow tests keep setup.cfg's --timeout.
+QUICK_TIMEOUT_S = 300
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,51 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
 
 
-def small_config(**changes: object) -> Config:
-    """A seconds-long MNIST-1D config: 2048 train / 512 test samples, global batch 256."""
-    base = dict(
-        train_samples=2048,
-        test_samples=512,
-        batch_size=256,
-        small_batch=64,
-        epochs=2,
-        lr=0.2,
-        progress=False,
-        threads=1,
-    )
-    base.update(changes)
-    return Config(**base)  # type: ignore[arg-type]
-
-
-def overrides(cfg: Config) -> list[str]:
-    """--key=value arguments that rebuild ``cfg`` from the defaults."""
-    out = []
-    for key, value in cfg.to_dict().items():
-        if value != getattr(Config(), key):
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            out.append(f"--{key}={text}")
-    return out
-
-
-def launcher_cmd(launcher: str, np: int) -> list[str]:
-    if launcher == "horovodrun":
-        return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
-    if launcher == "mpirun":
-        return ["mpirun", "-np", str(np), "--bind-to", "none"]
-    if launcher == "none":
-        return []
-    raise ValueError(launcher)
-
-
-def needs_launcher(launcher: str) -> None:
-    if launcher == "horovodrun" and not (BIN / "horovodrun").exists():
-        pytest.fail("horovodrun not installed: run jobs/install.sh")
-    if launcher == "mpirun" and shutil.which("mpirun") is None:
-        pytest.fail("mpirun not installed: run jobs/install.sh")
-
-
-def run_launched(launcher: str, np: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` under a launcher with np ranks (launcher 'none': one plain process)."""
-    needs_launcher(launcher)
-    cmd = launcher_cmd(launcher, np) + [sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(QUICK_TIMEOUT_S))

@@ -25,7 +25,7 @@ from analysis.published import PUBLISHED, published
 from analysis.published import rows as published_rows
 from hpcnoise.comm import init
 from hpcnoise.train import StepInfo, train
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
 REGIMES = (("sb", False), ("lb", True), ("diagf", True))
 SEEDS = (0, 1)

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BIN
+from tests.helpers.launch import BIN
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS = REPO / "containers"
@@ -288,6 +288,7 @@ def build_base_image(docker: Docker, work: Path, tag: str) -> None:
     shutil.rmtree(rootfs)  # links and copies only: the venv is untouched
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400 if FROM_SOURCE else 900)  # compiling Horovod adds 7-10 minutes on 2 cores
 def test_docker_image_builds_and_runs_two_ranks(docker: Docker, tmp_path: Path) -> None:
     base, image = "hpcnoise-test-base:local", "hpcnoise:test"

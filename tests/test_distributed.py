@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import overrides, run_launched, small_config
+from tests.helpers.configs import overrides, small_config
+from tests.helpers.launch import HELPERS, run_launched
 
-WORKER = str(Path(__file__).with_name("dist_worker.py"))
+pytestmark = pytest.mark.slow  # every test starts ranks under horovodrun or mpirun
+
+WORKER = str(HELPERS / "dist_worker.py")
 
 
 def run_worker(launcher: str, np: int, out: Path, **changes: object) -> list[dict]:
@@ -172,7 +175,7 @@ def test_batch_not_divisible_by_world_size(tmp_path: Path) -> None:
 
 
 # One smoke preset per network and per regime of Tables 1-3 (all 68 presets take ~20 minutes on 2
-# cores; `python tests/smoke_worker.py OUT` under horovodrun runs them all).
+# cores; `python tests/helpers/smoke_worker.py OUT` under horovodrun runs them all).
 SMOKE_PRESETS = [
     "table1-mnist-mnist_mlp-diagf-gbn",
     "table1-mnist-lenet5-trace-gbn",
@@ -190,7 +193,7 @@ def test_table_preset_smoke_under_horovodrun(tmp_path: Path) -> None:
     """Smoke variants of Table 1-3 presets (every network, every regime) train under horovodrun -np 2."""
     import json
 
-    worker = str(Path(__file__).with_name("smoke_worker.py"))
+    worker = str(HELPERS / "smoke_worker.py")
     proc = run_launched("horovodrun", 2, [worker, str(tmp_path), *SMOKE_PRESETS], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}-smoke" for n in SMOKE_PRESETS)

@@ -45,8 +45,8 @@ import numpy as np
 import pytest
 import torch
 
-import hpcnoise.checkpoint
 import hpcnoise.files
+import hpcnoise.lifecycle
 import hpcnoise.rundir
 from hpcnoise import faults
 from hpcnoise.comm import init
@@ -62,7 +62,8 @@ from hpcnoise.errors import (
 )
 from hpcnoise.runstate import lock_held
 from hpcnoise.train import train
-from tests.conftest import launcher_cmd, needs_launcher, small_config
+from tests.helpers.configs import small_config
+from tests.helpers.launch import launcher_cmd, needs_launcher
 
 STEPS = 4  # steps per epoch: 256 training samples in global batches of 64
 
@@ -249,6 +250,7 @@ def draw_kills(seed: int) -> list[tuple[str, int, int, int, str]]:
     return plan
 
 
+@pytest.mark.slow
 def test_random_kills_resume_bit_identical(tmp_path: Path) -> None:
     needs_launcher("mpirun")
     plan = draw_kills(seed=12)
@@ -482,7 +484,7 @@ def test_disk_full(
 
     with monkeypatch.context() as m:
         if target == "checkpoint":
-            m.setattr(hpcnoise.checkpoint, "write_bytes_atomic", failing(hpcnoise.checkpoint.write_bytes_atomic))
+            m.setattr(hpcnoise.lifecycle, "write_bytes_atomic", failing(hpcnoise.lifecycle.write_bytes_atomic))
         else:
             m.setattr(hpcnoise.rundir, "append_jsonl", failing(hpcnoise.rundir.append_jsonl))
         with pytest.raises(WriteFailed) as e:

@@ -39,8 +39,9 @@ from hpcnoise.measure import (
 )
 from hpcnoise.models import MODELS, GhostBatchNorm, build_model, cnn1d, mlp
 from hpcnoise.train import train
-from tests.conftest import run_launched, small_config
-from tests.measure_worker import (
+from tests.helpers.configs import small_config
+from tests.helpers.launch import HELPERS, run_launched
+from tests.helpers.measure_worker import (
     MAIN_SAMPLES,
     SHARPNESS_SAMPLES,
     TINY_CFG,
@@ -48,7 +49,7 @@ from tests.measure_worker import (
     tiny_problem,
 )
 
-WORKER = str(Path(__file__).with_name("measure_worker.py"))
+WORKER = str(HELPERS / "measure_worker.py")
 HESSIAN_TOL = 1e-4  # relative error of the top eigenvalue against the exact Hessian
 
 
@@ -149,6 +150,7 @@ def test_hessian_operator_is_symmetric_and_linear() -> None:
     assert abs(op(3 * u + v) - (3 * hu + hv)).max() < 1e-10 * abs(hu).max()
 
 
+@pytest.mark.slow
 def test_sharpness_two_ranks_under_mpirun(tmp_path: Path, finished_run: Path) -> None:
     """Two ranks (shares of 22 and 23 samples) give the exact top eigenvalue, on both ranks, and the same
     Fisher norms and gradient variances as one process; `hpcnoise sharpness` on a real run agrees with

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import launcher_cmd, needs_launcher, overrides, small_config
+from tests.helpers.configs import overrides, small_config
+from tests.helpers.launch import launcher_cmd, needs_launcher
 
 TIMING = ("epoch_time_s", "wall_time_s", "samples_per_s", "samples_per_s_per_worker")
 
@@ -54,8 +55,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     [
         ("none", 1, signal.SIGTERM),
         ("none", 1, signal.SIGKILL),
-        ("mpirun", 2, signal.SIGUSR1),
-        ("mpirun", 2, signal.SIGKILL),
+        pytest.param("mpirun", 2, signal.SIGUSR1, marks=pytest.mark.slow),
+        pytest.param("mpirun", 2, signal.SIGKILL, marks=pytest.mark.slow),
     ],
 )
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, launcher: str, np: int, sig: signal.Signals) -> None:

@@ -2,7 +2,7 @@
 
 Each test submits a script exactly as a user would, with a CPU smoke workload, and checks the run
 directories it produced (config.json world size and launcher, one metrics line per epoch,
-summary.json), not only the job's exit code. The clusters come from tests/slurm.py: one node with 8
+summary.json), not only the job's exit code. The clusters come from tests/helpers/slurm.py: one node with 8
 CPUs and 4 fake GPUs, and two such nodes emulated on this host. Missing Slurm packages fail the
 tests with a pointer to tests/ci_deps.sh.
 """
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from hpcnoise.presets import get_preset, get_table
-from tests.conftest import BIN
-from tests.slurm import FINISHED_STATES, Cluster, Job, missing_programs, remove, start_cluster
+from tests.helpers.launch import BIN
+from tests.helpers.slurm import FINISHED_STATES, Cluster, Job, missing_programs, remove, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
@@ -105,6 +105,7 @@ def check_run(run: Path, world_size: int, epochs: int = SMOKE_EPOCHS) -> dict:
 # --- train.sbatch ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_srun_pmix_two_ranks(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     job = submit(slurm, tmp_path, "train.sbatch", TWO_RANKS, [*SMOKE, f"--out_dir={out}"])
@@ -116,6 +117,7 @@ def test_train_srun_pmix_two_ranks(slurm: Cluster, tmp_path: Path) -> None:
     assert record["launcher"].startswith("srun") and record["versions"]["horovod"]
 
 
+@pytest.mark.slow
 def test_train_mpirun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     job = submit(
@@ -133,6 +135,7 @@ def test_train_mpirun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     assert check_run(out / "m", world_size=2)["launcher"] == "mpirun"
 
 
+@pytest.mark.slow
 def test_train_horovodrun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     job = submit(
@@ -152,6 +155,7 @@ def test_train_horovodrun_in_allocation(slurm: Cluster, tmp_path: Path) -> None:
     assert check_run(out / "h", world_size=2)["launcher"] in ("mpirun", "horovodrun")
 
 
+@pytest.mark.slow
 def test_train_two_node_allocation(slurm2: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     two_nodes = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
@@ -164,6 +168,7 @@ def test_train_two_node_allocation(slurm2: Cluster, tmp_path: Path) -> None:
     check_run(out / f"{PRESET}-job{job}", world_size=2)
 
 
+@pytest.mark.slow
 def test_train_in_container_runtime(slurm: Cluster, tmp_path: Path) -> None:
     """HPCNOISE_CONTAINER puts `apptainer exec --nv IMAGE` in front of every rank's command.
 
@@ -205,6 +210,7 @@ def test_train_in_container_runtime(slurm: Cluster, tmp_path: Path) -> None:
     check_run(out / "c", world_size=2)
 
 
+@pytest.mark.slow
 def test_train_bad_settings_fail_with_one_line(slurm: Cluster, tmp_path: Path) -> None:
     job = submit(slurm, tmp_path, "train.sbatch", ONE_RANK, SMOKE, HPCNOISE_LAUNCHER="qsub")
     (j,) = slurm.wait(job, JOB_TIMEOUT)
@@ -286,6 +292,7 @@ def test_sweep_bad_input_one_line_exit_2(tmp_path: Path, args: list[str], messag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.jsonl"]
 
 
+@pytest.mark.slow
 def test_sweep_job_array(slurm: Cluster, tmp_path: Path) -> None:
     sweep = tmp_path / f"{TABLE}-smoke.sweep.jsonl"
     proc = hpcnoise("sweep", "write", TABLE, "--smoke", "--out", str(sweep), f"--out_dir={tmp_path / 'runs'}")
@@ -342,6 +349,7 @@ def wait_for_lines(path: Path, n: int, timeout: float = JOB_TIMEOUT) -> None:
     raise TimeoutError(f"{path} did not reach {n} lines")
 
 
+@pytest.mark.slow
 def test_requeued_finished_job_exits_at_once(slurm: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "runs"
     job = submit(slurm, tmp_path, "train.sbatch", ONE_RANK, [*SMOKE, f"--out_dir={out}"])
@@ -374,6 +382,7 @@ def assert_resumed(run: Path, before: list[str], epochs: int, log: str) -> None:
     assert "hpcnoise: resuming" in log, log
 
 
+@pytest.mark.slow
 def test_requeued_running_job_resumes_from_checkpoint(slurm: Cluster, tmp_path: Path) -> None:
     """scontrol requeue of a running job (what preemption does): the ranks get SIGTERM, checkpoint and
     stop; the job runs again with the same id and continues from the checkpoint, not from epoch 1."""
@@ -389,6 +398,7 @@ def test_requeued_running_job_resumes_from_checkpoint(slurm: Cluster, tmp_path: 
     assert_resumed(run, before[:2], epochs=LONG_EPOCHS, log=log)
 
 
+@pytest.mark.slow
 def test_time_limit_signal_requeues_and_resumes(slurm: Cluster, tmp_path: Path) -> None:
     """The time-limit path: Slurm sends SIGUSR1 (--signal=USR1@300) to the ranks; they checkpoint and
     exit 75; the batch script requeues its own job, which resumes."""

@@ -20,7 +20,7 @@ import pytest
 
 from hpcnoise import sweep
 from hpcnoise.config import Config
-from tests.conftest import BIN
+from tests.helpers.launch import BIN
 
 # Cell index -> the state its run directory is made in, and the state status must report.
 CELLS = [

@@ -20,7 +20,7 @@ from analysis import sections, tables
 from analysis.report import main as report_main
 from hpcnoise.benchmarks import throughput
 from hpcnoise.benchmarks.network import Network
-from tests.conftest import run_launched
+from tests.helpers.launch import run_launched
 
 KEY = dict(dataset="mnist1d", label="LB+GBN", device_used="cpu")
 
@@ -153,6 +153,7 @@ def test_network_text_names_the_links_used() -> None:
     assert "inter-node alpha 5 us, beta 25 GB/s" in throughput.network_text(vars(d), 16)
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_under_horovodrun_fill_the_report(tmp_path: Path) -> None:
     """A 1- and a 2-worker ``bench train --out`` into one directory: the report's table has the measured
     efficiency (checked against the runs' metrics.jsonl) and the model's prediction beside it."""

@@ -13,7 +13,7 @@ from hpcnoise.comm import init
 from hpcnoise.config import Config, ConfigError, apply_overrides
 from hpcnoise.train import lr_at, train
 from hpcnoise.workload import validate
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
 
 @pytest.mark.parametrize(

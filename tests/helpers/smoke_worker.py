@@ -1,6 +1,6 @@
 """Run the smoke variant of presets in one launcher world (saves Horovod start-ups).
 
-python tests/smoke_worker.py OUT_DIR [PRESET ...]      (default: every Table 1-3 preset)
+python tests/helpers/smoke_worker.py OUT_DIR [PRESET ...]      (default: every Table 1-3 preset)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Measurements on a tiny seeded problem under whatever launcher started this process.
 
-    python tests/measure_worker.py OUT_DIR [RUN_DIR]
+    python tests/helpers/measure_worker.py OUT_DIR [RUN_DIR]
 
 Every rank builds the same tiny network and data (``tiny_problem``), runs the sharpness protocol, the
 Fisher norms and the gradient variances with the launcher's Comm, and writes OUT_DIR/rank<R>.json. The

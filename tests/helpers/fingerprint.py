@@ -1,7 +1,7 @@
 """Fixed-seed fingerprints of every regime: float64 CPU runs whose metrics (timings dropped), diagnostics
 and final parameters are hashed, so a refactor of the step can show bit-identical behaviour.
 
-    python tests/fingerprint.py OUT.json    # then diff two such files
+    python -m tests.helpers.fingerprint OUT.json    # from the repository root; then diff two such files
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 
 from hpcnoise.comm import init
 from hpcnoise.train import train
-from tests.conftest import small_config
+from tests.helpers.configs import small_config
 
-CASES = {
+CASES: dict[str, dict[str, object]] = {
     "sb": dict(regime="sb"),
     "lb": dict(regime="lb"),
     "lb-gbn": dict(regime="lb", ghost_bn=True, ghost_size=64),
@@ -35,7 +35,7 @@ CASES = {
 TIMING = ("time", "wall", "samples_per_s", "epoch_time")
 
 
-def fingerprint(name: str, changes: dict, out_dir: Path) -> dict:
+def fingerprint(name: str, changes: dict[str, object], out_dir: Path) -> dict:
     cfg = small_config(
         dtype="float64", epochs=3, noise_epochs=2, diagnostics_every=2, run_name=name, out_dir=str(out_dir), **changes
     )

@@ -1,6 +1,6 @@
 """Run ``train`` under whatever launcher started this process and save what every step exposed.
 
-    python tests/dist_worker.py OUT_DIR --key=value ...
+    python tests/helpers/dist_worker.py OUT_DIR --key=value ...
 
 Each rank writes OUT_DIR/rank<R>.pt with, for every step: diag F, the noise, g_LB and the parameters
 and buffers after the step. The tests compare these across ranks and across world sizes.
