@@ -1,59 +1,33 @@
-"""A run's life across sessions: new, resumed from its checkpoint, finished or diverged.
+"""The checkpoint file format: a header line with a checksum, and a payload of tensors and plain values.
 
-Rank 0 decides from the run directory, holding its lock, and every rank agrees (one broadcast). The
-checkpoint holds the model, the optimiser and the ``Position``: the place in the schedule, this epoch's
-sums, the finished epochs' metrics rows, the statistics cache and the regime's state. Every random
-stream is keyed by (seed, stream, step or epoch), so resuming from it is bit-identical on CPU.
-
-The checkpoint file is safe to load from a shared filesystem: it holds only tensors and plain values
-(no pickled classes; read with ``torch.load(weights_only=True)``), behind a header line with its format,
-length and SHA-256, so a truncated, corrupt or foreign file is recognised before anything is used.
-The previous checkpoint is kept as checkpoint.prev.pt until the new one is complete, and is the
-fallback when checkpoint.pt is unusable.
+A file is one header line ``HPCNOISE-CHECKPOINT <format> <length> <sha256>`` followed by a
+``torch.save`` payload {"format", "config", "model", "optimizer", "position"} holding only tensors,
+plain values and containers (K-FAC factors are written as tagged lists, not pickled classes), read with
+``torch.load(weights_only=True)``. A file from a shared filesystem therefore cannot run code, and a
+truncated, corrupt, foreign or other-config file is recognised before anything in it is used: ``decode``
+raises CheckpointError saying why. What a checkpoint means for a run (when it is written, which one is
+resumed) is hpcnoise.lifecycle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import time
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
+import pickle
+import re
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hpcnoise import faults
-from hpcnoise.comm import Comm
-from hpcnoise.config import Config
 from hpcnoise.curvature import KFactors
-from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
-from hpcnoise.files import check_writable, git_hash, write_bytes_atomic
-from hpcnoise.rundir import RunDir, default_run_name
-from hpcnoise.step import Trainer
-from hpcnoise.temperature import calibration_note, noise_multiplier
+from hpcnoise.errors import CheckpointError
+from hpcnoise.rundir import RunDir
 
 FORMAT = "hpcnoise-checkpoint-v1"
 MAGIC = b"HPCNOISE-CHECKPOINT"
 
 
-@dataclass
-class Position:
-    """Where training stands: everything besides model and optimiser that a checkpoint must restore."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch: int = 0  # next batch index within the epoch
-    step: int = 0  # steps taken so far
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # this epoch's loss sum, error count
-    epoch_time_s: float = 0.0  # training time spent in this epoch so far
-    history: list[dict[str, Any]] = field(default_factory=list)  # finished epochs' metrics rows
-    statistics: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC factors)
-    regime_state: dict[str, Any] = field(default_factory=dict)  # the regime's own state (K-FAC square roots)
-    elapsed_s: float = 0.0  # wall time of earlier sessions of this run
-
-
-# --- the file format ------------------------------------------------------------------------------------
 def _plain(obj: Any) -> Any:
     """``obj`` as tensors, plain values and containers only (what weights_only loading accepts)."""
     if isinstance(obj, KFactors):
@@ -77,14 +51,17 @@ def _unplain(obj: Any) -> Any:
     return obj
 
 
-def encode(cfg: Config, t: Trainer, pos: Position) -> bytes:
-    """The checkpoint file's bytes: a header line (magic, format, length, SHA-256) and the payload."""
-    position = {f.name: getattr(pos, f.name) for f in fields(pos)}
+def encode(config: dict[str, Any], model: dict[str, Any], optimizer: dict[str, Any], position: dict[str, Any]) -> bytes:
+    """The checkpoint file's bytes: a header line (magic, format, length, SHA-256) and the payload.
+
+    ``config`` is the run's ``Config.to_dict()``, ``model`` and ``optimizer`` their state dicts,
+    ``position`` the training position as a dict (hpcnoise.lifecycle.Position's fields).
+    """
     payload = {
         "format": FORMAT,
-        "config": cfg.to_dict(),
-        "model": t.net.model.state_dict(),
-        "optimizer": t.opt.state_dict(),
+        "config": config,
+        "model": model,
+        "optimizer": optimizer,
         "position": _plain(position),
     }
     buf = io.BytesIO()
@@ -94,8 +71,23 @@ def encode(cfg: Config, t: Trainer, pos: Position) -> bytes:
     return header + body
 
 
-def decode(data: bytes, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The checkpoint's payload, or CheckpointError saying why it cannot be used."""
+def _load(body: bytes, device: torch.device) -> Any:
+    """The payload through the weights-only loader; a pickled object in it is a CheckpointError.
+
+    A file with a valid header and checksum may still hold pickled classes (it was not written by
+    ``encode``); the loader refuses them without running any code, and so does this, in one line.
+    """
+    try:
+        return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"a pickled {found.group(1)}" if found else "pickled objects"
+        raise CheckpointError(f"foreign payload: it holds {what}, not only tensors and plain values") from None
+
+
+def decode(data: bytes, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The payload of a checkpoint of ``config`` (a ``Config.to_dict()``), its position as a dict;
+    or CheckpointError saying why it cannot be used."""
     header, sep, body = data.partition(b"\n")
     parts = header.split(b" ")
     if not sep or len(parts) != 4 or parts[0] != MAGIC:
@@ -106,125 +98,8 @@ def decode(data: bytes, cfg: Config, device: torch.device) -> dict[str, Any]:
         raise CheckpointError(f"truncated: {len(body)} of {parts[2].decode(errors='replace')} bytes")
     if hashlib.sha256(body).hexdigest().encode() != parts[3]:
         raise CheckpointError("corrupt: its SHA-256 does not match")
-    payload = torch.load(io.BytesIO(body), map_location=device, weights_only=True)
-    if RunDir.jsonable(payload["config"]) != RunDir.jsonable(cfg.to_dict()):
+    payload = _load(body, device)
+    if RunDir.jsonable(payload["config"]) != RunDir.jsonable(config):
         raise CheckpointError("it belongs to a different configuration")
-    payload["position"] = Position(**_unplain(payload["position"]))
+    payload["position"] = _unplain(payload["position"])
     return payload
-
-
-def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
-    """Rank 0 writes the checkpoint atomically, keeping the previous one until the new one is complete."""
-    if run is not None:
-        data = encode(t.cfg, t, pos)
-        on = lambda moment: faults.reached(f"checkpoint-{moment}")  # noqa: E731
-        write_bytes_atomic(run.checkpoint_path, data, previous=run.previous_checkpoint_path, on=on)
-
-
-def load_checkpoint(run_path: Path, cfg: Config, comm: Comm) -> tuple[dict[str, Any], Path]:
-    """The newest usable checkpoint of a run (checkpoint.pt, else checkpoint.prev.pt) and its path.
-
-    Every rank reads it (a shared filesystem) and reaches the same verdict on the same bytes. An
-    unusable file is reported by rank 0 and never used; with none usable, CheckpointError.
-    """
-    run = RunDir(run_path)
-    problems = []
-    for path in (run.checkpoint_path, run.previous_checkpoint_path):
-        if not path.exists():
-            continue
-        try:
-            return decode(path.read_bytes(), cfg, comm.device), path
-        except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as e:
-            problems.append(f"{path.name}: {e}")
-            if comm.is_main:
-                print(f"hpcnoise: warning: {path} is unusable ({e})", flush=True)
-    raise CheckpointError(
-        f"no usable checkpoint in {str(run_path)!r} ({'; '.join(problems) or 'none found'}); remove "
-        f"{run.checkpoint_path.name} and {run.previous_checkpoint_path.name} there to start the run over"
-    )
-
-
-# --- deciding what to do with a run directory -----------------------------------------------------------
-def _inspect(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Rank 0, holding the lock of an existing run directory: finished, diverged, resume or restart."""
-    if run.is_finished():
-        return {"finished": run.read_summary()}
-    if run.is_diverged():
-        return {"diverged": run.read_json(run.diverged_path)}
-    previous = run.read_config()
-    if previous is not None and previous["config"] != run.jsonable(cfg.to_dict()):
-        raise ConfigError(
-            f"run directory {str(run.path)!r} holds a different configuration; choose another run_name or remove it"
-        )
-    has_checkpoint = run.checkpoint_path.exists() or run.previous_checkpoint_path.exists()
-    return {"resume": has_checkpoint, "exists": True}
-
-
-def prepare_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, Any]]:
-    """Check the output location and pick the run directory on rank 0; agree on the outcome everywhere.
-
-    Returns (cfg with run_name set, run directory on rank 0 else None, outcome) where outcome may hold
-    "finished" (the summary of a finished run), "diverged" (its diverged.json) or "resume" (True when
-    a checkpoint exists). Rank 0 holds the directory's lock from here until ``RunDir.unlock``.
-    """
-    outcome: dict[str, Any] = {}
-    run = None
-    if comm.is_main:
-        try:
-            check_writable(Path(cfg.out_dir))
-            name = cfg.run_name or default_run_name(cfg)
-            run = RunDir(Path(cfg.out_dir) / name)
-            outcome = {"name": name}
-            if run.path.exists():
-                run.lock()
-                run.remove_temporaries()  # e.g. a checkpoint being written when the last job was killed
-                outcome |= _inspect(replace(cfg, run_name=name), run)
-        except (ConfigError, RunLocked) as e:
-            if run is not None:
-                run.unlock(discard=True)
-            outcome = {"error": str(e), "locked": isinstance(e, RunLocked)}
-    outcome = comm.broadcast_object(outcome)
-    if "error" in outcome:
-        raise (RunLocked if outcome["locked"] else ConfigError)(outcome["error"])
-    if "diverged" in outcome:
-        if run is not None:
-            run.unlock(discard=True)
-        record = outcome["diverged"]
-        raise Diverged(f"{cfg.out_dir}/{outcome['name']} diverged earlier: {record.get('message', '')}; nothing to do")
-    return replace(cfg, run_name=outcome["name"]), run, outcome
-
-
-def start_or_resume(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[str, Any]) -> Position:
-    """Resume from the checkpoint, or record the new run's config.json; the position to start from."""
-    if outcome.get("resume"):
-        ckpt, path = load_checkpoint(Path(cfg.out_dir) / cfg.run_name, cfg, t.comm)
-        t.net.model.load_state_dict(ckpt["model"])
-        t.opt.load_state_dict(ckpt["optimizer"])
-        position: Position = ckpt["position"]
-        if run is not None:
-            run.rewrite_metrics(position.history)
-            where = f"epoch {position.epoch + 1}, step {position.step}"
-            print(f"hpcnoise: resuming {run.path} at {where} from {path.name}", flush=True)
-        return position
-    if run is not None:
-        record = {
-            "config": cfg.to_dict(),
-            "git": git_hash(),
-            "world_size": t.comm.size,
-            "launcher": t.comm.launcher,
-            "device": str(t.comm.device),
-            "torch_threads": torch.get_num_threads(),
-            "noise_scale": cfg.noise_scale,
-            "noise_multiplier": noise_multiplier(cfg),  # lambda actually used (hpcnoise.temperature)
-            "num_params": sum(p.numel() for p in t.net.params),
-            "versions": t.comm.versions(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        note = calibration_note(cfg)
-        if note is not None:
-            print(f"hpcnoise: note: {note}", flush=True)
-        if outcome.get("exists"):  # started before but stopped before its first checkpoint: start over
-            run.restart(record)
-        else:
-            run.create(record)
-    return Position()

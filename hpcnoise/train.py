@@ -30,11 +30,11 @@ from torch import nn
 from tqdm import tqdm
 
 from hpcnoise import faults
-from hpcnoise.checkpoint import Position, prepare_run, save_checkpoint, start_or_resume
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data, epoch_batches, local_share
 from hpcnoise.errors import Diverged, Preempted, WriteFailed
+from hpcnoise.lifecycle import Position, open_run, save_checkpoint, start_or_resume
 from hpcnoise.measure import diagnostics_row, sharpness_of
 from hpcnoise.precise_bn import precise_bn
 from hpcnoise.regimes import REGIMES
@@ -156,7 +156,7 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
     validate(cfg, comm.size)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, run, outcome = prepare_run(cfg, comm)
+    cfg, run, outcome = open_run(cfg, comm)
     try:
         if "finished" in outcome:
             if run is not None:
