@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hpcnoise.curvature import KFactors
 from hpcnoise.errors import CheckpointError
 from hpcnoise.rundir import RunDir
 
@@ -28,27 +27,17 @@ FORMAT = "hpcnoise-checkpoint-v1"
 MAGIC = b"HPCNOISE-CHECKPOINT"
 
 
-def _plain(obj: Any) -> Any:
-    """``obj`` as tensors, plain values and containers only (what weights_only loading accepts)."""
-    if isinstance(obj, KFactors):
-        return {"__kfactors__": [obj.A, obj.G, obj.weight, obj.bias]}
+def _check_plain(obj: Any, where: str = "position") -> None:
+    """Raise unless ``obj`` is tensors, plain values and containers only (what weights_only loading accepts);
+    the statistics registry turns its own values into such (``Statistic.to_plain``)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    if obj is None or isinstance(obj, (Tensor, str, int, float, bool)):
-        return obj
-    raise TypeError(f"a checkpoint holds tensors and plain values only, not {type(obj).__name__}")
-
-
-def _unplain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__kfactors__"}:
-            return KFactors(*obj["__kfactors__"])
-        return {k: _unplain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_unplain(v) for v in obj)
-    return obj
+        for k, v in obj.items():
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (obj is None or isinstance(obj, (Tensor, str, int, float, bool))):
+        raise TypeError(f"a checkpoint holds tensors and plain values only, not {type(obj).__name__} ({where})")
 
 
 def encode(config: dict[str, Any], model: dict[str, Any], optimizer: dict[str, Any], position: dict[str, Any]) -> bytes:
@@ -57,12 +46,13 @@ def encode(config: dict[str, Any], model: dict[str, Any], optimizer: dict[str, A
     ``config`` is the run's ``Config.to_dict()``, ``model`` and ``optimizer`` their state dicts,
     ``position`` the training position as a dict (hpcnoise.lifecycle.Position's fields).
     """
+    _check_plain(position)
     payload = {
         "format": FORMAT,
         "config": config,
         "model": model,
         "optimizer": optimizer,
-        "position": _plain(position),
+        "position": position,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -101,5 +91,4 @@ def decode(data: bytes, config: dict[str, Any], device: torch.device) -> dict[st
     payload = _load(body, device)
     if RunDir.jsonable(payload["config"]) != RunDir.jsonable(config):
         raise CheckpointError("it belongs to a different configuration")
-    payload["position"] = _unplain(payload["position"])
     return payload

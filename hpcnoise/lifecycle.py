@@ -26,6 +26,7 @@ from hpcnoise.config import Config
 from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
 from hpcnoise.files import check_writable, git_hash, write_bytes_atomic
 from hpcnoise.rundir import RunDir, default_run_name
+from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import Trainer
 from hpcnoise.temperature import applied_multiplier, calibration_note
 
@@ -50,6 +51,7 @@ def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
     """Rank 0 writes the checkpoint atomically, keeping the previous one until the new one is complete."""
     if run is not None:
         position = {f.name: getattr(pos, f.name) for f in fields(pos)}
+        position["statistics"] = {name: STATISTICS[name].to_plain(v) for name, v in pos.statistics.items()}
         data = encode(t.cfg.to_dict(), t.net.model.state_dict(), t.opt.state_dict(), position)
         on = lambda moment: faults.reached(f"checkpoint-{moment}")  # noqa: E731
         write_bytes_atomic(run.checkpoint_path, data, previous=run.previous_checkpoint_path, on=on)
@@ -68,7 +70,9 @@ def load_checkpoint(run_path: Path, cfg: Config, comm: Comm) -> tuple[dict[str, 
             continue
         try:
             payload = decode(path.read_bytes(), cfg.to_dict(), comm.device)
-            payload["position"] = Position(**payload["position"])
+            position = payload["position"]
+            position["statistics"] = {n: STATISTICS[n].from_plain(v) for n, v in position["statistics"].items()}
+            payload["position"] = Position(**position)
             return payload, path
         except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as e:
             problems.append(f"{path.name}: {e}")

@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from hpcnoise.config import Config, scaled_rate
+from hpcnoise.config import Config, LrScaling, NoiseCalibration, scaled_rate
 from hpcnoise.errors import ConfigError
 
 PresetFn = Callable[[bool], Config]  # smoke -> config
@@ -84,9 +84,9 @@ def mnist1d(
     regime: str,
     ghost_bn: bool,
     smoke: bool,
-    scaling: str = "linear",
+    scaling: LrScaling = "linear",
     multiplier: float = 1.0,
-    calibration: str = "paper",
+    calibration: NoiseCalibration = "paper",
     epochs: int = MNIST1D_EPOCHS,
 ) -> Config:
     """MNIST-1D (generated offline): the paper's SB/LB protocol at a CPU-friendly scale.
@@ -199,7 +199,7 @@ TABLE_COLUMNS = {
 }
 
 
-def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: str, smoke: bool) -> Config:
+def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: LrScaling, smoke: bool) -> Config:
     """One cell of the paper's tables, with the hyperparameters documented above.
 
     Learning rate: SB uses the recipe's rate; LB regimes scale it by M_L/M_S (``linear``, Tables 1-2,
@@ -230,7 +230,7 @@ def paper_cell(dataset: str, model: str, regime: str, ghost_bn: bool, scaling: s
 
 
 def _table(name: str) -> TableFn:
-    scaling = "sqrt" if name == "table3" else "linear"
+    scaling: LrScaling = "sqrt" if name == "table3" else "linear"
     names = []
     for dataset, model in TABLE_ROWS[name]:
         for regime, gbn in TABLE_COLUMNS[name]:

@@ -162,7 +162,8 @@ def full_fisher_noise(x: NoiseInput) -> list[torch.Tensor]:
 def _psd_sqrt(m: torch.Tensor) -> torch.Tensor:
     """Symmetric square root of a PSD matrix (eigenvalues clamped at 0 against rounding)."""
     vals, vecs = torch.linalg.eigh(m)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    root: torch.Tensor = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    return root
 
 
 def kfac_noise(x: NoiseInput) -> list[torch.Tensor]:

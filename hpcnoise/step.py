@@ -150,7 +150,7 @@ def local_contribution(
                 "bn": [bn.stat_sums for bn in net.norms],  # type: ignore[misc]
                 "counts": [torch.stack([loss * len(y), errors, flag])],
             }
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
     groups: Groups = {"grad": [p.grad for p in net.params], **small}  # type: ignore[misc]
     for name in sorted(statistics):
         groups[name] = STATISTICS[name].pack(hooks)  # type: ignore[arg-type]
@@ -280,7 +280,7 @@ class PhaseTimer:
         self._t = 0.0
 
     def _event(self) -> Any:
-        e = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]  # unannotated in torch
         e.record()
         return e
 

@@ -161,7 +161,8 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
         if "finished" in outcome:
             if run is not None:
                 print(f"hpcnoise: {run.path} is already finished; nothing to do", flush=True)
-            return outcome["finished"]
+            finished: dict[str, Any] = outcome["finished"]
+            return finished
         return _run(cfg, comm, run, outcome, step_hook)
     finally:
         if run is not None:

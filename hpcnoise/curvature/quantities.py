@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hpcnoise.curvature.handlers import HookOptions, LayerHandler, Sums
@@ -70,7 +71,7 @@ class PerParameter:
             # one zeroed buffer per quantity, each parameter's sums a view of it: one allocation and one
             # scaling when the recording ends, instead of one per parameter
             flat = params[0].new_zeros(sum(p.numel() for p in params))
-            views = iter(flat.split([p.numel() for p in params]))
+            views = iter(torch.split(flat, [p.numel() for p in params]))
             at = {id(p): next(views).view_as(p) for p in params}
         per_layer = {
             module: {name: at[id(p)] for name, p in module.named_parameters(recurse=False)} for module in handlers
