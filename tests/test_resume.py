@@ -16,6 +16,10 @@ import torch
 from tests.helpers.configs import overrides, small_config
 from tests.helpers.launch import launcher_cmd, needs_launcher
 
+# Every case starts, signals and restarts training processes (2 ranks under mpirun, or 3 plain ones of
+# 10-20 s each); tests/test_faults.py covers resuming in one process.
+pytestmark = pytest.mark.slow
+
 TIMING = ("epoch_time_s", "wall_time_s", "samples_per_s", "samples_per_s_per_worker")
 
 
@@ -55,8 +59,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     [
         ("none", 1, signal.SIGTERM),
         ("none", 1, signal.SIGKILL),
-        pytest.param("mpirun", 2, signal.SIGUSR1, marks=pytest.mark.slow),
-        pytest.param("mpirun", 2, signal.SIGKILL, marks=pytest.mark.slow),
+        ("mpirun", 2, signal.SIGUSR1),
+        ("mpirun", 2, signal.SIGKILL),
     ],
 )
 def test_kill_and_resume_is_bit_identical(tmp_path: Path, launcher: str, np: int, sig: signal.Signals) -> None:
