@@ -15,6 +15,7 @@ import torch
 
 from tests.helpers.configs import overrides, small_config
 from tests.helpers.launch import HELPERS, run_launched
+from tests.helpers.regimes import ALTERNATE
 
 pytestmark = pytest.mark.slow  # every test starts ranks under horovodrun or mpirun
 
@@ -86,6 +87,8 @@ REGIME_CASES = {
     "kfac": dict(regime="kfac", kfac_every=2),
     "diagf-every-2": dict(regime="diagf", fisher_every=2),
     "batchchange": dict(regime="batchchange", epochs=2, batchchange_epochs=1),
+    # registered by the test helpers alone (tests.helpers.regimes): a new regime is one registry entry
+    ALTERNATE: dict(regime=ALTERNATE),
 }
 
 
@@ -102,6 +105,9 @@ def test_world_size_invariance_every_regime(tmp_path: Path, case: str) -> None:
     assert_same_trajectory(one, two[0], tol)
     noisy = [s["noise"] for s in one["steps"] if s["noise"] is not None]
     assert bool(noisy) == (case not in ("sb", "lb", "batchchange"))
+    if case == ALTERNATE:  # its noise is on at even steps only
+        on = [any(bool(z.any()) for z in s["noise"]) for s in one["steps"]]
+        assert on == [step % 2 == 0 for step in range(len(on))], on
     for s0, s1 in zip(two[0]["steps"], two[1]["steps"]):  # replicas bit-identical
         for key in s0["state"]:
             assert torch.equal(s0["state"][key], s1["state"][key]), key

@@ -2,7 +2,8 @@
 
     python tests/helpers/dist_worker.py OUT_DIR --key=value ...
 
-Each rank writes OUT_DIR/rank<R>.pt with, for every step: diag F, the noise, g_LB and the parameters
+The tests' own regime (tests.helpers.regimes) is registered before the config is checked. Each rank
+writes OUT_DIR/rank<R>.pt with, for every step: diag F, the noise, g_LB and the parameters
 and buffers after the step. The tests compare these across ranks and across world sizes.
 """
 
@@ -16,6 +17,7 @@ import torch
 from hpcnoise.comm import init
 from hpcnoise.config import Config, apply_overrides
 from hpcnoise.train import StepInfo, train
+from tests.helpers import regimes  # noqa: F401  (registers the tests' own regime, diagf-alternate)
 
 
 def main() -> None:
