@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.runfiles import RunError, is_integer, is_number, load_config, read_object
+from analysis.runfiles import RunError, is_integer, is_number, read_config_record, read_object
 from analysis.variants import ID_COLUMNS, describe
 
 # Where the run diverged, and its last finished epoch (NaN when it diverged in its first).
@@ -31,7 +31,7 @@ DIVERGED_COLUMNS = (*ID_COLUMNS, "path", "gbn", "batch", "device_used", "experim
 
 def load_diverged(path: Path, run_id: str) -> dict[str, Any]:
     """The diverged row of a run with diverged.json and no summary.json, or RunError naming what is wrong."""
-    record, cfg = load_config(path)
+    record, cfg = read_config_record(path)
     data = read_object(path / "diverged.json", ("epoch",))
     if not is_integer(data["epoch"]):
         raise RunError(f"diverged.json: epoch is {data['epoch']!r}, not an integer")

@@ -39,7 +39,7 @@ import pandas as pd
 
 from analysis.diverged import DIVERGED_COLUMNS, diverged_frame, load_diverged
 from analysis.optional import FISHER_COLUMNS, TAU_COLUMNS, VARIANCE_COLUMNS, load_diagnostics, load_sharpness
-from analysis.runfiles import RunError, is_number, load_config, read_jsonl, read_object, require
+from analysis.runfiles import RunError, is_number, read_config_record, read_jsonl, read_object, require
 from analysis.variants import (
     ID_COLUMNS,
     NOISE_FREE,
@@ -142,7 +142,7 @@ def _load_metrics(path: Path) -> list[dict[str, Any]]:
 
 def _load_run(path: Path, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(one runs row, metrics rows) of a finished run, or RunError naming what is wrong."""
-    record, cfg = load_config(path)
+    record, cfg = read_config_record(path)
     if not (path / "summary.json").exists():
         raise _incomplete(path)
     summary = read_object(path / "summary.json", ("final_test_error",))

@@ -71,7 +71,7 @@ def require(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
         raise RunError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
-def load_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_config_record(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config.json record, its config) of a run directory, checked."""
     record = read_json(path / "config.json")
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict):

@@ -28,7 +28,7 @@ from hpcnoise.measure import (
     HessianOperator,
     diagnostics_row,
     fisher_norms,
-    fit_temperature,
+    fit_softmax_temperature,
     fixed_subset,
     fold_batchnorm,
     gradient_variance,
@@ -120,7 +120,7 @@ def test_temperature_changes_the_hessian_as_predicted() -> None:
     model, data = tiny_problem()
     net = fold_batchnorm(model)
     x, y = data.x_train[:30], data.y_train[:30]
-    value, _ = max_eigenvalue(net, x, y, init("cpu"), temperature=2.5, chunk=7, tol=1e-10)
+    value, _ = max_eigenvalue(net, x, y, init("cpu"), softmax_temperature=2.5, chunk=7, tol=1e-10)
     assert rel_err(value, exact_top_eigenvalue(net, x, y, 2.5)) < HESSIAN_TOL
     assert rel_err(value, exact_top_eigenvalue(net, x, y, 1.0)) > 0.1  # T really entered
 
@@ -263,14 +263,14 @@ def test_fit_temperature_recovers_a_known_temperature() -> None:
     n, t0 = 20_000, 2.5
     z = 4 * torch.randn(n, 10, generator=gen, dtype=torch.float64)
     y = torch.multinomial(torch.softmax(z / t0, 1), 1, generator=gen).squeeze(1)
-    fitted = fit_temperature(z, y)
+    fitted = fit_softmax_temperature(z, y)
     h = 1e-3
     nll = [F.cross_entropy(z / (t0 + k * h), y).item() for k in (-1, 0, 1)]
     info = (nll[0] - 2 * nll[1] + nll[2]) / h**2  # per-sample information about T
     se = 1 / math.sqrt(n * info)
     assert 0 < se < 0.1
     assert abs(fitted - t0) < 4 * se
-    assert abs(fit_temperature(z / 0.3, y) - t0 * (1 / 0.3)) < 4 * se / 0.3  # T scales with the logits
+    assert abs(fit_softmax_temperature(z / 0.3, y) - t0 * (1 / 0.3)) < 4 * se / 0.3  # T scales with the logits
 
 
 # --- Fisher norms --------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_main_writes_sharpness_json(finished_run: Path, capsys: pytest.CaptureFi
     z = logits_of(net, data.x_test)
     assert all(F.cross_entropy(z / t, data.y_test) < F.cross_entropy(z / (t * f), data.y_test) for f in (0.97, 1.03))
     idx = fixed_subset(data.x_train.shape[0], 512)
-    op = HessianOperator(net, data.x_train[idx], data.y_train[idx], init("cpu"), temperature=t)
+    op = HessianOperator(net, data.x_train[idx], data.y_train[idx], init("cpu"), softmax_temperature=t)
     loss = F.cross_entropy(net(data.x_train[idx]) / t, data.y_train[idx])
     grads = torch.autograd.grad(loss, list(net.parameters()))
     gdir = torch.cat([g.reshape(-1) for g in grads]).double().numpy()

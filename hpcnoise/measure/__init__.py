@@ -9,7 +9,7 @@ The ``hpcnoise sharpness RUN_DIR`` command is hpcnoise.cli.sharpness.
 """
 
 from hpcnoise.measure.fisher import fisher_norms, per_sample_gradients
-from hpcnoise.measure.invariance import ChannelSign, fit_temperature, fold_batchnorm, logits_of
+from hpcnoise.measure.invariance import ChannelSign, fit_softmax_temperature, fold_batchnorm, logits_of
 from hpcnoise.measure.sharpness import (
     METHODS,
     HessianOperator,
@@ -28,7 +28,7 @@ __all__ = [
     "HessianOperator",
     "diagnostics_row",
     "fisher_norms",
-    "fit_temperature",
+    "fit_softmax_temperature",
     "fixed_subset",
     "fold_batchnorm",
     "gradient_variance",

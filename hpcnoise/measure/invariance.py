@@ -141,7 +141,7 @@ def logits_of(model: nn.Module, x: Tensor, chunk: int = 4096) -> Tensor:
         model.train(was_training)
 
 
-def fit_temperature(logits: Tensor, y: Tensor, bounds: tuple[float, float] = (1e-3, 1e3)) -> float:
+def fit_softmax_temperature(logits: Tensor, y: Tensor, bounds: tuple[float, float] = (1e-3, 1e3)) -> float:
     """The T > 0 minimising the mean NLL of softmax(logits / T) on ``y`` (Brent's method over log T).
 
     The NLL is convex in 1/T, hence unimodal in log T, so a bounded scalar search finds the optimum.

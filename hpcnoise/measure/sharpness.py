@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise.comm import Comm
-from hpcnoise.measure.invariance import fit_temperature, fold_batchnorm, hookless_copy, logits_of
+from hpcnoise.measure.invariance import fit_softmax_temperature, fold_batchnorm, hookless_copy, logits_of
 from hpcnoise.models import ghost_norms
 from hpcnoise.seeding import generator, stream_seed
 
@@ -37,11 +37,13 @@ class HessianOperator:
     ranks taking part: iterations that fall out of lockstep raise instead of deadlocking.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, comm: Comm, temperature: float = 1.0, chunk: int = 1024):
+    def __init__(
+        self, model: nn.Module, x: Tensor, y: Tensor, comm: Comm, softmax_temperature: float = 1.0, chunk: int = 1024
+    ):
         if chunk < 1:
             raise ValueError(f"chunk must be positive, got {chunk}")
         self.model, self.x, self.y, self.comm = model, x, y, comm
-        self.temperature, self.chunk = temperature, chunk
+        self.softmax_temperature, self.chunk = softmax_temperature, chunk
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.dim = sum(p.numel() for p in self.params)
 
@@ -54,7 +56,7 @@ class HessianOperator:
         out = torch.zeros(self.dim, dtype=torch.float64, device=v.device)
         for start in range(0, self.x.shape[0], self.chunk):
             xb, yb = self.x[start : start + self.chunk], self.y[start : start + self.chunk]
-            loss = F.cross_entropy(self.model(xb) / self.temperature, yb, reduction="sum")
+            loss = F.cross_entropy(self.model(xb) / self.softmax_temperature, yb, reduction="sum")
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             dot = sum((g * u).sum() for g, u in zip(grads, vs, strict=True) if g is not None)
             hv = torch.autograd.grad(dot, self.params, allow_unused=True)  # type: ignore[arg-type]
@@ -142,7 +144,7 @@ def max_eigenvalue(
     y: Tensor,
     comm: Comm,
     *,
-    temperature: float = 1.0,
+    softmax_temperature: float = 1.0,
     method: str = "lanczos",
     chunk: int = 1024,
     tol: float = 1e-6,
@@ -153,7 +155,7 @@ def max_eigenvalue(
 
     ``model`` is used as is (its mode decides batch norm's behaviour; use eval mode). Call on every rank.
     """
-    op = HessianOperator(model, x, y, comm, temperature, chunk)
+    op = HessianOperator(model, x, y, comm, softmax_temperature, chunk)
     value, count = top_eigenvalue(op, op.dim, method, tol, max_products, seed)
     op.finish()  # on failure every rank raised at the same product, so none waits here
     return value, count
@@ -180,10 +182,11 @@ def sharpness_of(
 ) -> dict[str, Any]:
     """The paper's sharpness protocol on the training set (x, y), on every rank; returns the result record.
 
-    Folds batch norm into the weights (``fold``), fits the temperature on ``heldout`` (skipped when None:
-    T = 1), and takes the largest Hessian eigenvalue over a fixed seeded subset of ``samples`` training
-    samples, of which each rank handles a contiguous share. ``model`` is not modified. ``seed`` picks the
-    subset and the start vector; ``solver`` (method, chunk, tol, max_products) goes to ``max_eigenvalue``.
+    Folds batch norm into the weights (``fold``), fits the softmax temperature T on ``heldout`` (skipped
+    when None: T = 1; not the noise temperature of hpcnoise.temperature), and takes the largest Hessian
+    eigenvalue over a fixed seeded subset of ``samples`` training samples, of which each rank handles a
+    contiguous share. ``model`` is not modified. ``seed`` picks the subset and the start vector;
+    ``solver`` (method, chunk, tol, max_products) goes to ``max_eigenvalue``.
     """
     t0 = time.perf_counter()
     if comm.size > samples:
@@ -192,19 +195,21 @@ def sharpness_of(
     net.eval()
     for p in net.parameters():
         p.requires_grad_(True)
-    temperature = 1.0
+    softmax_temperature = 1.0
     if heldout is not None:
         # Rank 0 fits, everyone takes its value. Every rank passes a float: Horovod names the broadcast
         # after the object's type, and differing names never match.
-        fitted = fit_temperature(logits_of(net, heldout[0]), heldout[1]) if comm.is_main else 0.0
-        temperature = float(comm.broadcast_object(fitted))
+        fitted = fit_softmax_temperature(logits_of(net, heldout[0]), heldout[1]) if comm.is_main else 0.0
+        softmax_temperature = float(comm.broadcast_object(fitted))
     idx = fixed_subset(x.shape[0], samples, seed)
     lo, hi = samples * comm.rank // comm.size, samples * (comm.rank + 1) // comm.size
     mine = idx[lo:hi].to(x.device)
-    value, count = max_eigenvalue(net, x[mine], y[mine], comm, temperature=temperature, seed=seed, **solver)
+    value, count = max_eigenvalue(
+        net, x[mine], y[mine], comm, softmax_temperature=softmax_temperature, seed=seed, **solver
+    )
     return {
         "max_eigenvalue": value,
-        "temperature": temperature,
+        "temperature": softmax_temperature,  # sharpness.json's key (the softmax temperature T)
         "samples": samples,
         "method": solver.get("method", "lanczos"),
         "folded_bn": fold and bool(ghost_norms(model)),
