@@ -55,7 +55,8 @@ Section = Callable[[Loaded, dict[str, bytes]], list[str]]
 
 def csv_bytes(df: pd.DataFrame) -> bytes:
     """A table as the CSV the report writes (no index)."""
-    return df.to_csv(index=False).encode()
+    text: str = df.to_csv(index=False)
+    return text.encode()
 
 
 def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:

@@ -25,7 +25,7 @@ and noise is added to the averaged gradient before the optimiser.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +82,8 @@ class Buckets:
         self._started: list[bool] = []
         self._comm: Comm | None = None
         self._hooks: list[RemovableHandle] = [
-            p.register_post_accumulate_grad_hook(self._arrived(i)) for i, p in enumerate(params)
+            p.register_post_accumulate_grad_hook(self._arrived(i))  # type: ignore[no-untyped-call]  # unannotated in torch
+            for i, p in enumerate(params)
         ]
 
     def _layout(self, extra: int) -> tuple[list[Tensor], list[list[Tensor]]]:
@@ -94,13 +95,13 @@ class Buckets:
                 sizes = [self.params[i].numel() for i in members]
                 flat = self.params[members[0]].new_zeros((1 + extra) * sum(sizes))
                 for q, segment in enumerate(flat.chunk(1 + extra)):
-                    for i, v in zip(members, segment.split(sizes)):
+                    for i, v in zip(members, torch.split(segment, sizes)):
                         views[q][i] = v.view_as(self.params[i])
                 flats.append(flat)
             self._layouts[extra] = (flats, views)
         return self._layouts[extra]
 
-    def _arrived(self, i: int):
+    def _arrived(self, i: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
             if self._comm is None:
                 return  # a backward outside an armed step (measurements): nothing to start

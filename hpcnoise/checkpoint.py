@@ -88,7 +88,7 @@ def decode(data: bytes, config: dict[str, Any], device: torch.device) -> dict[st
         raise CheckpointError(f"truncated: {len(body)} of {parts[2].decode(errors='replace')} bytes")
     if hashlib.sha256(body).hexdigest().encode() != parts[3]:
         raise CheckpointError("corrupt: its SHA-256 does not match")
-    payload = _load(body, device)
+    payload: dict[str, Any] = _load(body, device)
     if RunDir.jsonable(payload["config"]) != RunDir.jsonable(config):
         raise CheckpointError("it belongs to a different configuration")
     return payload

@@ -37,7 +37,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {}
 
 
-def register(name: str, description: str) -> Callable:
+def register(name: str, description: str) -> Callable[[Callable[..., Data]], Callable[..., Data]]:
     def wrap(fn: Callable[..., Data]) -> Callable[..., Data]:
         DATASETS[name] = DatasetSpec(fn, description)
         return fn
@@ -121,7 +121,7 @@ def mnist1d(cfg: DataConfig, device: torch.device) -> Data:
     if path.exists():
         blob = torch.load(path)
     else:
-        from mnist1d.data import get_dataset_args, make_dataset  # type: ignore[import-untyped]
+        from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
         args.num_samples = -(-(n_train + n_test) // 10) * 10  # mnist1d makes num_samples // 10 per class
@@ -215,7 +215,7 @@ def payload_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def make_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor, source: str) -> dict:
+def make_split(name: str, split: str, images: torch.Tensor, labels: torch.Tensor, source: str) -> dict[str, Any]:
     """The dict that ``prepare`` saves for one split: header fields plus the uint8 images and int64 labels."""
     return {
         "format": FORMAT,

@@ -125,9 +125,10 @@ class RunDir:
     def read_json(path: Path) -> dict[str, Any] | None:
         """A JSON file's content, or None when missing or unreadable."""
         try:
-            return json.loads(path.read_text())
+            record: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        return record
 
     def restart(self, config_record: dict[str, Any]) -> None:
         """Start an unfinished run with no checkpoint over: new config.json, no metrics."""
@@ -188,7 +189,8 @@ class RunDir:
         self.previous_checkpoint_path.unlink(missing_ok=True)
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary_path.read_text())
+        summary: dict[str, Any] = json.loads(self.summary_path.read_text())
+        return summary
 
 
 def load_config(run_dir: Path) -> Config:

@@ -14,7 +14,6 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -259,7 +258,7 @@ class GhostBatchNormHandler(LayerHandler):
             module.saved_xhat = None  # the hook holds it until the backward, then drops it
             return xhat
         shape = [1, -1] + [1] * (inp.dim() - 2)
-        mean, var = cast(Tensor, module.running_mean), cast(Tensor, module.running_var)
+        mean, var = module.running_mean, module.running_var
         return (inp.detach() - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
 
     def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:

@@ -118,7 +118,7 @@ class CurvatureHooks:
                 for quantity, into in work:
                     quantity.accumulate(handler, module, saved, delta, into, self.opts, signs)
 
-        output.register_hook(on_grad)
+        output.register_hook(on_grad)  # type: ignore[no-untyped-call]  # unannotated in torch
 
     @contextmanager
     def recording(

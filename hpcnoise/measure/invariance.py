@@ -83,12 +83,12 @@ def _fold_plan(model: nn.Module) -> dict[str, tuple[str, bool]]:
             isinstance(src, fx.Node) and src.op == "call_module"
             and isinstance(modules[str(src.target)], _FOLDABLE) and len(src.users) == 1
         )  # fmt: skip
-        if not ok or calls.count(node.target) > 1 or calls.count(src.target) > 1:  # type: ignore[union-attr]
+        if not ok or calls.count(node.target) > 1 or calls.count(src.target) > 1:
             raise ValueError(
                 f"batch norm {node.target!r} does not normalise the output of a Linear or Conv layer used "
                 "once (directly or through max pooling); it cannot be folded"
             )
-        plan[str(node.target)] = (str(src.target), pooled)  # type: ignore[union-attr]
+        plan[str(node.target)] = (str(src.target), pooled)
     return plan
 
 
@@ -102,8 +102,8 @@ def _fold_into(layer: nn.Module, bn: GhostBatchNorm, pooled: bool) -> nn.Module:
     """
     assert isinstance(layer, _FOLDABLE)
     w = layer.weight
-    k = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)  # type: ignore[operator]
-    c = bn.bias.double() - k * bn.running_mean.double()  # type: ignore[operator]
+    k = bn.weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+    c = bn.bias.double() - k * bn.running_mean.double()
     b = layer.bias.double() if layer.bias is not None else torch.zeros_like(k)
     sign = torch.where(k < 0, -1.0, 1.0).to(k) if pooled else torch.ones_like(k)
     scale = k * sign  # |k| through pooling, else k

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,9 +120,10 @@ class GhostBatchNorm(nn.Module):
     def _global(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward over the global batch (statistics summed over workers)."""
         assert self.sum_over_workers is not None
-        y, xhat, stats = _GlobalBatchNorm.apply(
+        outputs: tuple[Tensor, Tensor, Tensor] = _GlobalBatchNorm.apply(
             x, self.weight, self.bias, self.eps, self.running_mean, self.sum_over_workers, self.name
         )
+        y, xhat, stats = outputs
         self.stat_sums = stats
         self.ghost_count = 1
         if self.save_xhat:
@@ -164,7 +166,16 @@ class _GlobalBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, shift, sum_over_workers, name):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+        shift: Tensor,
+        sum_over_workers: SumOverWorkers,
+        name: str,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         dims = [0, *range(2, x.dim())]  # every dimension but the channel
         shape = [1, -1] + [1] * (x.dim() - 2)
         # One collective: the sums of x - K and (x - K)^2 about a shift K identical on every rank (the
@@ -187,7 +198,9 @@ class _GlobalBatchNorm(torch.autograd.Function):
         return xhat * weight.view(shape) + bias.view(shape), xhat, stats
 
     @staticmethod
-    def backward(ctx, dy, _dxhat, _dstats):  # type: ignore[override]
+    def backward(
+        ctx: Any, dy: Tensor, _dxhat: Tensor, _dstats: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, None, None, None, None]:
         xhat, weight, invstd, n = ctx.saved_tensors
         dims, shape = ctx.dims, ctx.shape
         local = torch.stack([dy.sum(dims), (dy * xhat).sum(dims)])  # the local d(bias), d(weight)

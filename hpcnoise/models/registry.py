@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -17,19 +18,22 @@ from torch import nn
 from hpcnoise.models.batchnorm import GhostBatchNorm
 
 NormFactory = Callable[[int], nn.Module]
+# A network's builder: (input shape without the batch dimension, number of classes, norm factory) -> model.
+Builder = Callable[[tuple[int, ...], int, NormFactory], nn.Module]
+_B = TypeVar("_B", bound=Builder)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    build: Callable[[tuple[int, ...], int, NormFactory], nn.Module]
+    build: Builder
     description: str
 
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str) -> Callable:
-    def wrap(fn: Callable[[tuple[int, ...], int, NormFactory], nn.Module]) -> Callable:
+def register(name: str, description: str) -> Callable[[_B], _B]:
+    def wrap(fn: _B) -> _B:
         MODELS[name] = ModelSpec(fn, description)
         return fn
 

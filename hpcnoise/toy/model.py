@@ -98,7 +98,8 @@ def spd_eigh(a: Array) -> tuple[Array, Array]:
 def sqrt_psd(a: Array) -> Array:
     """Symmetric square root V sqrt(W) V^T of a symmetric positive semi-definite matrix."""
     w, v = np.linalg.eigh(a)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    root: Array = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    return root
 
 
 _NOISE_FACTORS: dict[Noise, Callable[[Array, float], Array]] = {
@@ -137,7 +138,8 @@ def trace_closed_forms(a: Array, sigma: float = 0.1) -> dict[Noise, float]:
 
 def loss(a: Array, theta: Array) -> Array:
     """L(theta) = theta^T A theta / 2 over the last axis."""
-    return 0.5 * np.sum((theta @ a) * theta, axis=-1)
+    value: Array = 0.5 * np.sum((theta @ a) * theta, axis=-1)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +160,8 @@ def theorem_gamma(a: Array) -> float:
 def theorem_lrs(a: Array, steps: int) -> Array:
     """a_k = 2 / ((k + gamma) lambda_min) for k = 0 .. steps - 1; a_k <= a_0 = 1 / lambda_max."""
     w, _ = spd_eigh(a)
-    return 2.0 / ((np.arange(steps) + theorem_gamma(a)) * w[0])
+    lrs: Array = 2.0 / ((np.arange(steps) + theorem_gamma(a)) * w[0])
+    return lrs
 
 
 def theorem_nu(a: Array, c: Array, theta0: Array) -> float:
@@ -168,7 +171,8 @@ def theorem_nu(a: Array, c: Array, theta0: Array) -> float:
     lambda_min) the induction step needs nu >= 2 Tr(C^T A C) / lambda_min^2 and the base case L_0 <= nu / gamma.
     """
     w, _ = spd_eigh(a)
-    return max(2.0 * noise_trace(a, c) / w[0] ** 2, theorem_gamma(a) * float(loss(a, theta0)))
+    nu: float = max(2.0 * noise_trace(a, c) / w[0] ** 2, theorem_gamma(a) * float(loss(a, theta0)))
+    return nu
 
 
 def theorem_bound(a: Array, c: Array, theta0: Array, steps: int) -> Array:
