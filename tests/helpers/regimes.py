@@ -32,7 +32,10 @@ def _register() -> Regime:
     return register(
         ALTERNATE,
         dataclasses.replace(
-            diagf, name="DiagF/2", description="diagonal-Fisher noise on every other step (tests)", noise=alternate_noise
+            diagf,
+            name="DiagF/2",
+            description="diagonal-Fisher noise on every other step (tests)",
+            noise=alternate_noise,
         ),
     )
 
