@@ -1,4 +1,5 @@
-"""``hpcnoise report RUNS_DIR [--out DIR]``: the paper's tables and figures from a root of run directories.
+"""The report: the paper's tables and figures from a root of run directories (``hpcnoise report RUNS_DIR
+[--out DIR]``, hpcnoise.cli.report).
 
 Writes, under DIR (default RUNS_DIR/report):
     report.md               the verdict (does any setting close the SB-vs-LB gap?), the gap-closure table,
@@ -16,17 +17,16 @@ writable) gives one line on stderr, exit status 2, and nothing written.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from analysis import figures
 from analysis.gap import gap_summary
 from analysis.load import Loaded, load
 from analysis.sections import SECTIONS, csv_bytes
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.errors import ConfigError
 from hpcnoise.files import unwritable, write_bytes_atomic, write_files_atomic
 
-__all__ = ["REPORT_NAME", "ReportError", "build", "gap_summary", "main", "write"]
+__all__ = ["REPORT_NAME", "ReportError", "build", "gap_summary", "make", "write"]
 
 REPORT_NAME = "report.md"
 _CSV_NAMES = (
@@ -72,20 +72,20 @@ def write(out: Path, files: dict[str, bytes]) -> None:
     write_bytes_atomic(out / REPORT_NAME, files[REPORT_NAME])
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     problem = unwritable(out)
     if problem is not None:
         raise ReportError(f"cannot write the report to {out}: {problem[1]}")
 
 
-def _check_root(root: Path) -> None:
+def check_root(root: Path) -> None:
     if not root.exists():
         raise ReportError(f"runs directory {root} does not exist")
     if not root.is_dir():
         raise ReportError(f"runs directory {root} is not a directory")
 
 
-def _load_checked(root: Path) -> Loaded:
+def load_checked(root: Path) -> Loaded:
     loaded = load(root)
     if loaded.runs.empty:
         if loaded.found == 0:
@@ -104,28 +104,11 @@ def _load_checked(root: Path) -> Loaded:
     return loaded
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`hpcnoise report RUNS_DIR [--out DIR]`: write the report; bad input: one line on stderr, exit 2."""
-    description = __doc__.splitlines()[0] if __doc__ else None
-    parser = Parser(prog="hpcnoise report", description=description, error_type=ReportError)
-    parser.add_argument("runs_dir", type=Path, help="root of run directories (searched recursively)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: RUNS_DIR/report)")
-    try:
-        args = parser.parse_args(argv)
-        out = args.out if args.out is not None else args.runs_dir / "report"
-        _check_root(args.runs_dir)
-        _check_out(out)
-        loaded = _load_checked(args.runs_dir)
-        files = build(loaded)
-        write(out, files)
-    except (ReportError, OSError) as exc:
-        print(f"hpcnoise report: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    n_skipped = sum(s.what == "run" for s in loaded.skipped)
-    n_diverged = f"{len(loaded.diverged)} diverged, " if len(loaded.diverged) else ""
-    print(f"hpcnoise report: {len(loaded.runs)} runs ({n_diverged}{n_skipped} skipped) -> {out / REPORT_NAME}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def make(root: Path, out: Path) -> Loaded:
+    """The report of the runs under ``root``, written to ``out``; ReportError (or OSError) before anything is
+    written when the input is bad."""
+    check_root(root)
+    check_out(out)
+    loaded = load_checked(root)
+    write(out, build(loaded))
+    return loaded

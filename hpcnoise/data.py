@@ -10,7 +10,7 @@ training set, cuts it into global batches of M_L samples, and takes its own cont
 each. The global batch is therefore the same whatever the world size W.
 
 Image datasets (MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100) are read from files that
-``hpcnoise data prepare NAME --root DIR`` (hpcnoise.prepare) writes once, on a machine with internet or
+``hpcnoise data prepare NAME --root DIR`` (hpcnoise.download) writes once, on a machine with internet or
 with the raw upstream files at hand: one file per split, ``DIR/NAME-train.pt`` and ``DIR/NAME-test.pt``,
 each a ``torch.save``d dict
 

@@ -1,4 +1,5 @@
-"""``hpcnoise sweep status``: a sweep's cells by the state of their run directories (see hpcnoise.sweep)."""
+"""What ``hpcnoise sweep status`` reports: a sweep's cells grouped by table, and the states of their run
+directories counted (the command: hpcnoise.cli.sweep)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcnoise.runstate import LOCK_NAME, STATES, run_state, state_detail
-from hpcnoise.sweepfile import SweepError, read_cells, sweep_parser
+from hpcnoise.runstate import LOCK_NAME, STATES
+from hpcnoise.sweepfile import SweepError, read_cells
 
 
 @dataclass
@@ -19,7 +20,7 @@ class _Group:
     entries: list[tuple[str, Path, str]]  # (index or relative path, run directory, run name or "")
 
 
-def _status_groups(target: Path) -> list[_Group]:
+def status_groups(target: Path) -> list[_Group]:
     if not target.exists():
         raise SweepError(f"{str(target)!r} does not exist (give a sweep file or a directory of runs)")
     files = [target] if not target.is_dir() else sorted(target.glob("*.sweep.jsonl"))
@@ -58,32 +59,6 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def _counts_text(states: list[str]) -> str:
+def counts_text(states: list[str]) -> str:
     """How many of ``states`` are in each state, e.g. "3 finished, 1 running, 0 preempted, ..."."""
     return ", ".join(f"{states.count(s)} {s}" for s in STATES)
-
-
-def cmd_status(argv: list[str]) -> int:
-    p = sweep_parser(
-        prog="hpcnoise sweep status",
-        description="Count a sweep's cells by state: finished, running, preempted, diverged, failed, not started.",
-    )
-    p.add_argument("target", type=Path, help="a sweep file, or a directory of runs holding *.sweep.jsonl files")
-    p.add_argument("--list", action="store_true", help="also one line per cell: index, state, run name, detail")
-    args = p.parse_args(argv)
-    groups = _status_groups(args.target)  # all input checked before anything is printed
-    everything: list[str] = []
-    for group in groups:
-        states = [run_state(run_dir) for _, run_dir, _ in group.entries]
-        everything += states
-        n = len(states)
-        print(f"{group.title}: {n} {group.noun}{'s' if n != 1 else ''}: {_counts_text(states)}")
-        if args.list:
-            id_width = max(len(i) for i, _, _ in group.entries)
-            name_width = max(len(name) for _, _, name in group.entries)
-            for (i, run_dir, name), state in zip(group.entries, states):
-                line = f"  {i:>{id_width}}  {state:<11}" + (f"  {name:<{name_width}}" if name_width else "")
-                print((line + "  " + state_detail(run_dir, state)).rstrip())
-    if len(groups) > 1:
-        print(f"total: {len(everything)}: {_counts_text(everything)}")
-    return 0

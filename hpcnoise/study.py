@@ -1,6 +1,7 @@
 """The main job: the MNIST-1D study, end to end on one machine, then the report.
 
     hpcnoise study [--full | --grid] [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study]
+    (the command line: hpcnoise.cli.study)
 
 SB; LB+GBN and the paper's diagF+GBN (noise multiplier lambda = 1) under linear scaling; LB+GBN and
 the temperature-calibrated diagF+GBN (lambda = 0.39) under sqrt scaling; on MNIST-1D (generated
@@ -11,24 +12,28 @@ The quick default (15 runs) takes 12 to 14 minutes on 2 CPU cores (measured 12 m
 the three small-batch runs, with sync batch norm under Gloo, about half of it); ``--full`` trains 64
 epochs; ``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at
 GRID_EPOCHS; 59 minutes measured with a step that sent one more collective per step).
-Runs that already finished are kept and not rerun, so an interrupted study continues where it stopped.
+Runs that already finished are kept and not rerun, so an interrupted study continues where it stopped:
+SIGTERM or Ctrl-C (SIGINT) reaches this process, which sends SIGTERM to the training ranks; they stop
+after the same step, write their checkpoint and exit 0 (so that the launcher has no failure to report),
+and the command says in one line that it stopped (``EXIT_PREEMPTED``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hpcnoise.config import config_from_dict
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Diverged, Parser
-from hpcnoise.files import unwritable
-from hpcnoise.presets import GRID_EPOCHS, with_epochs
-from hpcnoise.sweepfile import cell_lines, read_cell, run_name, table_cells, write_file
+from hpcnoise.errors import Diverged, Preempted
+from hpcnoise.presets import with_epochs
+from hpcnoise.runstate import run_state
+from hpcnoise.sweepfile import read_cell, read_cells, run_name, table_cells
 
 QUICK_EPOCHS = 13  # the quick study: 15 runs in 12 to 14 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
@@ -72,6 +77,8 @@ def run_cells(path: Path) -> int:
         except Diverged as e:  # a diverged cell is an outcome (the report counts it), not a failed study
             if comm.is_main:
                 print(f"hpcnoise study: cell {i + 1}/{count} diverged: {e}", flush=True)
+        except Preempted:  # checkpoint written: exit 0, and the command that started us says it in one line
+            return 0
     return 0
 
 
@@ -85,67 +92,65 @@ def launch_command(launcher: str, np: int) -> list[str]:
     return ["mpirun", "-np", str(np), "--bind-to", "none"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="hpcnoise study", description=__doc__.split("\n\n")[0])
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
-    mode.add_argument("--grid", action="store_true", help=f"the calibration grid (mnist1d-grid, {GRID_EPOCHS} epochs)")
-    p.add_argument("--np", type=int, default=2, help="processes (default 2)")
-    p.add_argument("--launcher", choices=("horovodrun", "mpirun", "none"), default="horovodrun")
-    p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full])")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch's default)")
-    p.add_argument("--run-cells", type=Path, help=argparse.SUPPRESS)  # worker side, under the launcher
-    try:
-        args = p.parse_args(argv)
-    except ConfigError as e:
-        print(f"hpcnoise study: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.run_cells:
-        return run_cells(args.run_cells)
-    try:
-        if args.np < 1 or (args.launcher == "none" and args.np != 1):
-            raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
-        if args.threads < 0:
-            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-        name = "study-grid" if args.grid else "study-full" if args.full else "study"
-        out = (args.out or Path("runs") / name).absolute()
-        problem = unwritable(out)
-        if problem is not None:
-            raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
-        launcher = launch_command(args.launcher, args.np)[:1]
-        if launcher and shutil.which(launcher[0]) is None:
-            raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
-        epochs = GRID_EPOCHS if args.grid else FULL_EPOCHS if args.full else QUICK_EPOCHS
-        table = "mnist1d-grid" if args.grid else "mnist1d"
-        cells = study_cells(epochs, out, args.threads, table)
-        from hpcnoise.workload import validate  # lazy: torch
+WORKER = ["-m", "hpcnoise.cli", "study", "--run-cells"]  # the ranks' command: run_cells(FILE)
 
-        for cfg in cells:  # e.g. a --np that does not divide the batch: fail here, not in every worker
+
+def _ranks(proc: subprocess.Popen) -> list[Any]:
+    """The training ranks among ``proc`` and its descendants: the processes whose arguments hold
+    ``--run-cells`` (not the shells that launchers start them through, whose one argument holds it)."""
+    import psutil  # Horovod's dependency: present wherever a launcher runs the ranks
+
+    try:
+        top = psutil.Process(proc.pid)
+        family = [top, *top.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    ranks = []
+    for p in family:
+        try:
+            if WORKER[-1] in p.cmdline():
+                ranks.append(p)
+        except psutil.Error:  # ended meanwhile
+            pass
+    return ranks
+
+
+def _stopper(proc: subprocess.Popen, stopped: list[int]) -> Callable[[int, Any], None]:
+    """A handler of SIGTERM and SIGINT that sends SIGTERM to the training ranks (train's stop signal), or
+    to the launcher while no rank has started."""
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        ranks = _ranks(proc)
+        for p in ranks:
             try:
-                validate(cfg, args.np)
-            except ConfigError as e:
-                raise ConfigError(f"--np {args.np}: {e}") from e
-    except ConfigError as e:
-        print(f"hpcnoise study: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    sweep = out / "study.sweep.jsonl"
-    write_file(sweep, cell_lines(table, cells))
-    print(
-        f"hpcnoise study: {len(cells)} runs of {epochs} epochs on {args.np} processes ({args.launcher}); runs in {out}",
-        flush=True,
-    )
-    cmd = launch_command(args.launcher, args.np)
-    cmd += [sys.executable, "-m", "hpcnoise.study", "--run-cells", str(sweep)]
-    proc = subprocess.run(cmd, env=os.environ.copy())
-    if proc.returncode != 0:
-        print(
-            f"hpcnoise study: error: training exited with status {proc.returncode}; rerun to continue", file=sys.stderr
-        )
-        return proc.returncode
-    from analysis.report import main as report  # lazy: pandas and seaborn load only for the report
+                p.send_signal(signal.SIGTERM)
+            except Exception:  # psutil.NoSuchProcess: ended meanwhile
+                pass
+        if not ranks and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
-    return report([str(out), "--out", str(out / "report")])
+    return stop
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def train_cells(launcher: str, np: int, sweep: Path) -> tuple[int, bool]:
+    """Train the cells of ``sweep`` under ``launcher`` with ``np`` ranks: (the launcher's exit status,
+    whether the study was stopped: by a signal, or with cells neither finished nor diverged).
+
+    The launcher runs in a session of its own, so that Ctrl-C reaches only this process; a SIGTERM or
+    SIGINT here is passed on to the ranks as SIGTERM, which make them checkpoint and exit 0. The ranks are
+    signalled rather than the launcher, which would kill them a few seconds later (horovodrun) and report
+    them as failed."""
+    cmd = launch_command(launcher, np) + [sys.executable, *WORKER, str(sweep)]
+    stopped: list[int] = []
+    proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+    handler = _stopper(proc, stopped)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+    if stopped or code != 0:
+        return code, bool(stopped)
+    return code, not all(run_state(cell["run_dir"]) in ("finished", "diverged") for cell in read_cells(sweep))

@@ -1,4 +1,4 @@
-"""The sweep file: one JSON line per cell of a table, with its fixed run name (see hpcnoise.sweep)."""
+"""The sweep file: one JSON line per cell of a table, with its fixed run name (see hpcnoise.cli.sweep)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcnoise.config import Config
-from hpcnoise.errors import (
-    ConfigError,
-    Parser,
-)
+from hpcnoise.errors import ConfigError
 from hpcnoise.files import write_text_atomic
 from hpcnoise.presets import TABLES
 
@@ -23,11 +20,6 @@ PLACEMENT_FIELDS = frozenset({"out_dir", "run_name", "device", "threads", "progr
 
 class SweepError(ConfigError):
     """Bad input: the message is the one line the user sees."""
-
-
-def sweep_parser(prog: str, description: str) -> Parser:
-    """argparse that raises SweepError (prefixed with the program) instead of printing usage and exiting."""
-    return Parser(prog=prog, description=description, error_type=SweepError, prefix_prog=True)
 
 
 def run_name(cfg: Config) -> str:

@@ -23,6 +23,7 @@ from analysis import figures, report, tables
 from analysis.load import load
 from analysis.published import PUBLISHED, published
 from analysis.published import rows as published_rows
+from hpcnoise.cli.report import main as report_main
 from hpcnoise.comm import init
 from hpcnoise.train import StepInfo, train
 from tests.helpers.configs import small_config
@@ -137,7 +138,7 @@ def test_load_real_runs(runs_root: Path) -> None:
 
 def test_report_from_real_runs(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
-    assert report.main([str(runs_root), "--out", str(out)]) == 0
+    assert report_main([str(runs_root), "--out", str(out)]) == 0
     assert str(out / "report.md") in capsys.readouterr().out
     md = (out / "report.md").read_text()
     # Our Table 1 row for MNIST-1D: each cell is scipy's t interval of the summaries' accuracies.
@@ -205,7 +206,7 @@ def test_report_lists_corrupt_and_unfinished_runs(runs_root: Path, tmp_path: Pat
     assert len(loaded.runs) == 6 and loaded.found == 10
 
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "6 finished runs used, 4 skipped, of 10 run directories found" in md
     assert "- `half`: incomplete: no summary.json (1 epoch logged)" in md
@@ -357,14 +358,14 @@ def test_report_rejects_bad_input(runs_root: Path, tmp_path: Path, capsys: pytes
         str(unfinished): "no finished runs",
     }
     for runs_dir, message in cases.items():
-        assert report.main([runs_dir, "--out", str(out)]) == 2
+        assert report_main([runs_dir, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and err.startswith("hpcnoise report: error:")
         assert not out.exists()
-    assert report.main([str(empty)]) == 2 and not (empty / "report").exists()
-    assert report.main([str(runs_root), "--out", str(a_file / "sub")]) == 2
+    assert report_main([str(empty)]) == 2 and not (empty / "report").exists()
+    assert report_main([str(runs_root), "--out", str(a_file / "sub")]) == 2
     assert "is not a directory" in capsys.readouterr().err
-    assert report.main([]) == 2
+    assert report_main([]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
@@ -479,7 +480,7 @@ def test_only_diverged_runs_and_a_corrupt_marker(tmp_path: Path, capsys: pytest.
     assert loaded.runs.empty and loaded.diverged["run_id"].tolist() == ["a"]
     assert loaded.diverged["label"].tolist() == ["LB+GBN"] and loaded.diverged["batch"].tolist() == [256]
     assert [(s.run, s.reason.split(" (")[0]) for s in loaded.skipped] == [("b", "diverged.json: invalid JSON")]
-    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 2
+    assert report_main([str(root), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no finished runs" in err and "(1 diverged: a; 1 run directories skipped: b:" in err
     assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from scipy import stats
 
 from analysis import closure, figures, report, tables
 from analysis.load import load
+from hpcnoise.cli.report import main as report_main
 from hpcnoise.temperature import applied_multiplier
 from tests.helpers.configs import small_config
 from tests.test_analysis import PNG_MAGIC, _diverged_run
@@ -308,7 +309,7 @@ def test_lambda_and_tau_figures(grid_root: Path, tmp_path: Path) -> None:
     assert skipped == {} and sorted(drawn) == ["accuracy_vs_lambda.png", "accuracy_vs_tau.png"]
     assert all(png[:8] == PNG_MAGIC for png in drawn.values())
     out = tmp_path / "report"
-    assert report.main([str(grid_root), "--out", str(out)]) == 0
+    assert report_main([str(grid_root), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     for name in drawn:
         assert (out / "figures" / name).read_bytes()[:8] == PNG_MAGIC and f"](figures/{name})" in md

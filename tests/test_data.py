@@ -20,7 +20,8 @@ import torch
 import torchvision.datasets as tvd
 from torchvision.transforms.v2 import functional as TF
 
-from hpcnoise import cli, prepare
+from hpcnoise import cli
+from hpcnoise.cli import data as data_cli
 from hpcnoise.comm import init
 from hpcnoise.config import Config
 from hpcnoise.data import (
@@ -167,7 +168,7 @@ def test_prepare_writes_one_verified_file_per_split(
     tmp_path: Path, offline: pytest.MonkeyPatch, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     raw = make_raw(name, tmp_path, offline)
-    assert prepare.main([name, "--root", str(tmp_path)]) == 0
+    assert data_cli.main([name, "--root", str(tmp_path)]) == 0
     assert prepared_files(tmp_path) == [f"{name}-test.pt", f"{name}-train.pt"]  # no temporary files left
     c, h, w = IMAGE_SETS[name].shape
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
@@ -183,7 +184,7 @@ def test_prepare_writes_one_verified_file_per_split(
         assert blob["sha256"] == digest
     assert capsys.readouterr().out.count(f"hpcnoise: wrote {tmp_path}") == 2
     # With the raw files in place a second run needs no network at all.
-    assert prepare.main([name, "--root", str(tmp_path), "--no-download"]) == 0
+    assert data_cli.main([name, "--root", str(tmp_path), "--no-download"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -198,7 +199,7 @@ def test_prepare_refuses_bad_arguments(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_tail: list[str], expected: str
 ) -> None:
     root = tmp_path / "root"
-    assert prepare.main([*argv_tail, "--root", str(root)]) == 2
+    assert data_cli.main([*argv_tail, "--root", str(root)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("hpcnoise: error: ") and expected in err
     assert not root.exists()
@@ -206,7 +207,7 @@ def test_prepare_refuses_bad_arguments(
 
 def test_prepare_refuses_unwritable_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "a-file").write_text("x")
-    assert prepare.main(["mnist", "--root", str(tmp_path / "a-file" / "sub")]) == 2
+    assert data_cli.main(["mnist", "--root", str(tmp_path / "a-file" / "sub")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"cannot write to --root {tmp_path / 'a-file' / 'sub'}" in err
 
@@ -217,7 +218,7 @@ def test_prepare_without_raw_files_writes_nothing(
     tmp_path: Path, offline: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, download: bool
 ) -> None:
     argv = [name, "--root", str(tmp_path)] + ([] if download else ["--no-download"])
-    assert prepare.main(argv) == 2
+    assert data_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert f"cannot read the raw {name} files in {tmp_path}" in err
@@ -232,7 +233,7 @@ def test_prepare_rejects_a_damaged_raw_file(
     make_raw("cifar10", tmp_path, offline)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:-7])  # its MD5 no longer matches; the download cannot replace it
-    assert prepare.main(["cifar10", "--root", str(tmp_path)]) == 2
+    assert data_cli.main(["cifar10", "--root", str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert prepared_files(tmp_path) == []
 
@@ -242,7 +243,7 @@ def test_prepare_rejects_a_damaged_raw_file(
 def prepared(tmp_path: Path, offline: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[Path, dict]:
     name = request.param
     raw = make_raw(name, tmp_path, offline)
-    assert prepare.main([name, "--root", str(tmp_path)]) == 0
+    assert data_cli.main([name, "--root", str(tmp_path)]) == 0
     return tmp_path, raw
 
 

@@ -28,7 +28,9 @@ from hpcnoise.benchmarks.scaling import (
     write_times,
 )
 from hpcnoise.buckets import assign
+from hpcnoise.cli.bench import scaling as scaling_cli
 from hpcnoise.comm import Comm
+from hpcnoise.models import MODELS
 
 
 def test_ring_allreduce_by_hand() -> None:
@@ -156,12 +158,12 @@ def test_command_writes_and_reads_times(tmp_path: Path, capsys: pytest.CaptureFi
     times, first, second = tmp_path / "t.json", tmp_path / "a.csv", tmp_path / "b.csv"
     common = ["--models", "mlp", "--workers", "1,8,16,1024", "--bucket-mb", "0.5"]
     assert (
-        scaling.main([*common, "--batch", "16", "--repeats", "1", "--write-times", str(times), "--csv", str(first)])
+        scaling_cli.main([*common, "--batch", "16", "--repeats", "1", "--write-times", str(times), "--csv", str(first)])
         == 0
     )
     out = capsys.readouterr().out
     assert out.startswith("MODEL PREDICTION, not a measurement")
-    assert scaling.main([*common, "--times", str(times), "--csv", str(second)]) == 0
+    assert scaling_cli.main([*common, "--times", str(times), "--csv", str(second)]) == 0
     assert f"read from {times}" in capsys.readouterr().out
     a, b = pd.read_csv(first), pd.read_csv(second)
     predicted = ["model", "regime", "W", "nodes", "buckets", "MB/step", "comm ms", "step ms", "step ms overlap", "eff"]
@@ -211,7 +213,7 @@ def test_bad_input(
     write_times(tmp_path / "good.json", [_measurement([2.0], [4])], {"device": "cpu", "repeats": 1})
     (tmp_path / "no").write_text("a file where a directory would be")
     before = sorted(tmp_path.rglob("*"))
-    assert scaling.main(argv) == 2
+    assert scaling_cli.main(argv) == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpcnoise bench scaling: error: "), err
@@ -226,5 +228,5 @@ def test_cli_dispatch() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "hpcnoise bench scaling: error: --models: unknown model 'nope'; valid: all, " + ", ".join(scaling.MODELS)
+        "hpcnoise bench scaling: error: --models: unknown model 'nope'; valid: all, " + ", ".join(MODELS)
     ]

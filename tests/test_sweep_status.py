@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcnoise import sweep
+from hpcnoise import runstate, sweepfile
+from hpcnoise.cli import sweep
 from hpcnoise.config import Config
 from tests.helpers.launch import BIN
 
@@ -84,7 +85,7 @@ def make_sweep(root: Path) -> tuple[Path, list[Path]]:
     runs = root / "runs"
     cells = [Config(out_dir=str(runs), run_name=f"c{i}-{kind}", seed=i) for i, (kind, _) in enumerate(CELLS)]
     path = root / "mini.sweep.jsonl"
-    sweep.write_file(path, sweep.cell_lines("mini", cells))
+    sweepfile.write_file(path, sweepfile.cell_lines("mini", cells))
     dirs = [runs / c.run_name for c in cells]
     for run_dir, (kind, _) in zip(dirs, CELLS):
         make_run(run_dir, kind)
@@ -100,23 +101,23 @@ def test_run_state_of_each_state(tmp_path: Path) -> None:
     running = dirs[1]
     before = listing(tmp_path)
     with held(running / ".lock"):
-        assert sweep.lock_held(running)
-        assert [sweep.run_state(d) for d in dirs] == [state for _, state in CELLS]
-        assert not any(sweep.lock_held(d) for d in dirs if d != running)
-        assert sweep.run_state(running) == "running"  # probing twice: the probe released its own lock
+        assert runstate.lock_held(running)
+        assert [runstate.run_state(d) for d in dirs] == [state for _, state in CELLS]
+        assert not any(runstate.lock_held(d) for d in dirs if d != running)
+        assert runstate.run_state(running) == "running"  # probing twice: the probe released its own lock
     # The job ended (killed after its checkpoint): the lock file stays, free, so the run is preempted.
-    assert not sweep.lock_held(running) and sweep.run_state(running) == "preempted"
+    assert not runstate.lock_held(running) and runstate.run_state(running) == "preempted"
     assert listing(tmp_path) == before  # probing wrote nothing (no .lock created where there was none)
     # summary.json wins over everything; diverged.json over a held lock and the last good checkpoint.
     with held(dirs[4] / ".lock"):
-        assert sweep.run_state(dirs[4]) == "diverged"
-    assert sweep.state_detail(dirs[0], "finished") == "final test error 12.50%"
+        assert runstate.run_state(dirs[4]) == "diverged"
+    assert runstate.state_detail(dirs[0], "finished") == "final test error 12.50%"
     assert (
-        sweep.state_detail(dirs[4], "diverged")
+        runstate.state_detail(dirs[4], "diverged")
         == "in epoch 2: training diverged in epoch 2: loss is nan try a lower lr"
     )
-    assert sweep.state_detail(dirs[2], "preempted") == "1 epoch logged"
-    assert sweep.state_detail(dirs[5], "failed") == "0 epochs logged"
+    assert runstate.state_detail(dirs[2], "preempted") == "1 epoch logged"
+    assert runstate.state_detail(dirs[5], "failed") == "0 epochs logged"
 
 
 def test_status_counts_and_lists_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

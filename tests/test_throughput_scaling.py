@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 
 from analysis import sections, tables
-from analysis.report import main as report_main
 from hpcnoise.benchmarks import throughput
 from hpcnoise.benchmarks.network import Network
+from hpcnoise.cli.report import main as report_main
 from tests.helpers.launch import run_launched
 
 KEY = dict(dataset="mnist1d", label="LB+GBN", device_used="cpu")

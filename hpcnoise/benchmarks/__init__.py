@@ -1,1 +1,2 @@
-"""Micro-benchmarks of the suite's own machinery, each runnable as ``python -m hpcnoise.benchmarks.NAME``."""
+"""Micro-benchmarks of the suite's own machinery: what each measures and how (their command lines,
+``hpcnoise bench NAME``, are in hpcnoise.cli.bench)."""

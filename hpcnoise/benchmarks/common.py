@@ -1,12 +1,8 @@
-"""What the benchmarks share: the dataset each model is built for, the benchmark run's configuration and
-the parsing of comma-separated model and regime lists."""
+"""What the benchmarks share: the dataset each model is built for and the benchmark run's configuration."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from hpcnoise.config import Config
-from hpcnoise.errors import ConfigError
 
 # The dataset whose shape each model is built for.
 MODEL_DATA = {"mlp": "mnist1d", "cnn1d": "mnist1d", "mnist_mlp": "mnist", "lenet5": "mnist"}
@@ -35,13 +31,3 @@ def bench_config(model: str, regime: str, batch: int, steps: int, threads: int) 
         progress=False,
         conv_mode="spatial" if MODEL_DATA.get(model, "cifar10") != "mnist1d" else "exact",
     )
-
-
-def names(text: str, registry: dict[str, Any], what: str, option: str) -> list[str]:
-    """A comma-separated list of registry names, or 'all'; ConfigError naming the unknown ones."""
-    names = list(registry) if text == "all" else [n for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in registry]
-    if bad or not names:
-        given = ", ".join(map(repr, bad)) or "(none given)"
-        raise ConfigError(f"{option}: unknown {what} {given}; valid: all, {', '.join(registry)}")
-    return names

@@ -14,16 +14,14 @@ column is the speed-up over the fastest DataLoader at the same batch size. The s
 median of several timed rounds; the DataLoader's come from one round after warm-up batches that absorb
 worker start-up. On a CPU shared with other jobs, --threads 1 avoids OpenMP threads waiting on each other.
 
-    python -m hpcnoise.benchmarks.data_feed [--samples 50000] [--batches 128,512] [--workers 0,2]
-                                            [--steps 20] [--threads T] [--device auto|cpu|cuda]
+    hpcnoise bench data [--samples 50000] [--batches 128,512] [--workers 0,2]
+                        [--steps 20] [--threads T] [--device auto|cpu|cuda]    (hpcnoise.cli.bench.data)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +31,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from hpcnoise.data import IMAGE_SETS, crop_flip_augment, epoch_batches, normalise
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.seeding import generator
 
 SPEC = IMAGE_SETS["cifar10"]
@@ -128,62 +125,24 @@ def time_loader(dataset: Dataset, batch: int, workers: int, steps: int, device: 
     return rate
 
 
-def int_list(low: int, what: str) -> Callable[[str], list[int]]:
-    """An argparse type: a comma-separated list of integers >= ``low`` (at least one)."""
-
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = []
-        if not values or min(values) < low:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what} (integers >= {low}), got {text!r}")
-        return values
-
-    return parse
+def device_of(name: str) -> torch.device:
+    """``auto``: the GPU where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="hpcnoise bench data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=50_000, help="images in the split (CIFAR: 50,000)")
-    p.add_argument("--batches", type=int_list(1, "batch sizes"), default=[128, 512], help="comma-separated batch sizes")
-    p.add_argument(
-        "--workers", type=int_list(0, "worker counts"), default=[0, 2], help="comma-separated DataLoader worker counts"
-    )
-    p.add_argument("--steps", type=int, default=20, help="timed batches per measurement")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    try:
-        args = p.parse_args(argv)
-        if args.steps < 1:
-            raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-        if args.threads < 0:
-            raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda is not available on this machine (no CUDA GPU); valid here: auto, cpu")
-        required = max(args.batches) * (args.steps + WARMUP)
-        if args.samples < required:
-            raise ConfigError(f"--samples must be at least {required} (largest batch x (steps + {WARMUP}))")
-    except ConfigError as e:
-        print(f"hpcnoise: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    batch_sizes, worker_counts = args.batches, args.workers
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-
+def run(samples: int, batch_sizes: list[int], worker_counts: list[int], steps: int, device: torch.device) -> None:
+    """Print the table: samples/s of the suite's two paths and of each DataLoader, at each batch size."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.samples, *SPEC.shape), dtype=torch.uint8, generator=g)  # N, C, H, W
-    labels = torch.randint(0, SPEC.num_classes, (args.samples,), generator=g)
+    images = torch.randint(0, 256, (samples, *SPEC.shape), dtype=torch.uint8, generator=g)  # N, C, H, W
+    labels = torch.randint(0, SPEC.num_classes, (samples,), generator=g)
     x_u8, y = images.to(device), labels.to(device)
     x_float = normalise(x_u8, SPEC)  # what the loader hands to train: normalised once, float32
     dataset = CifarLike(images.permute(0, 2, 3, 1).contiguous().numpy(), labels.numpy(), standard_transform())
 
     print(
-        f"data feed: {args.samples} x {'x'.join(map(str, SPEC.shape))} uint8 images, device {device}, "
+        f"data feed: {samples} x {'x'.join(map(str, SPEC.shape))} uint8 images, device {device}, "
         f"torch {torch.__version__}"
     )
     print(
@@ -193,17 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'batch':>5}  {'path':<50} {'samples/s':>10} {'vs best DataLoader':>19}")
     for batch in batch_sizes:
         rates = {
-            "suite: gather uint8, crop/flip, normalise": time_suite(x_u8, y, batch, args.steps, device),
-            "suite: gather normalised float, crop/flip (train)": time_suite(x_float, y, batch, args.steps, device),
+            "suite: gather uint8, crop/flip, normalise": time_suite(x_u8, y, batch, steps, device),
+            "suite: gather normalised float, crop/flip (train)": time_suite(x_float, y, batch, steps, device),
         }
         for workers in worker_counts:
-            rate = time_loader(dataset, batch, workers, args.steps, device)
+            rate = time_loader(dataset, batch, workers, steps, device)
             rates[f"DataLoader, standard transforms, {workers} worker{'s' * (workers != 1)}"] = rate
         best = max(v for k, v in rates.items() if k.startswith("DataLoader"))
         for label, rate in rates.items():
             print(f"{batch:>5}  {label:<50} {rate:>10,.0f} {rate / best:>18.1f}x")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

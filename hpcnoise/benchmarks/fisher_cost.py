@@ -27,20 +27,18 @@ For the convolutional networks ``lenet5`` (MNIST shape (1, 28, 28)) and ``resnet
 Methods are timed in interleaved rounds (one step of each per round), so drifting background load hits
 all of them alike; the table gives the median over rounds after warm-up.
 
-    python -m hpcnoise.benchmarks.fisher_cost [--batch 1024] [--steps 20] [--threads 1]
-    python -m hpcnoise.benchmarks.fisher_cost --conv [--batch 128]   # lenet5 and resnet44
+    hpcnoise bench fisher [--batch 1024] [--steps 20] [--threads 1]
+    hpcnoise bench fisher --conv [--batch 128]   # lenet5 and resnet44
 
-This module holds the flat networks' benchmark and the command line; the methods, their timing and the
-table are in :mod:`hpcnoise.benchmarks.fisher_methods`, the convolutional section in
-:mod:`hpcnoise.benchmarks.fisher_conv`.
+This module holds the flat networks' benchmark; the methods, their timing and the table are in
+:mod:`hpcnoise.benchmarks.fisher_methods`, the convolutional section in :mod:`hpcnoise.benchmarks.fisher_conv`,
+the command line in :mod:`hpcnoise.cli.bench.fisher`.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 
-import torch
 from torch import Tensor, nn
 
 from hpcnoise.benchmarks.fisher_conv import CONV_SHAPES, run_conv
@@ -59,7 +57,6 @@ from hpcnoise.benchmarks.fisher_methods import (
     table_row,
     time_methods,
 )
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.models import build_model
 
 IN_SHAPE = (40,)  # MNIST-1D: 40 features per sample
@@ -105,27 +102,6 @@ def benchmark(name: str, bn: str, batch: int, steps: int) -> list[dict[str, obje
     return rows
 
 
-def _parser() -> Parser:
-    parser = Parser(prog="hpcnoise bench fisher", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        choices=[*MODELS, *CONV_SHAPES],
-        default=None,
-        help=f"networks to measure (default: {' '.join(MODELS)})",
-    )
-    parser.add_argument("--conv", action="store_true", help=f"same as --models {' '.join(CONV_SHAPES)}")
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help="local batch size (samples per step; default: 1024 for mlp and cnn1d, 128 for lenet5 and resnet44)",
-    )
-    parser.add_argument("--steps", type=int, default=20, help="timed rounds; the median is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    return parser
-
-
 def run_flat(models: list[str], batch: int, steps: int) -> None:
     """The table of ``mlp`` and ``cnn1d``: train- and eval-mode batch norm, hooks vs torch.func and a loop."""
     header(batch, steps)
@@ -138,30 +114,13 @@ def run_flat(models: list[str], batch: int, steps: int) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-        if args.conv and args.models is not None:
-            raise ConfigError("--conv and --models are exclusive")
-        for name, low in (("batch", 1), ("steps", 1), ("threads", 1)):
-            value = getattr(args, name)
-            if value is not None and value < low:
-                raise ConfigError(f"--{name} must be a positive integer, got {value}")
-    except ConfigError as e:
-        print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    models = list(CONV_SHAPES) if args.conv else args.models or list(MODELS)
-    torch.set_num_threads(args.threads)
+def run(models: list[str], batch: int | None, steps: int) -> None:
+    """The tables of ``models`` (flat ones, then convolutional ones) at ``batch`` (default: DEFAULT_BATCH)."""
     flat = [name for name in models if name in MODELS]
     conv = [name for name in models if name in CONV_SHAPES]
     if flat:
-        run_flat(flat, args.batch or DEFAULT_BATCH[flat[0]], args.steps)
+        run_flat(flat, batch or DEFAULT_BATCH[flat[0]], steps)
     if conv:
         if flat:
             print()
-        run_conv(conv, args.batch or DEFAULT_BATCH[conv[0]], args.steps)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        run_conv(conv, batch or DEFAULT_BATCH[conv[0]], steps)

@@ -1,15 +1,10 @@
 """The network the scaling model predicts for: an alpha-beta ring allreduce inside a node and across
-nodes, and the command-line options that describe it (``hpcnoise bench scaling`` and ``hpcnoise bench
-train``). Plain Python, so a command can check its options before it loads torch."""
+nodes (the command-line options that describe it: hpcnoise.cli.bench). Plain Python, so a command can
+check its options before it loads torch."""
 
 from __future__ import annotations
 
-import argparse
-import math
 from dataclasses import dataclass
-from typing import Any
-
-from hpcnoise.errors import ConfigError
 
 US, GB = 1e-6, 1e9  # the CLI's units: latencies in microseconds, bandwidths in GB/s (10^9 bytes per second)
 
@@ -53,37 +48,3 @@ class Network:
             f"beta {self.intra_bandwidth / GB:g} GB/s (NVLink); inter-node alpha {self.inter_latency_s / US:g} us, "
             f"beta {self.inter_bandwidth / GB:g} GB/s per node ({8 * self.inter_bandwidth / GB:g} Gb/s InfiniBand)"
         )
-
-
-def add_network_options(p: argparse.ArgumentParser, gpus_per_node: bool) -> None:
-    """--intra-latency, --intra-bandwidth, --inter-latency, --inter-bandwidth (and --gpus-per-node when
-    the command does not know it from its launcher), defaulting to ``Network()``."""
-    d = Network()
-    if gpus_per_node:
-        p.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="G (default 8)")
-    p.add_argument("--intra-latency", type=float, default=d.intra_latency_s / US, help="alpha in a node, us (2)")
-    p.add_argument("--intra-bandwidth", type=float, default=d.intra_bandwidth / GB, help="beta in a node, GB/s (150)")
-    p.add_argument("--inter-latency", type=float, default=d.inter_latency_s / US, help="alpha across nodes, us (5)")
-    p.add_argument(
-        "--inter-bandwidth", type=float, default=d.inter_bandwidth / GB, help="a node's network beta, GB/s (25)"
-    )
-
-
-def check_positive(value: float, option: str, zero_ok: bool = False) -> None:
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{option} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value:g}")
-
-
-def network_from_args(args: Any, gpus_per_node: int | None = None) -> Network:
-    """The options' network; ``gpus_per_node`` when the launcher tells it, else --gpus-per-node.
-    ConfigError naming the first bad option."""
-    per_node = args.gpus_per_node if gpus_per_node is None else gpus_per_node
-    if per_node < 1:
-        raise ConfigError(f"--gpus-per-node must be a positive integer, got {per_node}")
-    for option in ("intra_latency", "inter_latency"):
-        check_positive(getattr(args, option), f"--{option.replace('_', '-')}", zero_ok=True)
-    for option in ("intra_bandwidth", "inter_bandwidth"):
-        check_positive(getattr(args, option), f"--{option.replace('_', '-')}")
-    return Network(
-        per_node, args.intra_latency * US, args.intra_bandwidth * GB, args.inter_latency * US, args.inter_bandwidth * GB
-    )

@@ -34,33 +34,27 @@ torch.profiler over one block of lb and diagf and prints where the step's time g
 labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
 and the N slowest operators.
 Figures only: nothing here asserts a speed. On one worker there is nothing to overlap, so ``lb`` and
-``lb fused`` run the same step (hpcnoise.train.make_trainer).
+``lb fused`` run the same step (hpcnoise.train.make_trainer). The command line: hpcnoise.cli.bench.step.
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpcnoise.benchmarks.common import MODEL_DATA, names
-from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
+from hpcnoise.benchmarks.common import MODEL_DATA
+from hpcnoise.comm import Comm
 from hpcnoise.config import Config
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
-from hpcnoise.files import unwritable, write_text_atomic
-from hpcnoise.models import MODELS
-from hpcnoise.workload import validate
 
 WARMUP = 2  # untimed steps of each variant before the rounds
 # The suite's targets: (model or None for every model, variant, its baseline, bound). The first is a
@@ -342,97 +336,34 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _check(args: Any) -> list[str]:
-    models = names(args.models, MODELS, "model", "--models")
-    for option in ("batch", "steps", "rounds"):
-        if getattr(args, option) < 1:
-            raise ConfigError(f"--{option} must be a positive integer, got {getattr(args, option)}")
-    if args.profile < 0:
-        raise ConfigError(f"--profile must be >= 0 (0: no profile), got {args.profile}")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    text = args.bucket_mb
-    try:
-        args.bucket_mb = [float(v) for v in text.split(",")]
-    except ValueError:
-        args.bucket_mb = []
-    if not args.bucket_mb or not all(mb > 0 for mb in args.bucket_mb) or len(set(args.bucket_mb)) < len(args.bucket_mb):
-        raise ConfigError(f"--bucket-mb must be distinct sizes > 0 in MiB, comma-separated, got {text!r}")
-    if args.csv is not None:
-        problem = unwritable(args.csv.parent) if not args.csv.is_dir() else ("", f"{str(args.csv)!r} is a directory")
-        if problem is not None:
-            raise ConfigError(f"cannot write --csv {args.csv}: {problem[1]}")
-    world = detect_launcher()[1]
-    for model in models:
-        try:
-            validate(step_config(model, "diagf", args.batch, args.threads, device=args.device), world)
-        except ConfigError as e:
-            raise ConfigError(f"{model} with --batch {args.batch}: {e}") from e
-    return models
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="hpcnoise bench step", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--models", default="mlp,cnn1d,lenet5,resnet44", help=f"comma-separated, or 'all' ({', '.join(MODELS)})"
-    )
-    p.add_argument("--batch", type=int, default=512, help="global batch (default 512)")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed block (default 5)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the table gives medians (default 5)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument(
-        "--bucket-mb",
-        default=f"{Config().bucket_mb:g}",
-        help="gradient bucket size of lb and diagf in MiB; more sizes, comma-separated, add lb variants",
-    )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--csv", type=Path, help="also write the table as CSV")
-    p.add_argument(
-        "--profile", type=int, default=0, metavar="N", help="then profile lb and diagf: the N slowest operators"
-    )
-    try:
-        args = p.parse_args(argv)
-        models = _check(args)
-    except ConfigError as e:
-        if launcher_rank() == 0:
-            print(f"hpcnoise bench step: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    import pandas as pd  # lazy: only once the arguments are good
-
+def compare(
+    comm: Comm,
+    models: list[str],
+    batch: int,
+    *,
+    threads: int,
+    device: str,
+    bucket_mb: list[float],
+    block: int,
+    rounds: int,
+    profile: int,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The table's rows of every model (``block`` steps per variant in each of ``rounds`` rounds; buckets of
+    ``bucket_mb[0]`` MiB, the other sizes as more lb variants), and with ``profile`` > 0 each model's profile
+    (the N = ``profile`` slowest operators)."""
     from hpcnoise.workload import data_and_model
 
-    comm = init(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
     profiles: list[str] = []
     for model_name in models:
-        cfg = step_config(model_name, "lb", args.batch, args.threads, device=args.device, bucket_mb=args.bucket_mb[0])
+        cfg = step_config(model_name, "lb", batch, threads, device=device, bucket_mb=bucket_mb[0])
         data, model = data_and_model(cfg, comm)
-        local = args.batch // comm.size
+        local = batch // comm.size
         x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
         y = data.y_train[comm.rank * local : (comm.rank + 1) * local]
-        steps = variants(model_name, cfg, comm, model, x, y, args.bucket_mb[1:])
-        times, phases = time_variants(steps, args.steps, args.rounds, comm)
-        rows += model_rows(model_name, args.batch, times, phases)
-        if args.profile:
-            profiles.append(f"[{model_name}] " + profile_variants(steps, args.steps, args.profile, comm.device))
-    if comm.is_main:
-        table = pd.DataFrame(rows)
-        print(
-            f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
-            f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
-        )
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
-        print("targets:")
-        for line in targets(rows):
-            print(f"  {line}")
-        if args.csv:
-            write_text_atomic(args.csv, table.to_csv(index=False))
-        for text in profiles:
-            print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        steps = variants(model_name, cfg, comm, model, x, y, bucket_mb[1:])
+        times, phases = time_variants(steps, block, rounds, comm)
+        rows += model_rows(model_name, batch, times, phases)
+        if profile:
+            profiles.append(f"[{model_name}] " + profile_variants(steps, block, profile, comm.device))
+    return rows, profiles

@@ -35,70 +35,26 @@ scaling module lists (contention between the workers for cores and memory, Horov
 costs, stragglers), so on one host of CPU workers the measured efficiency is expected to be lower.
 
 Bad arguments (an unknown model, a batch the world size does not divide, an --out that cannot be
-written, a non-positive bandwidth) give one line on stderr and exit status 2 before anything runs.
+written, a non-positive bandwidth) give one line on stderr and exit status 2 before anything runs (the
+command line: hpcnoise.cli.bench.train).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import secrets
-import shutil
-import sys
-import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from hpcnoise.benchmarks.common import bench_config, names
-from hpcnoise.benchmarks.network import GB, US, Network, add_network_options, network_from_args
-from hpcnoise.comm import Comm, detect_launcher, init, launcher_rank
+from hpcnoise.benchmarks.common import bench_config
+from hpcnoise.benchmarks.network import GB, US, Network
+from hpcnoise.comm import Comm
 from hpcnoise.config import Config
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
-from hpcnoise.files import unwritable, write_json_atomic
-from hpcnoise.models import MODELS
-from hpcnoise.regimes import REGIMES
-from hpcnoise.workload import validate
+from hpcnoise.files import write_json_atomic
 
 PREDICTION_FILE = "scaling.json"  # in a kept run directory of W > 1 workers
 PREDICTION_FORMAT = "hpcnoise-scaling-prediction-v1"
 PREDICTION_REPEATS = 5  # timed steps of each compute measurement (median), after scaling.WARMUP
-
-
-def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """The models and regimes to measure; ConfigError on bad arguments, before anything runs or is written."""
-    models = names(args.models, MODELS, "model", "--models")
-    regimes = names(args.regimes, REGIMES, "regime", "--regimes")
-    if args.batch < 4:
-        raise ConfigError(f"--batch must be an integer >= 4 (the small batch is a quarter of it), got {args.batch}")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be a positive integer, got {args.steps}")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
-    network_from_args(args, gpus_per_node=1)  # checks the options; the run knows its ranks per node
-    csv = args.csv
-    if csv is not None:
-        problem = unwritable(csv.parent) if not csv.is_dir() else ("", f"{str(csv)!r} is a directory")
-        if problem is not None:
-            raise ConfigError(f"cannot write --csv {csv}: {problem[1]}")
-    if args.out is not None:
-        problem = unwritable(args.out)
-        if problem is not None:
-            raise ConfigError(f"cannot keep the runs in --out {args.out}: {problem[1]}")
-    world = detect_launcher()[1]
-    for model in models:
-        for regime in regimes:
-            try:
-                validate(bench_config(model, regime, args.batch, args.steps, args.threads), world)
-            except ConfigError as e:
-                raise ConfigError(f"{model}/{regime} with --batch {args.batch}: {e}") from e
-    return models, regimes
-
-
-def run_network(args: argparse.Namespace, comm: Comm) -> Network:
-    """The network the run ran on, for the model: Horovod's local size as ranks per node, the options' links."""
-    return network_from_args(args, comm.hvd.local_size() if comm.hvd is not None else 1)
 
 
 def network_text(network: dict[str, Any], world: int) -> str:
@@ -153,92 +109,50 @@ def predict_run(cfg: Config, global_batch: int, comm: Comm, network: Network) ->
     }
 
 
-def _parser() -> Parser:
-    p = Parser(prog="hpcnoise bench train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="mlp,cnn1d", help=f"comma-separated, or 'all' ({', '.join(MODELS)})")
-    p.add_argument("--regimes", default="all", help=f"comma-separated, or 'all' ({', '.join(REGIMES)})")
-    p.add_argument("--batch", type=int, default=512, help="global large batch (default 512)")
-    p.add_argument("--steps", type=int, default=10, help="steps per epoch (default 10)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
-    p.add_argument("--csv", type=Path, help="also write the table as CSV")
-    p.add_argument(
-        "--out", type=Path, help="keep the run directories here (for `hpcnoise report`), with the model's prediction"
-    )
-    add_network_options(p, gpus_per_node=False)
-    return p
-
-
-def _run_dirs(args: argparse.Namespace, comm: Comm) -> tuple[Path, str]:
-    """Where the runs go (--out, or a temporary directory) and the stamp that makes their names unique."""
-    if comm.is_main:
-        out = str(args.out) if args.out is not None else tempfile.mkdtemp(prefix="hpcnoise-bench-")
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    else:
-        out, stamp = "", ""
-    out, stamp = comm.broadcast_object((out, stamp))
-    return Path(out), stamp
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = _parser()
-    try:
-        args = p.parse_args(argv)
-        models, regimes = _check(args)
-    except ConfigError as e:
-        if launcher_rank() == 0:
-            print(f"hpcnoise bench train: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    import pandas as pd  # lazy: only once the arguments are good
-
+def measure_rows(
+    comm: Comm,
+    cells: list[tuple[str, str]],
+    batch: int,
+    steps: int,
+    threads: int,
+    out: Path,
+    stamp: str | None,
+    network: Network | None,
+) -> list[dict[str, Any]]:
+    """Train each (model, regime) of ``cells`` for 2 epochs of ``steps`` steps into ``out`` and return rank 0's
+    table rows (the other ranks': none). ``stamp``: keep the run directories under unique names (``--out``);
+    ``network``: also predict each run's efficiency there and write RUN_DIR/scaling.json."""
     from hpcnoise.train import train
 
-    comm = init("auto")
-    out, stamp = _run_dirs(args, comm)
-    predicting = args.out is not None and comm.size > 1
-    network = run_network(args, comm)
     rows = []
-    for model in models:
-        for regime in regimes:
-            cfg = replace(bench_config(model, regime, args.batch, args.steps, args.threads), out_dir=str(out))
-            name = f"{model}-{regime}" if args.out is None else f"bench-{model}-{regime}-b{args.batch}-w{comm.size}"
-            cfg = replace(cfg, run_name=name if args.out is None else f"{name}-{stamp}")
-            train(cfg, comm)
-            if comm.is_main:
-                last = json.loads((out / cfg.run_name / "metrics.jsonl").read_text().splitlines()[-1])
-                steps = max(last["step"] // 2, 1)
-                row = {
-                    "model": model,
-                    "regime": regime,
-                    "world": comm.size,
-                    "batch": last["batch_size"],
-                    "samples/s": last["samples_per_s"],
-                    "samples/s/worker": last["samples_per_s_per_worker"],
-                }
-                for phase in ("forward_backward", "allreduce", "noise", "optimizer"):
-                    row[f"{phase} ms"] = 1e3 * last.get(f"time_{phase}_s", 0.0) / steps
-                if predicting:
-                    prediction = predict_run(cfg, int(last["batch_size"]), comm, network)
-                    write_json_atomic(out / cfg.run_name / PREDICTION_FILE, prediction)
-                    row["model eff"] = prediction["efficiency"]
-                rows.append(row)
-            if predicting:
-                comm.broadcast_object(None)  # the other ranks wait here while rank 0 measures
-    if comm.is_main:
-        if args.out is None:
-            shutil.rmtree(out, ignore_errors=True)
-        table = pd.DataFrame(rows)
-        print(f"synthetic throughput, {comm.size} worker(s), device {comm.device}, global batch {args.batch}")
-        formats = {"model eff": "{:.2f}".format} if predicting else None
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}", formatters=formats))
-        if predicting:
-            where = network_text(asdict(network), comm.size)
-            print(f"model eff: MODEL PREDICTION (hpcnoise.benchmarks.scaling), not a measurement; network {where}")
-        if args.out is not None:
-            print(f"runs kept in {out}; `hpcnoise report {out}` puts them in its throughput table")
-        if args.csv:
-            table.to_csv(args.csv, index=False)
-    return 0
+    for model, regime in cells:
+        cfg = replace(bench_config(model, regime, batch, steps, threads), out_dir=str(out))
+        name = f"{model}-{regime}" if stamp is None else f"bench-{model}-{regime}-b{batch}-w{comm.size}"
+        cfg = replace(cfg, run_name=name if stamp is None else f"{name}-{stamp}")
+        train(cfg, comm)
+        if comm.is_main:
+            last = json.loads((out / cfg.run_name / "metrics.jsonl").read_text().splitlines()[-1])
+            rows.append(_row(model, regime, comm.size, last))
+            if network is not None:
+                prediction = predict_run(cfg, int(last["batch_size"]), comm, network)
+                write_json_atomic(out / cfg.run_name / PREDICTION_FILE, prediction)
+                rows[-1]["model eff"] = prediction["efficiency"]
+        if network is not None:
+            comm.broadcast_object(None)  # the other ranks wait here while rank 0 measures
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _row(model: str, regime: str, world: int, last: dict[str, Any]) -> dict[str, Any]:
+    """A table row from the run's last metrics line: samples/s and each phase's ms per step."""
+    steps = max(last["step"] // 2, 1)
+    row = {
+        "model": model,
+        "regime": regime,
+        "world": world,
+        "batch": last["batch_size"],
+        "samples/s": last["samples_per_s"],
+        "samples/s/worker": last["samples_per_s_per_worker"],
+    }
+    for phase in ("forward_backward", "allreduce", "noise", "optimizer"):
+        row[f"{phase} ms"] = 1e3 * last.get(f"time_{phase}_s", 0.0) / steps
+    return row

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
-from hpcnoise.cli import is_rank0
+from hpcnoise.cli.common import is_rank0
+from hpcnoise.config import Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import write_json_atomic
 from hpcnoise.rundir import load_config
@@ -30,33 +32,41 @@ def _parser() -> Parser:
     return parser
 
 
+def _check(args: Any) -> tuple[Config, str, dict[str, Any]]:
+    """The run's config, the device to measure on and the model's state; ConfigError on bad input (every
+    rank checks, before any collective)."""
+    if args.run_dir.exists() and not args.run_dir.is_dir():
+        raise ConfigError(f"run directory {str(args.run_dir)!r} is not a directory")
+    cfg = load_config(args.run_dir)
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be positive, got {args.samples}")
+    if args.samples > cfg.train_samples:
+        raise ConfigError(f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples")
+    import torch  # the run directory looks right: now the checks that need torch
+
+    from hpcnoise.comm import detect_launcher
+    from hpcnoise.workload import check_workload, read_model_state
+
+    world = detect_launcher()[1]
+    if args.samples < world:
+        raise ConfigError(f"--samples {args.samples} cannot be shared by {world} processes; use at least {world}")
+    # A run trained on a GPU is measured on this machine's device; the rest of its config must be valid.
+    device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "auto"
+    check_workload(replace(cfg, device=device))
+    return cfg, device, read_model_state(args.run_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``hpcnoise sharpness RUN_DIR [--samples N] [--method lanczos|power] [--no-temperature] [--no-fold]``"""
     try:  # every rank checks, before any collective
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        if args.run_dir.exists() and not args.run_dir.is_dir():
-            raise ConfigError(f"run directory {str(args.run_dir)!r} is not a directory")
-        cfg = load_config(args.run_dir)
-        if args.samples < 1:
-            raise ConfigError(f"--samples must be positive, got {args.samples}")
-        if args.samples > cfg.train_samples:
-            raise ConfigError(f"--samples {args.samples} exceeds the run's {cfg.train_samples} training samples")
-        import torch  # the run directory looks right: now the checks that need torch
-
-        from hpcnoise.comm import detect_launcher
-        from hpcnoise.workload import check_workload, read_model_state
-
-        world = detect_launcher()[1]
-        if args.samples < world:
-            raise ConfigError(f"--samples {args.samples} cannot be shared by {world} processes; use at least {world}")
-        # A run trained on a GPU is measured on this machine's device; the rest of its config must be valid.
-        device = cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "auto"
-        check_workload(replace(cfg, device=device))
-        state = read_model_state(args.run_dir)
+        cfg, device, state = _check(args)
     except ConfigError as e:
         if is_rank0():
             print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    import torch
+
     from hpcnoise.comm import init
     from hpcnoise.measure.sharpness import sharpness_of
     from hpcnoise.workload import data_and_model, load_model_state

@@ -1,4 +1,5 @@
-"""``hpcnoise data prepare NAME --root DIR``: turn an upstream image dataset into one compact file per split.
+"""Download an upstream image dataset (or read its raw files already present) and pack it into one compact
+file per split; ``hpcnoise data prepare NAME --root DIR`` runs it (hpcnoise.cli.data).
 
 Run once per dataset on a machine with internet (a login node): torchvision downloads the raw upstream
 files into DIR and checks their MD5s. Where the raw files are already in DIR (copied there: MNIST IDX
@@ -7,18 +8,16 @@ It then writes ``DIR/NAME-train.pt`` and ``DIR/NAME-test.pt`` (format in hpcnois
 after both splits have been read, so a failure leaves no prepared file half-written. Training jobs read
 only these files (``--data_root=DIR``).
 
-Bad input (unknown NAME, unwritable DIR, raw files neither present nor downloadable) gets one line on
-stderr and exit status 2 (``EXIT_USAGE``).
+Bad input (unknown NAME, unwritable DIR, raw files neither present nor downloadable) raises
+``PrepareError``, whose message is the one line the command prints.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
+from hpcnoise.errors import ConfigError
 from hpcnoise.files import unwritable
 
 if TYPE_CHECKING:
@@ -37,28 +36,6 @@ SOURCES: dict[str, str] = {
 
 class PrepareError(ConfigError):
     """Bad input to ``prepare``: the message is the one line the user sees."""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = Parser(
-        error_type=PrepareError,
-        prog="hpcnoise data prepare",
-        description="Download (or read already present) raw files of an image dataset and write one "
-        "compact file per split (uint8 images, int64 labels, checksummed header) into --root.",
-    )
-    p.add_argument("name", help=f"dataset: {', '.join(SOURCES)}")
-    p.add_argument(
-        "--root",
-        default=None,
-        help="directory for raw and prepared files; training uses it as --data_root "
-        "(default: $HPCNOISE_DATA, else ~/.cache/hpcnoise)",
-    )
-    p.add_argument(
-        "--no-download",
-        action="store_true",
-        help="never touch the network: the raw files must already be in --root (compute nodes)",
-    )
-    return p
 
 
 def _check_writable(root: Path) -> None:
@@ -90,7 +67,7 @@ def _remove_new_empty_dirs(dirs: list[Path], existed: list[bool]) -> None:
                 pass
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
     """The exception as one line of at most ``limit`` characters (torchvision's errors span lines)."""
     text = " ".join(str(e).split())
     text = text if len(text) <= limit else text[: limit - 3] + "..."
@@ -114,7 +91,7 @@ def read_raw(name: str, root: Path, download: bool) -> dict[str, tuple[torch.Ten
         except Exception as e:  # download, MD5, archive and unpickling errors alike: one line for the user
             how = "is not allowed (--no-download)" if not download else "failed"
             raise PrepareError(
-                f"cannot read the raw {name} files in {root} ({_one_line(e)}); the download {how}. "
+                f"cannot read the raw {name} files in {root} ({one_line(e)}); the download {how}. "
                 f"Copy {spec.raw} into {root}, "
                 f"or run `{prepare_command(name, root)}` on a machine with internet"
             ) from e
@@ -133,7 +110,7 @@ def read_raw(name: str, root: Path, download: bool) -> dict[str, tuple[torch.Ten
     return out
 
 
-def prepare(name: str, root: Path, download: bool = True) -> list[Path]:
+def download_and_pack(name: str, root: Path, download: bool = True) -> list[Path]:
     """Read both raw splits of ``name`` in ``root`` (downloading if allowed); write both prepared files."""
     if name not in SOURCES:
         raise PrepareError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
@@ -157,29 +134,3 @@ def prepare(name: str, root: Path, download: bool = True) -> list[Path]:
         n, c, h, w = images.shape
         print(f"hpcnoise: wrote {path}: {n} images {c}x{h}x{w} uint8, sha256 {blob['sha256'][:16]}...")
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``hpcnoise data prepare NAME [--root DIR] [--no-download]``; argv is what follows ``prepare``."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = _parser().parse_args(argv)
-        if args.root:
-            root = Path(args.root).expanduser()
-        else:
-            from hpcnoise.data import cache_dir  # lazy: torch
-
-            root = cache_dir()
-        prepare(args.name, root, download=not args.no_download)
-    except PrepareError as e:
-        print(f"hpcnoise: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except OSError as e:  # writing the prepared files (disk full, quota): no file is left half-written
-        msg = f"cannot write the prepared files: {_one_line(e)}"
-        print(f"hpcnoise: error: {msg}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -49,38 +49,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpcnoise.config import Config, apply_overrides, check_values, config_from_dict
-from hpcnoise.errors import EXIT_USAGE, ConfigError, RunStopped
+from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser, RunStopped
 from hpcnoise.presets import TABLES
-from hpcnoise.runstate import STATES, diverged_text, lock_held, run_state, state_detail
-from hpcnoise.status import cmd_status
-from hpcnoise.sweepfile import (
-    PLACEMENT_FIELDS,
-    SweepError,
-    cell_lines,
-    read_cell,
-    read_cells,
-    run_name,
-    sweep_parser,
-    table_cells,
-    write_file,
-)
+from hpcnoise.runstate import diverged_text, run_state, state_detail
+from hpcnoise.status import counts_text, status_groups
+from hpcnoise.sweepfile import SweepError, cell_lines, read_cell, table_cells, write_file
 
-SWEEP_SCRIPT = Path(__file__).resolve().parent.parent / "jobs" / "sweep.sbatch"
-__all__ = [
-    "PLACEMENT_FIELDS",
-    "STATES",
-    "SweepError",
-    "cell_lines",
-    "lock_held",
-    "main",
-    "read_cell",
-    "read_cells",
-    "run_name",
-    "run_state",
-    "state_detail",
-    "table_cells",
-    "write_file",
-]
+SWEEP_SCRIPT = Path(__file__).resolve().parents[2] / "jobs" / "sweep.sbatch"
+
+
+def sweep_parser(prog: str, description: str) -> Parser:
+    """argparse that raises SweepError (prefixed with the program) instead of printing usage and exiting."""
+    return Parser(prog=prog, description=description, error_type=SweepError, prefix_prog=True)
 
 
 def cmd_write(argv: list[str]) -> int:
@@ -181,6 +161,32 @@ def cmd_submit(argv: list[str]) -> int:
         return subprocess.run(cmd, check=False).returncode
     except FileNotFoundError as e:
         raise SweepError("sbatch not found: submit from a Slurm login node (or use --dry-run)") from e
+
+
+def cmd_status(argv: list[str]) -> int:
+    p = sweep_parser(
+        prog="hpcnoise sweep status",
+        description="Count a sweep's cells by state: finished, running, preempted, diverged, failed, not started.",
+    )
+    p.add_argument("target", type=Path, help="a sweep file, or a directory of runs holding *.sweep.jsonl files")
+    p.add_argument("--list", action="store_true", help="also one line per cell: index, state, run name, detail")
+    args = p.parse_args(argv)
+    groups = status_groups(args.target)  # all input checked before anything is printed
+    everything: list[str] = []
+    for group in groups:
+        states = [run_state(run_dir) for _, run_dir, _ in group.entries]
+        everything += states
+        n = len(states)
+        print(f"{group.title}: {n} {group.noun}{'s' if n != 1 else ''}: {counts_text(states)}")
+        if args.list:
+            id_width = max(len(i) for i, _, _ in group.entries)
+            name_width = max(len(name) for _, _, name in group.entries)
+            for (i, run_dir, name), state in zip(group.entries, states):
+                line = f"  {i:>{id_width}}  {state:<11}" + (f"  {name:<{name_width}}" if name_width else "")
+                print((line + "  " + state_detail(run_dir, state)).rstrip())
+    if len(groups) > 1:
+        print(f"total: {len(everything)}: {counts_text(everything)}")
+    return 0
 
 
 def _say(msg: str, rank0_only: bool = False, err: bool = True) -> None:
