@@ -27,7 +27,7 @@ from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
 from hpcnoise.files import check_writable, git_hash, write_bytes_atomic
 from hpcnoise.rundir import RunDir, default_run_name
 from hpcnoise.statistics import STATISTICS
-from hpcnoise.step import Trainer
+from hpcnoise.step import StepParts
 from hpcnoise.temperature import applied_multiplier, calibration_note
 
 
@@ -47,7 +47,7 @@ class Position:
 
 
 # --- checkpoints of a run -------------------------------------------------------------------------------
-def save_checkpoint(run: RunDir | None, t: Trainer, pos: Position) -> None:
+def save_checkpoint(run: RunDir | None, t: StepParts, pos: Position) -> None:
     """Rank 0 writes the checkpoint atomically, keeping the previous one until the new one is complete."""
     if run is not None:
         position = {f.name: getattr(pos, f.name) for f in fields(pos)}
@@ -136,7 +136,7 @@ def open_run(cfg: Config, comm: Comm) -> tuple[Config, RunDir | None, dict[str, 
     return replace(cfg, run_name=outcome["name"]), run, outcome
 
 
-def start_or_resume(cfg: Config, t: Trainer, run: RunDir | None, outcome: dict[str, Any]) -> Position:
+def start_or_resume(cfg: Config, t: StepParts, run: RunDir | None, outcome: dict[str, Any]) -> Position:
     """Resume from the checkpoint, or record the new run's config.json; the position to start from."""
     if outcome.get("resume"):
         ckpt, path = load_checkpoint(Path(cfg.out_dir) / cfg.run_name, cfg, t.comm)

@@ -1,5 +1,5 @@
 """The state of a run directory as a job array sees it: finished, running, preempted, diverged, failed,
-not started (first match wins; see hpcnoise.sweep's ``status``). Reads, never writes."""
+not started (first match wins; see ``hpcnoise sweep status`` (hpcnoise.cli.sweep)). Reads, never writes."""
 
 from __future__ import annotations
 

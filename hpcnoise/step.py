@@ -38,7 +38,7 @@ from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.curvature import CurvatureHooks
 from hpcnoise.models import GhostBatchNorm, SumOverWorkers, ghost_norms, synchronized, update_running_stats
-from hpcnoise.regimes import NoiseInput, Regime, standard_normal_like
+from hpcnoise.regimes import REGIMES, NoiseInput, Regime, standard_normal_like
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS, quantities
 
@@ -311,14 +311,43 @@ class PhaseTimer:
 
 
 @dataclass(frozen=True)
-class Trainer:
-    """What every step of one run shares."""
+class StepParts:
+    """What every step of one run shares: its config, communicator, regime, network (hooks, buckets) and
+    optimiser; built once per run by ``make_step_parts``. The loop is ``hpcnoise.train``."""
 
     cfg: Config
     comm: Comm
     regime: Regime
     net: Net
     opt: torch.optim.Optimizer
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional.
+
+    torch's fused kernel (one pass per parameter for weight decay, momentum and update, no temporary):
+    on the CPU benchmark the per-tensor loop's weight-decay temporaries cost more than the update."""
+    params = list(model.parameters())
+    if cfg.decay_bn_and_bias:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [
+            {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+
+
+def make_step_parts(cfg: Config, comm: Comm, model: nn.Module, buckets: bool | None = None) -> StepParts:
+    """The step's shared parts for ``model``: its regime, hooks, gradient buckets and optimiser, as every
+    run builds them (benchmarks too). Buckets (``allreduce=buckets``) overlap communication with backward,
+    so one worker, with nothing to overlap, goes without them unless ``buckets`` asks for the layout of
+    several workers."""
+    regime = REGIMES[cfg.regime]
+    bucketed = cfg.allreduce == "buckets" and (comm.size > 1 if buckets is None else buckets)
+    bucket_mb = cfg.bucket_mb if bucketed else None
+    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb, min_buckets=cfg.min_buckets)
+    return StepParts(cfg, comm, regime, net, make_optimizer(cfg, model))
 
 
 @dataclass(frozen=True)
@@ -344,7 +373,12 @@ class StepOutput:
 
 
 def train_step(
-    t: Trainer, inp: StepInput, cache: dict[str, Any], state: dict[str, Any], timer: PhaseTimer, keep_g_lb: bool = False
+    t: StepParts,
+    inp: StepInput,
+    cache: dict[str, Any],
+    state: dict[str, Any],
+    timer: PhaseTimer,
+    keep_g_lb: bool = False,
 ) -> StepOutput:
     """(a), (b), (c) for one step. ``cache``: the statistics, reused between refreshes; ``state``: the
     regime's own state (K-FAC square roots). Both persist across steps and go into checkpoints."""

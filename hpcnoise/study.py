@@ -29,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from hpcnoise.config import config_from_dict
 from hpcnoise.errors import Diverged, Preempted
 from hpcnoise.presets import with_epochs
@@ -98,8 +100,6 @@ WORKER = ["-m", "hpcnoise.cli", "study", "--run-cells"]  # the ranks' command: r
 def _ranks(proc: subprocess.Popen) -> list[Any]:
     """The training ranks among ``proc`` and its descendants: the processes whose arguments hold
     ``--run-cells`` (not the shells that launchers start them through, whose one argument holds it)."""
-    import psutil  # Horovod's dependency: present wherever a launcher runs the ranks
-
     try:
         top = psutil.Process(proc.pid)
         family = [top, *top.children(recursive=True)]

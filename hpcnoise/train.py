@@ -3,7 +3,7 @@
 The loop schedules, evaluates, logs and checkpoints; the step itself (local contribution, one fused
 allreduce, noise and optimiser) is hpcnoise.step. Phases of a run:
 1. check the config and the run directory (rank 0 decides, everyone agrees): finished, resume or new;
-2. build the workload (data, model) and the step's trainer (hooks for the regime's statistics, SGD);
+2. build the workload (data, model) and the step's parts (regime, hooks for its statistics, buckets, SGD);
 3. epochs of steps; after each epoch evaluate, log a metrics row, maybe diagnostics and a checkpoint;
 4. the summary (and the final model's sharpness), written last: it marks a finished run.
 
@@ -40,10 +40,10 @@ from hpcnoise.precise_bn import precise_bn
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
-from hpcnoise.step import Net, PhaseTimer, StepInput, Trainer, bn_sum, train_step
+from hpcnoise.step import PhaseTimer, StepInput, StepParts, bn_sum, make_step_parts, train_step
 from hpcnoise.workload import check_batches, check_workload, data_and_model, validate
 
-__all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "make_optimizer", "train"]
+__all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "train"]
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -113,34 +113,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on batch-norm and bias parameters (1-D tensors) is optional.
-
-    torch's fused kernel (one pass per parameter for weight decay, momentum and update, no temporary):
-    on the CPU benchmark the per-tensor loop's weight-decay temporaries cost more than the update."""
-    params = list(model.parameters())
-    if cfg.decay_bn_and_bias:
-        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
-    else:
-        groups = [
-            {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
-        ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
-
-
-def make_trainer(cfg: Config, comm: Comm, model: nn.Module, buckets: bool | None = None) -> Trainer:
-    """The step's shared parts for ``model``: its regime, hooks, gradient buckets and optimiser, as every
-    run builds them (benchmarks too). Buckets (``allreduce=buckets``) overlap communication with backward,
-    so one worker, with nothing to overlap, goes without them unless ``buckets`` asks for the layout of
-    several workers."""
-    regime = REGIMES[cfg.regime]
-    bucketed = cfg.allreduce == "buckets" and (comm.size > 1 if buckets is None else buckets)
-    bucket_mb = cfg.bucket_mb if bucketed else None
-    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb, min_buckets=cfg.min_buckets)
-    return Trainer(cfg, comm, regime, net, make_optimizer(cfg, model))
-
-
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train one configuration; rank 0 writes its run directory. Returns the summary on every rank.
 
@@ -172,10 +144,10 @@ def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = No
 def _run(
     cfg: Config, comm: Comm, run: RunDir | None, outcome: dict[str, Any], step_hook: StepHook | None
 ) -> dict[str, Any]:
-    """Build the workload and the trainer, start or resume, train the epochs and finish."""
+    """Build the workload and the step's parts, start or resume, train the epochs and finish."""
     data, model = data_and_model(cfg, comm)
     check_batches(cfg, data)
-    t = make_trainer(cfg, comm, model)
+    t = make_step_parts(cfg, comm, model)
     pos = start_or_resume(cfg, t, run, outcome)
     timeline = _start_timeline(t, run)
     try:
@@ -190,7 +162,7 @@ def _run(
 TIMELINE = "horovod_timeline.json"
 
 
-def _start_timeline(t: Trainer, run: RunDir | None) -> bool:
+def _start_timeline(t: StepParts, run: RunDir | None) -> bool:
     """With ``horovod_timeline``, Horovod records this session's collectives into RUN_DIR/TIMELINE (rank 0
     writes it; every rank starts it). Without Horovod there is no timeline: a note says so."""
     if not t.cfg.horovod_timeline:
@@ -224,7 +196,7 @@ def _on_rank0(comm: Comm, run: RunDir | None, write: Callable[[RunDir], None]) -
 class _Session:
     """What the epochs of one session share: the stop flag, the run directory, the clock and the bar."""
 
-    def __init__(self, t: Trainer, pos: Position, run: RunDir | None, stop: StopFlag):
+    def __init__(self, t: StepParts, pos: Position, run: RunDir | None, stop: StopFlag):
         cfg = t.cfg
         self.stop, self.run = stop, run
         self.show_bar = t.comm.is_main and cfg.progress and sys.stderr.isatty()
@@ -258,7 +230,7 @@ class _Epoch:
         pos.sums = self.sums.tolist()
 
 
-def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, step_hook: StepHook | None) -> None:
+def _train_epochs(t: StepParts, data: Data, pos: Position, run: RunDir | None, step_hook: StepHook | None) -> None:
     """Epochs from ``pos`` to cfg.epochs: steps, then evaluation, logging, diagnostics and checkpoints."""
     cfg = t.cfg
     with StopFlag() as stop:
@@ -290,7 +262,7 @@ def _train_epochs(t: Trainer, data: Data, pos: Position, run: RunDir | None, ste
         pos.elapsed_s += session.restart_clock()
 
 
-def _step_input(t: Trainer, data: Data, pos: Position, ep: _Epoch, stop: bool) -> StepInput:
+def _step_input(t: StepParts, data: Data, pos: Position, ep: _Epoch, stop: bool) -> StepInput:
     """The schedule of the step at ``pos``: its learning rate, this rank's (augmented) samples, noise on/off."""
     cfg, comm = t.cfg, t.comm
     local_batch = ep.global_batch // comm.size
@@ -311,7 +283,9 @@ def _step_input(t: Trainer, data: Data, pos: Position, ep: _Epoch, stop: bool) -
     )
 
 
-def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session, step_hook: StepHook | None) -> None:
+def _one_step(
+    t: StepParts, data: Data, pos: Position, ep: _Epoch, session: _Session, step_hook: StepHook | None
+) -> None:
     """Take the step at ``pos`` and book it; when any rank was asked to stop, checkpoint and raise
     ``Preempted`` (all ranks, after this same step)."""
     ep.timer.start()
@@ -334,7 +308,7 @@ def _one_step(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sessi
         raise Preempted(f"stopped by signal at epoch {ep.index + 1}, step {pos.step}; checkpoint written")
 
 
-def _diverge(t: Trainer, pos: Position, ep: _Epoch, session: _Session, what: str) -> NoReturn:
+def _diverge(t: StepParts, pos: Position, ep: _Epoch, session: _Session, what: str) -> NoReturn:
     """Mark the run directory diverged (diverged.json, the last good checkpoint kept) and stop all ranks."""
     lr = lr_at(t.cfg, ep.index, min(pos.batch, len(ep.batches) - 1), len(ep.batches))
     message = (
@@ -352,7 +326,7 @@ def _diverge(t: Trainer, pos: Position, ep: _Epoch, session: _Session, what: str
 
 
 def _write_epoch(
-    run: RunDir, t: Trainer, row: dict[str, Any], diag: dict[str, Any] | None, pos: Position | None
+    run: RunDir, t: StepParts, row: dict[str, Any], diag: dict[str, Any] | None, pos: Position | None
 ) -> None:
     """Rank 0's files after an epoch: the metrics row, the diagnostics row, the checkpoint (when given)."""
     run.log_epoch(row)
@@ -362,7 +336,7 @@ def _write_epoch(
         save_checkpoint(run, t, pos)
 
 
-def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Session) -> dict[str, Any]:
+def _epoch_row(t: StepParts, data: Data, pos: Position, ep: _Epoch, session: _Session) -> dict[str, Any]:
     """The epoch's metrics.jsonl row (after evaluating on the test split)."""
     train_time = pos.epoch_time_s + time.perf_counter() - ep.started
     ep.book_sums(pos)
@@ -400,7 +374,7 @@ def _epoch_row(t: Trainer, data: Data, pos: Position, ep: _Epoch, session: _Sess
     return row
 
 
-def _print_epoch(t: Trainer, row: dict[str, Any], session: _Session) -> None:
+def _print_epoch(t: StepParts, row: dict[str, Any], session: _Session) -> None:
     """Rank 0 prints the epoch's line; everyone advances the bar."""
     if session.run is not None:
         msg = (
@@ -414,7 +388,7 @@ def _print_epoch(t: Trainer, row: dict[str, Any], session: _Session) -> None:
     session.bar.update(1)
 
 
-def _finish(t: Trainer, data: Data, pos: Position, run: RunDir | None) -> dict[str, Any]:
+def _finish(t: StepParts, data: Data, pos: Position, run: RunDir | None) -> dict[str, Any]:
     """The run's summary on every rank (with the final model's sharpness when asked); rank 0 writes
     model.pt and then summary.json, which marks the run finished."""
     cfg, history = t.cfg, pos.history

@@ -13,8 +13,7 @@ import torch
 
 from hpcnoise.benchmarks.step_compare import step_config
 from hpcnoise.comm import Comm
-from hpcnoise.step import PhaseTimer, StepInput, train_step
-from hpcnoise.train import make_trainer
+from hpcnoise.step import PhaseTimer, StepInput, make_step_parts, train_step
 from hpcnoise.workload import data_and_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,7 +31,7 @@ def run_steps(device: str, model: str, regime: str, steps: int, **changes: Any) 
     comm = one_worker(device)
     torch.manual_seed(0)
     data, net = data_and_model(cfg, comm)
-    t = make_trainer(cfg, comm, net, buckets=True)
+    t = make_step_parts(cfg, comm, net, buckets=True)
     x, y = data.x_train[:BATCH], data.y_train[:BATCH]
     cache: dict[str, Any] = {}
     state: dict[str, Any] = {}

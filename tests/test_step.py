@@ -52,16 +52,16 @@ from hpcnoise.step import (
     Net,
     PhaseTimer,
     StepInput,
-    Trainer,
+    StepParts,
     due_statistics,
     finish,
     local_contribution,
+    make_optimizer,
     rademacher,
     rank_signs,
     train_step,
     update,
 )
-from hpcnoise.train import make_optimizer
 from hpcnoise.workload import validate
 
 IN_SHAPE, CLASSES = (40,), 10  # MNIST-1D's shape
@@ -325,7 +325,7 @@ def run_train_step(case: Case, workers: int) -> tuple[Replica, ...]:
     def rank_main(rank: int) -> None:
         r = reps[rank]
         c = ThreadedComm(rank, workers, 0, "none", CPU, world=world) if workers > 1 else comm(0, 1)
-        t = Trainer(cfg, c, regime, r.net, r.opt)
+        t = StepParts(cfg, c, regime, r.net, r.opt)
         try:
             for step, (x, y) in enumerate(data):
                 m = len(y) // workers

@@ -155,15 +155,15 @@ def test_unknown_preset() -> None:
 
 
 def test_one_worker_has_no_buckets() -> None:
-    """Buckets overlap communication with backward: on one worker make_trainer leaves them out (nothing
+    """Buckets overlap communication with backward: on one worker make_step_parts leaves them out (nothing
     to overlap), unless asked for the layout of several workers (the scaling model's measurement)."""
     from hpcnoise.models import build_model
-    from hpcnoise.train import make_trainer
+    from hpcnoise.step import make_step_parts
 
     cfg = Config(dataset="mnist1d", model="mlp", regime="lb", allreduce="buckets")
     one = init("cpu")
     assert one.size == 1
-    assert make_trainer(cfg, one, build_model("mlp", (40,), 10)).net.buckets is None
-    assert make_trainer(cfg, one, build_model("mlp", (40,), 10), buckets=True).net.buckets is not None
+    assert make_step_parts(cfg, one, build_model("mlp", (40,), 10)).net.buckets is None
+    assert make_step_parts(cfg, one, build_model("mlp", (40,), 10), buckets=True).net.buckets is not None
     fused = Config(dataset="mnist1d", model="mlp", regime="lb", allreduce="fused")
-    assert make_trainer(fused, one, build_model("mlp", (40,), 10), buckets=True).net.buckets is None
+    assert make_step_parts(fused, one, build_model("mlp", (40,), 10), buckets=True).net.buckets is None

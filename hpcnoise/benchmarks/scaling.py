@@ -77,8 +77,7 @@ from hpcnoise.files import git_hash, write_json_atomic
 from hpcnoise.models import build_model
 from hpcnoise.regimes import REGIMES
 from hpcnoise.statistics import STATISTICS
-from hpcnoise.step import Net, PhaseTimer, StepInput, train_step
-from hpcnoise.train import make_trainer
+from hpcnoise.step import Net, PhaseTimer, StepInput, make_step_parts, train_step
 from hpcnoise.workload import dataset_shape
 
 WARMUP = 2  # untimed steps first: the first pays allocation and kernel selection
@@ -167,8 +166,8 @@ def measure(model: str, regime: str, batch: int, repeats: int, comm: Comm) -> Me
     in_shape, classes = dataset_shape(cfg.dataset)
     network = build_model(model, in_shape, classes, ghost_size=cfg.ghost_size, bn_momentum=cfg.bn_momentum)
     network = network.to(comm.device)
-    trainer = make_trainer(cfg, comm, network, buckets=True)  # the step's layout on several workers
-    net = trainer.net
+    parts = make_step_parts(cfg, comm, network, buckets=True)  # the step's layout on several workers
+    net = parts.net
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *in_shape, generator=gen).to(comm.device)
     y = torch.randint(classes, (batch,), generator=gen).to(comm.device)
@@ -191,7 +190,7 @@ def measure(model: str, regime: str, batch: int, repeats: int, comm: Comm) -> Me
         for r in range(WARMUP + repeats):
             ready[:] = [None] * len(ready)
             start = clock.mark()
-            train_step(trainer, inp, cache, state, laps)
+            train_step(parts, inp, cache, state, laps)
             if r < WARMUP:
                 continue
             forwards.append(clock.seconds(start, forward_end[0]))

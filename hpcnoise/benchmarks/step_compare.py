@@ -34,7 +34,7 @@ torch.profiler over one block of lb and diagf and prints where the step's time g
 labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
 and the N slowest operators.
 Figures only: nothing here asserts a speed. On one worker there is nothing to overlap, so ``lb`` and
-``lb fused`` run the same step (hpcnoise.train.make_trainer). The command line: hpcnoise.cli.bench.step.
+``lb fused`` run the same step (hpcnoise.train.make_step_parts). The command line: hpcnoise.cli.bench.step.
 """
 
 from __future__ import annotations
@@ -96,10 +96,9 @@ Step = Callable[[], dict[str, float] | None]  # one step; its phase seconds, whe
 
 def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> Step:
     """``train_step`` of ``cfg`` on a copy of ``model``, on this rank's share (x, y) of one global batch."""
-    from hpcnoise.step import PhaseTimer, StepInput, train_step
-    from hpcnoise.train import make_trainer
+    from hpcnoise.step import PhaseTimer, StepInput, make_step_parts, train_step
 
-    t = make_trainer(cfg, comm, copy.deepcopy(model))
+    t = make_step_parts(cfg, comm, copy.deepcopy(model))
     regime = t.regime
     cache: dict[str, Any] = {}
     state: dict[str, Any] = {}
@@ -121,7 +120,7 @@ def horovod_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor
     """The plain loop on a copy of ``model``: hvd.DistributedOptimizer over the optimiser hpcnoise's step
     uses (SGD with ``cfg``'s momentum and weight decay), so the two differ only in the step (without
     Horovod, the bare optimiser). ``extend``: BackPACK's SumGradSquared in the backward, its sums allreduced."""
-    from hpcnoise.train import make_optimizer
+    from hpcnoise.step import make_optimizer
 
     net = copy.deepcopy(model)
     opt: torch.optim.Optimizer = make_optimizer(cfg, net)

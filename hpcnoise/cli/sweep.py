@@ -6,7 +6,7 @@
                           [--sbatch=OPTION ...] [--script PATH] [--dry-run] [--key=value ...]
     hpcnoise sweep status FILE_OR_RUNS_DIR [--list]
 
-A sweep file holds one JSON line per cell of a table in ``hpcnoise.config.TABLES``:
+A sweep file holds one JSON line per cell of a table in ``hpcnoise.presets.TABLES``:
 ``{"index": I, "table": NAME, "preset": ..., "run_name": ..., "config": {the complete Config}}``.
 Every cell has a fixed run directory, ``config.out_dir/config.run_name`` (out_dir made absolute when the
 file is written): the name is the preset, the seed and a digest of the cell's config, so that a
