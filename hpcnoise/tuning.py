@@ -217,7 +217,8 @@ def write_manifest(
     """Write ROOT/trials.sweep.jsonl and ROOT/manifest.json once (atomically, the manifest last) and
     return the manifest. The same inputs again find the same files and change nothing; other inputs (or
     a trials file that no longer matches its digest) are one ConfigError line."""
-    manifest, text = plan(root, workloads, regimes, trials, seed, budgets, rerun_seeds, smoke)
+    planned, text = plan(root, workloads, regimes, trials, seed, budgets, rerun_seeds, smoke)
+    manifest: dict[str, Any] = json.loads(manifest_text(planned))  # as it reads back (lists, not tuples)
     path, trials_path = root / MANIFEST, root / TRIALS_FILE
     if path.exists():
         old = read_manifest(root)
@@ -232,7 +233,7 @@ def write_manifest(
         )
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(trials_path, text)
-    write_text_atomic(path, manifest_text(manifest))
+    write_text_atomic(path, manifest_text(planned))
     return manifest
 
 
