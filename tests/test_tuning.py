@@ -238,8 +238,10 @@ def study(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         (["--long-factor", "0.5"], "--long-factor must be a number >= 1"),
         (["--workloads", "resnet"], "unknown workload 'resnet'"),
         (["--seed", "-1"], "--seed must be >= 0"),
+        (["--threads", "2"], "use 1 thread each"),
+        (["--grid"], "not allowed with argument --tune"),
     ],
-    ids=["trials-0", "k-below-1", "unknown-workload", "seed"],
+    ids=["trials-0", "k-below-1", "unknown-workload", "seed", "threads", "grid"],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, argv: list[str], words: str) -> None:
     proc = study(*argv, "--smoke", "--out", str(tmp_path / "tune"))
