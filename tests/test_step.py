@@ -45,6 +45,7 @@ from hpcnoise.config import Config
 from hpcnoise.curvature import KFactors
 from hpcnoise.models import GhostBatchNorm, build_model, cnn1d, mlp
 from hpcnoise.regimes import REGIMES, NoiseInput
+from tests.helpers.regimes import ALTERNATE
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import (
@@ -130,6 +131,7 @@ CASES = {
     "kfac-kfac_every2": Case("kfac", kfac_every=2),
     "kfac-cnn1d-fisher_every2": Case("kfac", model="cnn1d", fisher_every=2),
     "batchchange": Case("batchchange"),
+    ALTERNATE: Case(ALTERNATE),  # the tests' own regime (tests.helpers.regimes)
 }
 assert {c.regime for c in CASES.values()} == set(REGIMES), "every regime must be covered"
 
