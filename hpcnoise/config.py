@@ -52,6 +52,7 @@ class Config:
     test_samples: int = 10_000  # MNIST-1D and synthetic data: samples generated for testing
     synthetic_data: bool = False  # random inputs of the dataset's shape (smoke runs, throughput benchmarks)
     data_seed: int = 42  # MNIST-1D generation seed (the dataset itself, not the run)
+    val_samples: int = 0  # held-out validation samples (docs/tuning.md); 0 = no split, train on all
     data_root: str = ""  # prepared datasets (`hpcnoise data prepare`); "" = $HPCNOISE_DATA or ~/.cache/hpcnoise
     # --- how it is trained -----------------------------------------------------------------------
     regime: str = "diagf"  # see hpcnoise.regimes.REGIMES
@@ -70,6 +71,8 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     noise_epochs: int = 50  # noise on for epochs [0, noise_epochs), then off (the paper's cut-off)
+    noise_fraction: float = 0.0  # > 0: noise on for the first round(noise_fraction * total steps) global
+    # steps instead (overrides noise_epochs); 0 = the noise_epochs rule
     noise_placement: NoisePlacement = "gradient"  # "gradient": added to g before momentum and weight decay;
     # "parameter": theta -= lr * noise after the optimiser step (see hpcnoise.regimes)
     multiplicative_sigma: float = 0.5  # `multiplicative`: g * (1 + sigma xi); the paper gives no value
@@ -83,6 +86,7 @@ class Config:
     lr_scaling: LrScaling = "linear"  # the rule the preset used to derive lr: linear | sqrt | none (recorded)
     decay_bn_and_bias: bool = True  # apply weight_decay to batch-norm and bias parameters too
     seed: int = 0  # init, data order, noise: each its own stream (hpcnoise.seeding)
+    stop_blown_up: bool = False  # stop after the epoch the blow-up rule fires (hpcnoise.blowup)
     # --- where and how it runs -------------------------------------------------------------------
     out_dir: str = "runs"
     checkpoint_every: int = 1  # epochs between checkpoints (0: only on SIGTERM/SIGUSR1)
@@ -179,6 +183,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("train_samples", 1, None, False, False),
     ("test_samples", 1, None, False, False),
     ("data_seed", 0, None, False, False),  # numpy seeds are non-negative
+    ("val_samples", 0, None, False, False),  # its upper bound depends on the dataset (workload.validate)
     ("batch_size", 1, None, False, False),
     ("small_batch", 1, None, False, False),
     ("ghost_size", 1, None, False, False),
@@ -190,6 +195,7 @@ _RANGES: tuple[tuple[str, float | None, float | None, bool, bool], ...] = (
     ("momentum", 0, 1, False, True),  # 1 and above never forget a gradient: the iteration diverges
     ("weight_decay", 0, None, False, False),
     ("noise_epochs", 0, None, False, False),
+    ("noise_fraction", 0, 1, False, False),
     ("multiplicative_sigma", 0, None, False, False),
     ("noise_multiplier", 0, None, False, False),  # lambda = 0: no noise (the LB baseline's step)
     ("batchchange_epochs", 0, None, False, False),
