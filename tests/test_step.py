@@ -45,7 +45,6 @@ from hpcnoise.config import Config
 from hpcnoise.curvature import KFactors
 from hpcnoise.models import GhostBatchNorm, build_model, cnn1d, mlp
 from hpcnoise.regimes import REGIMES, NoiseInput
-from tests.helpers.regimes import ALTERNATE
 from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import (
@@ -64,6 +63,7 @@ from hpcnoise.step import (
     update,
 )
 from hpcnoise.workload import validate
+from tests.helpers.regimes import ALTERNATE
 
 IN_SHAPE, CLASSES = (40,), 10  # MNIST-1D's shape
 STEPS = 3
