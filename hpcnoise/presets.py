@@ -167,6 +167,51 @@ TABLES["mnist1d"] = _mnist1d_table
 TABLES["mnist1d-grid"] = _mnist1d_grid
 
 
+# --- the tuned study (docs/tuning.md; hpcnoise.tuning) -------------------------------------------------
+# Its base configs: two MNIST-1D workloads, each for SB, LB+GBN and diagF+GBN under the linear rule (the
+# search spaces, hpcnoise.search_spaces, scale the rate from 1/16 to 4 times it, which holds the sqrt rule's).
+TUNE_WORKLOADS = ("mlp", "cnn1d")  # the MLP, and the conv net with batch norm
+TUNE_REGIMES = {"sb": False, "lb": True, "diagf": True}  # regime -> ghost batch norm
+TUNE_EPOCHS = 24  # sizing (README, "Tuned comparison"): 118 runs-worth of epochs in about 100 min on 2 cores
+TUNE_TRAIN_SAMPLES = 60_000  # the presets' size: LB takes 14 steps an epoch, 336 in all (672 at k = 2)
+TUNE_VAL_SAMPLES = 10_000  # generated from their own seed; the training set is unchanged
+TUNE_PRECISE_BN = 8  # global batches of precise BN before each evaluation, as the quick study (hpcnoise.study)
+
+
+def tuning_preset(model: str, regime: str, smoke: bool) -> Config:
+    """The tuned study's base config for ``model`` under ``regime``: the MNIST-1D protocol (``mnist1d``,
+    linear rule) at TUNE_EPOCHS with its proportions, a validation split of TUNE_VAL_SAMPLES, precise BN
+    as the quick study has it, no sharpness or diagnostics, and the blow-up stop of a trial. The noise is
+    on for the first half of training (noise_fraction 0.5) until the search space sets it. ``smoke``:
+    the smoke MNIST-1D sizes (4 epochs, 4096 samples) with a 1024-sample validation split."""
+    base = mnist1d(regime, TUNE_REGIMES[regime], smoke)
+    base = base if smoke else with_epochs(base, TUNE_EPOCHS)
+    return replace(
+        base,
+        model=model,
+        train_samples=base.train_samples if smoke else TUNE_TRAIN_SAMPLES,
+        val_samples=1024 if smoke else TUNE_VAL_SAMPLES,
+        noise_fraction=0.5,
+        stop_blown_up=True,
+        precise_bn_batches=TUNE_PRECISE_BN,
+        sharpness=False,
+        diagnostics_every=0,
+        threads=1,
+        progress=False,
+    )
+
+
+def tuning_preset_name(model: str, regime: str) -> str:
+    return f"tune-{model}-{regime}" + ("-gbn" if TUNE_REGIMES[regime] else "")
+
+
+TUNING_PRESETS = {
+    (model, regime): _register(tuning_preset_name(model, regime), partial(tuning_preset, model, regime))
+    for model in TUNE_WORKLOADS
+    for regime in TUNE_REGIMES
+}
+
+
 # --- the paper's Tables 1-3 --------------------------------------------------------------------------
 # Per (dataset, network): small-batch learning rate at M_S = 128, weight decay, epochs. The paper gives
 # M_L = 4096, M_S = 128, ghost batches of 128, linear scaling with warmup (Goyal et al.: 5 epochs),

@@ -63,14 +63,15 @@ def study_cells(epochs: int, out_dir: Path, threads: int, table: str = "mnist1d"
     return cells
 
 
-def run_cells(path: Path) -> int:
-    """Train every cell of a sweep file in this launcher world (the worker side of ``study``)."""
+def run_cells(path: Path, shard: tuple[int, int] = (0, 1)) -> int:
+    """Train every cell of a sweep file in this launcher world (the worker side of ``study``); with
+    ``shard`` (r, n), only the cells whose index is r modulo n (the ``local`` launcher's process r)."""
     from hpcnoise.comm import init  # lazy: torch and Horovod load only in the launched workers
     from hpcnoise.train import train
 
     comm = init("cpu")
     count = len(path.read_text().splitlines())
-    for i in range(count):
+    for i in range(shard[0], count, shard[1]):
         cfg = config_from_dict(read_cell(path, i)["config"])
         if comm.is_main:
             print(f"hpcnoise study: cell {i + 1}/{count}: {cfg.run_name}", flush=True)
@@ -85,7 +86,9 @@ def run_cells(path: Path) -> int:
 
 
 def launch_command(launcher: str, np: int) -> list[str]:
-    if launcher == "none":
+    """The launcher's command prefix; ``none`` and ``local`` (``np`` plain processes, each training every
+    np-th cell: hpcnoise.study.train_cells) have none."""
+    if launcher in ("none", "local"):
         return []
     if launcher == "horovodrun":
         # Gloo needs no mpirun, so the study also runs as root without Open MPI's root override.
@@ -97,14 +100,16 @@ def launch_command(launcher: str, np: int) -> list[str]:
 WORKER = ["-m", "hpcnoise.cli", "study", "--run-cells"]  # the ranks' command: run_cells(FILE)
 
 
-def _ranks(proc: subprocess.Popen) -> list[Any]:
-    """The training ranks among ``proc`` and its descendants: the processes whose arguments hold
+def _ranks(procs: list[subprocess.Popen]) -> list[Any]:
+    """The training ranks among ``procs`` and their descendants: the processes whose arguments hold
     ``--run-cells`` (not the shells that launchers start them through, whose one argument holds it)."""
-    try:
-        top = psutil.Process(proc.pid)
-        family = [top, *top.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+    family = []
+    for proc in procs:
+        try:
+            top = psutil.Process(proc.pid)
+            family += [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     ranks = []
     for p in family:
         try:
@@ -115,20 +120,21 @@ def _ranks(proc: subprocess.Popen) -> list[Any]:
     return ranks
 
 
-def _stopper(proc: subprocess.Popen, stopped: list[int]) -> Callable[[int, Any], None]:
+def _stopper(procs: list[subprocess.Popen], stopped: list[int]) -> Callable[[int, Any], None]:
     """A handler of SIGTERM and SIGINT that sends SIGTERM to the training ranks (train's stop signal), or
     to the launcher while no rank has started."""
 
     def stop(signum: int, frame: Any) -> None:
         stopped.append(signum)
-        ranks = _ranks(proc)
+        ranks = _ranks(procs)
         for p in ranks:
             try:
                 p.send_signal(signal.SIGTERM)
             except Exception:  # psutil.NoSuchProcess: ended meanwhile
                 pass
-        if not ranks and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            if not ranks and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
     return stop
 
@@ -140,14 +146,18 @@ def train_cells(launcher: str, np: int, sweep: Path) -> tuple[int, bool]:
     The launcher runs in a session of its own, so that Ctrl-C reaches only this process; a SIGTERM or
     SIGINT here is passed on to the ranks as SIGTERM, which make them checkpoint and exit 0. The ranks are
     signalled rather than the launcher, which would kill them a few seconds later (horovodrun) and report
-    them as failed."""
+    them as failed. The ``local`` launcher starts ``np`` plain processes instead, process r training the
+    cells r, r + np, ... (for cells whose result does not depend on the world size: sync or ghost batch
+    norm); the status is the first non-zero one of theirs."""
     cmd = launch_command(launcher, np) + [sys.executable, *WORKER, str(sweep)]
+    shards = [["--shard", f"{r}/{np}"] for r in range(np)] if launcher == "local" else [[]]
     stopped: list[int] = []
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
-    handler = _stopper(proc, stopped)
+    procs = [subprocess.Popen(cmd + shard, env=os.environ.copy(), start_new_session=True) for shard in shards]
+    handler = _stopper(procs, stopped)
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        code = proc.wait()
+        codes = [proc.wait() for proc in procs]
+        code = next((c for c in codes if c != 0), 0)
     finally:
         for sig, previous in old.items():
             signal.signal(sig, previous)

@@ -22,11 +22,15 @@ class SweepError(ConfigError):
     """Bad input: the message is the one line the user sees."""
 
 
+def config_digest(cfg: Config) -> str:
+    """8 hex digits of what a config computes (its fields but the PLACEMENT_FIELDS)."""
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_name(cfg: Config) -> str:
     """Deterministic name of a cell's run: preset (or regime), seed and 8 hex digits of the config."""
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.preset or cfg.dataset + '-' + cfg.regime}-s{cfg.seed}-{digest}"
+    return f"{cfg.preset or cfg.dataset + '-' + cfg.regime}-s{cfg.seed}-{config_digest(cfg)}"
 
 
 def table_cells(table: str, smoke: bool, out_dir: str | None) -> list[Config]:

@@ -7,16 +7,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from hpcnoise import study
+from hpcnoise import study, tuning
 from hpcnoise.cli.common import check_threads, error
 from hpcnoise.errors import EXIT_PREEMPTED, ConfigError, Parser
 from hpcnoise.files import unwritable
-from hpcnoise.presets import GRID_EPOCHS
+from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS
 from hpcnoise.study import FULL_EPOCHS, QUICK_EPOCHS
 from hpcnoise.sweepfile import cell_lines, write_file
 
 PROG = "hpcnoise study"
 STOPPED = f"{PROG}: stopped after a checkpoint; rerun the same command to continue"
+TUNE_TRIALS = 8  # trials per (workload, regime): 2 x 3 x 8 = 48 (README, "Tuned comparison")
+TUNE_LONG_FACTOR = 2.0  # the long budget: LB regimes trained twice the epochs
 
 
 def _parser() -> Parser:
@@ -24,11 +26,24 @@ def _parser() -> Parser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
     mode.add_argument("--grid", action="store_true", help=f"the calibration grid (mnist1d-grid, {GRID_EPOCHS} epochs)")
+    mode.add_argument("--tune", action="store_true", help="the tuned comparison (docs/tuning.md)")
     p.add_argument("--np", type=int, default=2, help="processes (default 2)")
-    p.add_argument("--launcher", choices=("horovodrun", "mpirun", "none"), default="horovodrun")
-    p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full])")
+    p.add_argument(
+        "--launcher",
+        choices=("horovodrun", "mpirun", "local", "none"),
+        default=None,
+        help="horovodrun (default), or local with --tune: NP plain processes, each its share of the runs",
+    )
+    p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full|-tune])")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch's default)")
+    tune = p.add_argument_group("the tuned comparison (--tune)")
+    tune.add_argument("--trials", type=int, default=TUNE_TRIALS, help=f"trials per regime (default {TUNE_TRIALS})")
+    tune.add_argument("--seed", type=int, default=0, help="the trials' seed; reruns take the 5 after it (default 0)")
+    tune.add_argument("--long-factor", type=float, default=TUNE_LONG_FACTOR, help="k: the long budget's epochs x k")
+    tune.add_argument("--workloads", default=",".join(TUNE_WORKLOADS), help="comma-separated (default: all)")
+    tune.add_argument("--smoke", action="store_true", help="the presets' seconds-long smoke sizes")
     p.add_argument("--run-cells", type=Path, help=argparse.SUPPRESS)  # worker side, under the launcher
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # the local launcher's process r of n
     return p
 
 
@@ -64,8 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return error(str(e), prog=PROG)
     if args.run_cells:
-        return study.run_cells(args.run_cells)
+        r, _, n = args.shard.partition("/")
+        return study.run_cells(args.run_cells, (int(r), int(n)))
+    if args.tune:
+        return tune_main(args)
+    args.launcher = args.launcher or "horovodrun"
     try:
+        if args.launcher == "local" or args.trials != TUNE_TRIALS or args.smoke:
+            raise ConfigError("--launcher local, --trials and --smoke are options of --tune")
         out, table, epochs, cells = _plan(args)
     except ConfigError as e:
         return error(str(e), prog=PROG)
@@ -88,6 +109,67 @@ def train_and_report(launcher: str, np: int, sweep: Path, out: Path) -> int:
     if code != 0:
         print(f"{PROG}: error: training exited with status {code}; rerun to continue", file=sys.stderr)
         return code
+    from hpcnoise.cli.report import main as report  # lazy: pandas and seaborn load only for the report
+
+    return report([str(out), "--out", str(out / "report")])
+
+
+# --- the tuned comparison (--tune) ------------------------------------------------------------------------
+def _tune_plan(args: argparse.Namespace) -> Path:
+    """Check the --tune arguments and write (or find) the manifest; ConfigError before anything is written."""
+    args.launcher = args.launcher or "local"
+    if args.np < 1 or (args.launcher == "none" and args.np != 1):
+        raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
+    if args.threads != 1:  # the runs' configs, and so the manifest, hold threads=1 (hpcnoise.presets)
+        raise ConfigError(f"--threads: the tuned study's runs use 1 thread each (got --threads {args.threads})")
+    out = (args.out or Path("runs") / ("study-tune" + ("-smoke" if args.smoke else ""))).absolute()
+    problem = unwritable(out)
+    if problem is not None:
+        raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
+    launcher = study.launch_command(args.launcher, args.np)[:1]
+    if launcher and shutil.which(launcher[0]) is None:
+        raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
+    workloads = [w for w in args.workloads.split(",") if w]
+    budgets = {"equal": 1.0, "long": args.long_factor}
+    seeds = tuning.default_rerun_seeds(args.seed)
+    tuning.write_manifest(out, workloads, list(TUNE_REGIMES), args.trials, args.seed, budgets, seeds, args.smoke)
+    return out
+
+
+def _train(args: argparse.Namespace, sweep: Path, what: str) -> int | None:
+    """Train a sweep file's cells; None when all are done, else the command's exit status."""
+    n = len(sweep.read_text().splitlines())
+    print(f"{PROG}: {what}: {n} runs on {args.np} processes ({args.launcher})", flush=True)
+    code, stopped = study.train_cells(args.launcher, args.np, sweep)
+    if stopped:
+        print(STOPPED, file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    if code != 0:
+        print(f"{PROG}: error: training exited with status {code}; rerun to continue", file=sys.stderr)
+        return code
+    return None
+
+
+def tune_main(args: argparse.Namespace) -> int:
+    """``hpcnoise study --tune``: the manifest (written once), the trials, the selection on validation
+    (written once), the reruns of each budget, then the report. Rerunning continues where it stopped."""
+    try:
+        out = _tune_plan(args)
+    except ConfigError as e:
+        return error(str(e), prog=PROG)
+    manifest = tuning.read_manifest(out)
+    print(f"{PROG}: tuned comparison in {out} (manifest: {out / tuning.MANIFEST})", flush=True)
+    code = _train(args, out / tuning.TRIALS_FILE, "trials")
+    if code is not None:
+        return code
+    selected = tuning.select_once(out, manifest)
+    for budget in manifest["budgets"]:
+        sweep = out / f"reruns-{budget}.sweep.jsonl"
+        if not sweep.exists():  # written once, after the selection
+            write_file(sweep, cell_lines(f"tune-{budget}", tuning.rerun_cells(manifest, selected, budget, out)))
+        code = _train(args, sweep, f"reruns ({budget} budget)")
+        if code is not None:
+            return code
     from hpcnoise.cli.report import main as report  # lazy: pandas and seaborn load only for the report
 
     return report([str(out), "--out", str(out / "report")])
