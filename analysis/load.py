@@ -20,6 +20,8 @@ Derived columns, shared by tables and figures:
 - ``noise_multiplier``, ``noise_calibration``: the noise multiplier lambda the run used, and how it was set;
 - ``label``: what plots and tables print, e.g. "LB+GBN", "DiagF+GBN (sqrt)", "DiagF+GBN x0.25";
 - ``test_accuracy``: 100 * (1 - final_test_error), the paper's "validation accuracy";
+- ``final_val_error``, ``final_val_loss``, ``best_val_error`` (runs) and ``val_loss``, ``val_error`` (epochs):
+  the held-out validation split's (docs/tuning.md); NaN for runs without one (older runs, val_samples = 0);
 - ``experiment``: the config as JSON without seed, paths and threads, to detect runs of different
   settings pooled into one cell.
 - ``tau`` (and ``tau_epoch``, ``tau_trace_c``, ``tau_injected_variance``, ``tau_lr_ratio``, ``tau_batch``):
@@ -66,6 +68,9 @@ __all__ = [  # what other modules import from here; defined in the modules named
 ]
 
 _METRICS_REQUIRED = ("epoch", "step", "train_error", "test_error")
+# The validation split's keys (docs/tuning.md): runs without one (older runs, val_samples = 0) get NaN.
+VAL_METRICS_KEYS = ("val_loss", "val_error")
+VAL_SUMMARY_KEYS = ("final_val_error", "final_val_loss", "best_val_error")
 # Keys that summary.json and config.json both hold; they must agree.
 _SHARED_KEYS = ("dataset", "model", "regime", "seed", "epochs")
 
@@ -217,13 +222,17 @@ def load(root: Path) -> Loaded:
     for path in dirs:
         _add_run(path, path.relative_to(root).as_posix() if path != root else ".", rows)
     runs_df = pd.DataFrame(rows.runs)
-    for col in ("max_eigenvalue", "temperature", *TAU_COLUMNS):
+    for col in ("max_eigenvalue", "temperature", *TAU_COLUMNS, *VAL_SUMMARY_KEYS):
         if col not in runs_df:
             runs_df[col] = float("nan")
+    epochs_df = pd.DataFrame(rows.epochs)
+    for col in VAL_METRICS_KEYS:
+        if col not in epochs_df:
+            epochs_df[col] = float("nan")
     return Loaded(
         root=root,
         runs=runs_df,
-        epochs=pd.DataFrame(rows.epochs),
+        epochs=epochs_df,
         fisher=_with_ids(pd.DataFrame(rows.fisher, columns=FISHER_COLUMNS), runs_df),
         grad_variance=_with_ids(pd.DataFrame(rows.variance, columns=VARIANCE_COLUMNS), runs_df),
         skipped=rows.skipped,

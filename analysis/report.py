@@ -13,20 +13,27 @@ Means are over finished runs; every table counts each cell's diverged runs besid
 Every file is written to a temporary name and renamed into place, report.md last. Everything is computed
 before anything is written, so bad input (RUNS_DIR missing, not a directory, no finished runs, DIR not
 writable) gives one line on stderr, exit status 2, and nothing written.
+
+A root holding manifest.json is a tuned study (``hpcnoise study --tune``, docs/tuning.md): its report.md is
+the tuned comparison (``analysis.tuned_report``: settings selected on validation, test accuracy of the
+reruns only, Holm-corrected declared comparisons, best-of-k), with tables/tuned_*.csv, best_of_k.csv and
+figures/best_of_k.png; the trials' test metrics are read nowhere.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from analysis import figures
+from analysis import figures, tuned_report
 from analysis.gap import gap_summary
 from analysis.load import Loaded, load
-from analysis.sections import SECTIONS, csv_bytes
+from analysis.sections import SECTIONS, TUNED_TAIL, csv_bytes
+from analysis.tuned import TunedStudy, read_study
 from hpcnoise.errors import ConfigError
 from hpcnoise.files import unwritable, write_bytes_atomic, write_files_atomic
+from hpcnoise.tuning import MANIFEST
 
-__all__ = ["REPORT_NAME", "ReportError", "build", "gap_summary", "make", "write"]
+__all__ = ["REPORT_NAME", "ReportError", "build", "build_tuned", "gap_summary", "make", "write"]
 
 REPORT_NAME = "report.md"
 _CSV_NAMES = (
@@ -47,12 +54,8 @@ class ReportError(ConfigError):
     """Bad input to the report (one line on stderr, exit 2)."""
 
 
-def build(loaded: Loaded) -> dict[str, bytes]:
-    """Every output file (path relative to the report directory -> content), report.md last."""
-    files: dict[str, bytes] = {}
-    md: list[str] = []
-    for section in SECTIONS:
-        md += section(loaded, files)
+def _finish(md: list[str], loaded: Loaded, files: dict[str, bytes]) -> dict[str, bytes]:
+    """runs.csv, the Files section and report.md added to ``files``."""
     files["tables/runs.csv"] = csv_bytes(loaded.runs)
     csvs = ", ".join(f"[{Path(p).name}]({p})" for p in files if p.endswith(".csv"))
     md += ["", "## Files", "", f"CSV (tidy long form) of every table: {csvs}.", ""]
@@ -60,12 +63,31 @@ def build(loaded: Loaded) -> dict[str, bytes]:
     return files
 
 
+def build(loaded: Loaded) -> dict[str, bytes]:
+    """Every output file (path relative to the report directory -> content), report.md last."""
+    files: dict[str, bytes] = {}
+    md: list[str] = []
+    for section in SECTIONS:
+        md += section(loaded, files)
+    return _finish(md, loaded, files)
+
+
+def build_tuned(study: TunedStudy) -> dict[str, bytes]:
+    """The tuned study's report (``analysis.tuned_report``), then its reruns' diverged and skipped runs."""
+    files: dict[str, bytes] = {}
+    md = tuned_report.header(study) + tuned_report.sections(study, files)
+    for section in TUNED_TAIL:
+        md += section(study.reruns, files)
+    return _finish(md, study.reruns, files)
+
+
 def write(out: Path, files: dict[str, bytes]) -> None:
     """Write ``files`` under ``out`` (report.md last) and remove our own outputs that this report no longer has."""
     for sub in ("figures", "tables"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     write_files_atomic({out / rel: data for rel, data in files.items() if rel != REPORT_NAME})
-    owned = [f"figures/{s.name}" for s in figures.ALL_FIGURES] + [f"tables/{n}.csv" for n in _CSV_NAMES]
+    owned = [f"figures/{s.name}" for s in figures.ALL_FIGURES] + [f"figures/{tuned_report.FIGURE}"]
+    owned += [f"tables/{n}.csv" for n in (*_CSV_NAMES, *tuned_report.CSV_NAMES)]
     for rel in owned:
         if rel not in files:
             (out / rel).unlink(missing_ok=True)
@@ -104,11 +126,30 @@ def load_checked(root: Path) -> Loaded:
     return loaded
 
 
+def load_tuned(root: Path) -> TunedStudy:
+    """The tuned study at ``root`` (it holds manifest.json), with at least one finished rerun."""
+    try:
+        study = read_study(root)
+    except ConfigError as e:
+        raise ReportError(str(e)) from e
+    if study.runs.empty:
+        raise ReportError(
+            f"no finished reruns of the selected settings under {root / 'reruns'} ({len(study.planned)} planned, "
+            f"{len(study.gone)} diverged): the tuned report shows test accuracy of reruns only"
+        )
+    return study
+
+
 def make(root: Path, out: Path) -> Loaded:
     """The report of the runs under ``root``, written to ``out``; ReportError (or OSError) before anything is
-    written when the input is bad."""
+    written when the input is bad. A root holding manifest.json is a tuned study (``hpcnoise study --tune``):
+    its report is the tuned comparison's (``build_tuned``), and the Loaded returned is its reruns'."""
     check_root(root)
     check_out(out)
+    if (root / MANIFEST).exists():
+        study = load_tuned(root)
+        write(out, build_tuned(study))
+        return study.reruns
     loaded = load_checked(root)
     write(out, build(loaded))
     return loaded

@@ -347,3 +347,6 @@ SECTIONS: tuple[Section, ...] = (
     _diverged_section,
     _skipped_section,
 )
+
+# What the tuned report (analysis.report.build_tuned) adds after its own sections, over the reruns.
+TUNED_TAIL: tuple[Section, ...] = (_diverged_section, _skipped_section)
