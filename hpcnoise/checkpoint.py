@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hpcnoise.config import Config
 from hpcnoise.errors import CheckpointError
 from hpcnoise.rundir import RunDir
 
@@ -75,6 +76,21 @@ def _load(body: bytes, device: torch.device) -> Any:
         raise CheckpointError(f"foreign payload: it holds {what}, not only tensors and plain values") from None
 
 
+def same_config(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a stored config (a checkpoint's, config.json's) is the run's ``current`` one (both
+    ``Config.to_dict()`` forms), compared as they read back from JSON.
+
+    A field added to Config after the file was written is absent from it: it counts as equal when the
+    run holds that field's default (what the older version trained with), so older runs still resume.
+    """
+    stored, current = RunDir.jsonable(stored), RunDir.jsonable(current)
+    defaults = RunDir.jsonable(Config().to_dict())
+    added = [key for key in current if key not in stored and key in defaults]
+    return stored == {k: v for k, v in current.items() if k not in added} and all(
+        current[key] == defaults[key] for key in added
+    )
+
+
 def decode(data: bytes, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The payload of a checkpoint of ``config`` (a ``Config.to_dict()``), its position as a dict;
     or CheckpointError saying why it cannot be used."""
@@ -89,6 +105,6 @@ def decode(data: bytes, config: dict[str, Any], device: torch.device) -> dict[st
     if hashlib.sha256(body).hexdigest().encode() != parts[3]:
         raise CheckpointError("corrupt: its SHA-256 does not match")
     payload: dict[str, Any] = _load(body, device)
-    if RunDir.jsonable(payload["config"]) != RunDir.jsonable(config):
+    if not same_config(payload["config"], config):
         raise CheckpointError("it belongs to a different configuration")
     return payload

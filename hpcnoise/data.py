@@ -1,9 +1,15 @@
 """Datasets: whole splits as tensors on the training device, and the world-size invariant batch order.
 
 Each dataset is a function registered in ``DATASETS`` under its CLI name. It returns a ``Data``: the
-train and test splits as tensors (the whole split lives on the device; batches are index gathers, so
-there is no DataLoader and no per-sample Python), the input shape and the number of classes, and an
-optional batched ``augment`` function.
+train, test and validation splits as tensors (the whole split lives on the device; batches are index
+gathers, so there is no DataLoader and no per-sample Python), the input shape and the number of classes,
+and an optional batched ``augment`` function.
+
+The validation split (``val_samples`` > 0; docs/tuning.md) is a function of the data seed alone, so the
+same for every world size, run seed and resume, and disjoint from train and test: MNIST-1D generates
+``val_samples`` extra samples from their own seed (the training set unchanged); the image sets and
+synthetic data hold out ``val_samples`` training images chosen by a permutation of the
+(data_seed, "validation") stream (``hold_out``).
 
 The batch order is a function of (seed, epoch) alone: every rank draws the same permutation of the
 training set, cuts it into global batches of M_L samples, and takes its own contiguous 1/W share of
@@ -35,7 +41,7 @@ import os
 import pickle
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,9 +50,7 @@ import torch
 
 from hpcnoise.errors import DataFileError as DataFileError  # re-exported; its home is hpcnoise.errors
 from hpcnoise.files import save_torch_atomic
-from hpcnoise.seeding import generator
-
-save_atomic = save_torch_atomic  # temporary alias until rundir.py and train.py import hpcnoise.files
+from hpcnoise.seeding import generator, stream_seed
 
 
 class DataConfig(Protocol):
@@ -62,6 +66,8 @@ class DataConfig(Protocol):
     def data_root(self) -> str: ...
     @property
     def synthetic_data(self) -> bool: ...
+    @property
+    def val_samples(self) -> int: ...
 
 
 @dataclass
@@ -77,6 +83,14 @@ class Data:
     # applies rows [offset, offset + len(x_local)) to this rank's share, so augmentation, too, does
     # not depend on the world size.
     augment: Callable[[torch.Tensor, torch.Generator, int, int], torch.Tensor] | None = None
+    # The held-out validation split (``val_samples``); empty (0 samples of the training shape) without one.
+    x_val: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    y_val: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))
+
+    def __post_init__(self) -> None:
+        if self.x_val.numel() == 0:  # no split: empty tensors of the training set's shape, dtype and device
+            self.x_val = self.x_train.new_empty((0, *self.x_train.shape[1:]))
+            self.y_val = self.y_train.new_empty((0,))
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -121,19 +135,7 @@ def mnist1d(cfg: DataConfig, device: torch.device) -> Data:
     if path.exists():
         blob = torch.load(path)
     else:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples = -(-(n_train + n_test) // 10) * 10  # mnist1d makes num_samples // 10 per class
-        args.train_split = 1.0  # split here, to get exactly n_train and n_test samples
-        args.seed = seed
-        state = np.random.get_state()  # mnist1d seeds numpy's global generator; leave it as it was
-        try:
-            d = make_dataset(args)
-        finally:
-            np.random.set_state(state)
-        x = torch.tensor(d["x"], dtype=torch.float32)
-        y = torch.tensor(d["y"], dtype=torch.int64)
+        x, y = _generate_mnist1d(n_train + n_test, seed)
         blob = {
             "x": x[:n_train].clone(),
             "y": y[:n_train].clone(),
@@ -141,13 +143,48 @@ def mnist1d(cfg: DataConfig, device: torch.device) -> Data:
             "y_test": y[n_train : n_train + n_test].clone(),
         }
         save_torch_atomic(blob, path)
-    return Data(
+    data = Data(
         x_train=blob["x"].to(device),
         y_train=blob["y"].to(device),
         x_test=blob["x_test"].to(device),
         y_test=blob["y_test"].to(device),
         num_classes=10,
     )
+    if cfg.val_samples:
+        x_val, y_val = mnist1d_validation(cfg.val_samples, seed, cfg.data_root)
+        data.x_val, data.y_val = x_val.to(device), y_val.to(device)
+    return data
+
+
+def _generate_mnist1d(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` samples of one MNIST-1D set generated with numpy seed ``seed`` (inputs, labels)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = -(-n // 10) * 10  # mnist1d makes num_samples // 10 per class
+    args.train_split = 1.0  # split here, to get exactly the samples asked for
+    args.seed = seed
+    state = np.random.get_state()  # mnist1d seeds numpy's global generator; leave it as it was
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return torch.tensor(d["x"], dtype=torch.float32)[:n], torch.tensor(d["y"], dtype=torch.int64)[:n]
+
+
+def mnist1d_validation(n: int, data_seed: int, data_root: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-1D's validation split: ``n`` extra samples generated apart from train and test, with a seed of
+    the (data_seed, "validation") stream; cached like the training set, on the CPU. The generator centres
+    and scales each set by its own mean and std: with thousands of samples they match the training set's."""
+    seed = stream_seed(data_seed, "validation") % 2**32  # numpy's legacy seeding takes 32 bits
+    path = cache_dir(data_root) / f"mnist1d-v2-val-{n}-seed{data_seed}.pt"
+    if path.exists():
+        blob = torch.load(path)
+    else:
+        x, y = _generate_mnist1d(n, seed)
+        blob = {"x": x.clone(), "y": y.clone()}
+        save_torch_atomic(blob, path)
+    return blob["x"], blob["y"]
 
 
 # --- prepared image datasets -------------------------------------------------------------------------
@@ -164,6 +201,7 @@ class ImageSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # train-time random 32x32 crop of the image padded by 4 black pixels, horizontal flip
+    train_size: int  # images in the published training split (what val_samples is held out of)
     raw: str  # what `prepare` needs in --root when there is no internet
     description: str
 
@@ -171,14 +209,14 @@ class ImageSet:
 def _mnist_family(folder: str, mean: float, std: float, title: str, content: str) -> ImageSet:
     """28x28 grey images of 10 classes, not augmented; raw IDX files in torchvision's ``FOLDER/raw``."""
     description = f"{title}: 28x28 grey {content}, 60k train / 10k test; prepared"
-    return ImageSet((1, 28, 28), 10, (mean,), (std,), False, f"{folder}/raw/*-ubyte.gz", description)
+    return ImageSet((1, 28, 28), 10, (mean,), (std,), False, 60_000, f"{folder}/raw/*-ubyte.gz", description)
 
 
 def _cifar(num_classes: int, mean: tuple[float, ...], std: tuple[float, ...], folder: str, sizes: str) -> ImageSet:
     """32x32 colour images, trained with crop+flip; raw: the upstream archive or its extracted ``folder``."""
     raw = f"cifar-{num_classes}-python.tar.gz or {folder}/"
     description = f"CIFAR-{num_classes} (Krizhevsky 2009): 32x32 colour, {sizes}, crop+flip; prepared"
-    return ImageSet((3, 32, 32), num_classes, mean, std, True, raw, description)
+    return ImageSet((3, 32, 32), num_classes, mean, std, True, 50_000, raw, description)
 
 
 IMAGE_SETS: dict[str, ImageSet] = {
@@ -338,11 +376,22 @@ def synthetic_split(spec: ImageSet, n: int, seed: int, split: str) -> tuple[torc
     return images, torch.randint(0, spec.num_classes, (n,), generator=gen)
 
 
+def hold_out(n: int, val_samples: int, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) indices of a training set of ``n`` samples, ``val_samples`` of them held out.
+
+    The held-out ones are the first ``val_samples`` of a permutation of the (data_seed, "validation")
+    stream: a function of the data alone (not of the run's seed, the world size or a resume). Both
+    index sets are in ascending order, so the kept samples keep their published order.
+    """
+    perm = torch.randperm(n, generator=generator(data_seed, "validation"))
+    return perm[val_samples:].sort().values, perm[:val_samples].sort().values
+
+
 def load_images(name: str, cfg: DataConfig, device: torch.device) -> Data:
-    """Load a prepared image dataset: both splits normalised on the device, with crop+flip where standard.
+    """Load a prepared image dataset: the splits normalised on the device, with crop+flip where standard.
 
     Padding is black in pixel space, as torchvision's RandomCrop(padding=4) pads before Normalize; after
-    normalisation that is -mean/std per channel.
+    normalisation that is -mean/std per channel. ``val_samples`` training images are held out (``hold_out``).
     """
     spec = IMAGE_SETS[name]
     if cfg.synthetic_data:
@@ -352,6 +401,10 @@ def load_images(name: str, cfg: DataConfig, device: torch.device) -> Data:
         root = cache_dir(cfg.data_root)
         x_train, y_train = read_split(name, "train", root)
         x_test, y_test = read_split(name, "test", root)
+    x_val, y_val = x_train[:0], y_train[:0]
+    if cfg.val_samples:
+        kept, held = hold_out(x_train.shape[0], cfg.val_samples, cfg.data_seed)
+        x_train, y_train, x_val, y_val = x_train[kept], y_train[kept], x_train[held], y_train[held]
     black = -torch.tensor(spec.mean) / torch.tensor(spec.std)  # normalised value of pixel 0, per channel
     return Data(
         x_train=normalise(x_train.to(device), spec),
@@ -360,6 +413,8 @@ def load_images(name: str, cfg: DataConfig, device: torch.device) -> Data:
         y_test=y_test.to(device),
         num_classes=spec.num_classes,
         augment=crop_flip_augment(black.to(device)) if spec.augment else None,
+        x_val=normalise(x_val.to(device), spec),
+        y_val=y_val.to(device),
     )
 
 

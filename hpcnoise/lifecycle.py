@@ -12,6 +12,7 @@ checkpoint.pt is unusable.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from hpcnoise import faults
-from hpcnoise.checkpoint import decode, encode
+from hpcnoise.checkpoint import decode, encode, same_config
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.errors import CheckpointError, ConfigError, Diverged, RunLocked
@@ -44,6 +45,26 @@ class Position:
     statistics: dict[str, Any] = field(default_factory=dict)  # cached statistics (diag F, K-FAC factors)
     regime_state: dict[str, Any] = field(default_factory=dict)  # the regime's own state (K-FAC square roots)
     elapsed_s: float = 0.0  # wall time of earlier sessions of this run
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
 # --- checkpoints of a run -------------------------------------------------------------------------------
@@ -92,7 +113,7 @@ def _inspect(cfg: Config, run: RunDir) -> dict[str, Any]:
     if run.is_diverged():
         return {"diverged": run.read_json(run.diverged_path)}
     previous = run.read_config()
-    if previous is not None and previous["config"] != run.jsonable(cfg.to_dict()):
+    if previous is not None and not same_config(previous["config"], cfg.to_dict()):
         raise ConfigError(
             f"run directory {str(run.path)!r} holds a different configuration; choose another run_name or remove it"
         )

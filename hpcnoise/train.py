@@ -16,7 +16,6 @@ SIGTERM or SIGUSR1 (the flag travels in the fused allreduce, so all ranks stop a
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,18 +29,19 @@ from torch import nn
 from tqdm import tqdm
 
 from hpcnoise import faults
+from hpcnoise.blowup import blowup_keys, history_blown_up
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
 from hpcnoise.data import Data, epoch_batches, local_share
 from hpcnoise.errors import Diverged, Preempted, WriteFailed
-from hpcnoise.lifecycle import Position, open_run, save_checkpoint, start_or_resume
+from hpcnoise.lifecycle import Position, StopFlag, open_run, save_checkpoint, start_or_resume
 from hpcnoise.measure import diagnostics_row, sharpness_of
 from hpcnoise.precise_bn import precise_bn
 from hpcnoise.regimes import REGIMES
 from hpcnoise.rundir import RunDir
 from hpcnoise.seeding import generator
 from hpcnoise.step import PhaseTimer, StepInput, StepParts, bn_sum, make_step_parts, train_step
-from hpcnoise.workload import check_batches, check_workload, data_and_model, validate
+from hpcnoise.workload import check_batches, check_workload, data_and_model, noise_end, validate
 
 __all__ = ["Preempted", "StepInfo", "evaluate", "lr_at", "train"]
 
@@ -91,26 +91,6 @@ class StepInfo:
 
 
 StepHook = Callable[[StepInfo], None]
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: Config, comm: Comm | None = None, step_hook: StepHook | None = None) -> dict[str, Any]:
@@ -224,6 +204,7 @@ class _Epoch:
     sums: torch.Tensor  # the epoch's loss sum and error count so far, float64 on the device (no host sync)
     timer: PhaseTimer
     started: float  # perf_counter at the start of this session's part of the epoch
+    noise_end: int  # a noise regime's noise is on for the global steps [0, noise_end) (workload.noise_end)
 
     def book_sums(self, pos: Position) -> None:
         """The device sums into ``pos`` (for the epoch's row or a checkpoint: one host copy)."""
@@ -241,7 +222,8 @@ def _train_epochs(t: StepParts, data: Data, pos: Position, run: RunDir | None, s
             device = t.comm.device
             local = torch.stack([local_share(b, t.comm.rank, t.comm.size) for b in batches]).to(device)
             sums = torch.tensor(pos.sums, dtype=torch.float64, device=device)
-            ep = _Epoch(pos.epoch, global_batch, batches, local, sums, PhaseTimer(device), time.perf_counter())
+            end = noise_end(cfg, data.x_train.shape[0])
+            ep = _Epoch(pos.epoch, global_batch, batches, local, sums, PhaseTimer(device), time.perf_counter(), end)
             while pos.batch < len(batches):
                 _one_step(t, data, pos, ep, session, step_hook)
             row = _epoch_row(t, data, pos, ep, session)
@@ -249,15 +231,21 @@ def _train_epochs(t: StepParts, data: Data, pos: Position, run: RunDir | None, s
                 _diverge(t, pos, ep, session, "the loss is not finite at the end of the epoch")
             pos.history.append(row)
             pos.epoch, pos.batch, pos.sums, pos.epoch_time_s = ep.index + 1, 0, [0.0, 0.0], 0.0
+            stopping = cfg.stop_blown_up and history_blown_up(pos.history) is not None  # finish after this epoch
             diag = None
             if cfg.diagnostics_every and pos.epoch % cfg.diagnostics_every == 0:
                 diag = diagnostics_row(t.net.model, data, cfg, t.comm, pos.epoch)
-            checkpoint = bool(cfg.checkpoint_every) and pos.epoch % cfg.checkpoint_every == 0 and pos.epoch < cfg.epochs
+            checkpoint = bool(cfg.checkpoint_every) and pos.epoch % cfg.checkpoint_every == 0
+            checkpoint = checkpoint and pos.epoch < cfg.epochs and not stopping  # a finishing run needs none
             if checkpoint:
                 pos.elapsed_s += session.restart_clock()
             _on_rank0(t.comm, run, partial(_write_epoch, t=t, row=row, diag=diag, pos=pos if checkpoint else None))
             _print_epoch(t, row, session)
             faults.reached("epoch-end")
+            if stopping:  # stop_blown_up: the run finishes here (hpcnoise.blowup)
+                if run is not None:
+                    print(f"hpcnoise: blown up at epoch {pos.epoch} (stop_blown_up); stopping early", flush=True)
+                break
         session.bar.close()
         pos.elapsed_s += session.restart_clock()
 
@@ -278,7 +266,7 @@ def _step_input(t: StepParts, data: Data, pos: Position, ep: _Epoch, stop: bool)
         y=y,
         global_batch=ep.global_batch,
         ghosts=ep.global_batch // (cfg.ghost_size if cfg.ghost_bn else local_batch),
-        noise_on=t.regime.noise is not None and ep.index < cfg.noise_epochs,
+        noise_on=t.regime.noise is not None and pos.step < ep.noise_end,
         stop=stop,
     )
 
@@ -353,6 +341,9 @@ def _epoch_row(t: StepParts, data: Data, pos: Position, ep: _Epoch, session: _Se
             bn_sum(t.cfg, t.comm),
         )
     test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
+    val = {}
+    if data.x_val.shape[0]:  # the validation split, evaluated like test (same precise-BN state)
+        val = dict(zip(("val_loss", "val_error"), evaluate(t.net.model, data.x_val, data.y_val, t.comm)))
     row = {
         "epoch": ep.index + 1,
         "step": pos.step,
@@ -360,8 +351,9 @@ def _epoch_row(t: StepParts, data: Data, pos: Position, ep: _Epoch, session: _Se
         "train_error": pos.sums[1] / n_seen,
         "test_loss": test_loss,
         "test_error": test_err,
+        **val,
         "lr": lr_at(t.cfg, ep.index, len(ep.batches) - 1, len(ep.batches)),
-        "noise": t.regime.noise is not None and ep.index < t.cfg.noise_epochs,
+        "noise": t.regime.noise is not None and pos.step - len(ep.batches) < ep.noise_end,  # at its first step
         "batch_size": ep.global_batch,
         "world_size": t.comm.size,
         "epoch_time_s": train_time,
@@ -380,12 +372,25 @@ def _print_epoch(t: StepParts, row: dict[str, Any], session: _Session) -> None:
         msg = (
             f"epoch {row['epoch']:3d}/{t.cfg.epochs}  "
             f"train loss {row['train_loss']:.4f} err {row['train_error']:.4f}  "
-            f"test loss {row['test_loss']:.4f} err {row['test_error']:.4f}  lr {row['lr']:.4g}  "
+            f"test loss {row['test_loss']:.4f} err {row['test_error']:.4f}  "
+            + (f"val err {row['val_error']:.4f}  " if "val_error" in row else "")
+            + f"lr {row['lr']:.4g}  "
             f"noise {'on ' if row['noise'] else 'off'}"
             f"  {row['samples_per_s']:.0f} samples/s"
         )
         session.bar.write(msg) if session.show_bar else print(msg, flush=True)
     session.bar.update(1)
+
+
+def _outcome_keys(cfg: Config, pos: Position) -> dict[str, Any]:
+    """Summary keys that only some runs have (absent otherwise, so other runs' files are as before):
+    the validation split's, ``blown_up`` when the rule fired, ``stopped_early`` when it stopped the run."""
+    keys: dict[str, Any] = {}
+    last = pos.history[-1]
+    if "val_error" in last:
+        keys |= {"final_val_error": last["val_error"], "final_val_loss": last["val_loss"]}
+        keys["best_val_error"] = min(r["val_error"] for r in pos.history)
+    return keys | blowup_keys(pos.history, cfg.epochs)
 
 
 def _finish(t: StepParts, data: Data, pos: Position, run: RunDir | None) -> dict[str, Any]:
@@ -407,11 +412,14 @@ def _finish(t: StepParts, data: Data, pos: Position, run: RunDir | None) -> dict
         "final_train_error": last["train_error"],
         "final_train_loss": last["train_loss"],
         "best_test_error": min(r["test_error"] for r in history),
+        **_outcome_keys(cfg, pos),
         "total_time_s": pos.elapsed_s,
         "mean_samples_per_s": sum(r["samples_per_s"] for r in history) / len(history),
     }
     model = t.net.model
-    if cfg.sharpness:
+    if cfg.sharpness and summary.get("stopped_early"):
+        summary["sharpness_skipped"] = "stopped early (blown up); the model is not a trained one"
+    elif cfg.sharpness:
         samples = min(cfg.sharpness_samples, data.x_train.shape[0])
         sharp = sharpness_of(
             model, data.x_train, data.y_train, t.comm, samples=samples, heldout=(data.x_test, data.y_test)

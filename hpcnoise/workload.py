@@ -92,10 +92,24 @@ def check_workload(cfg: Config) -> None:
             f"model {cfg.model!r} does not fit dataset {cfg.dataset!r} (inputs {shape}: {problem}); "
             f"models for {cfg.dataset}: {', '.join(fits)}"
         )
+    _check_val_samples(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' is not available on this machine (no CUDA GPU); valid here: auto, cpu")
     if cfg.data_root and Path(cfg.data_root).exists() and not Path(cfg.data_root).is_dir():
         raise ConfigError(f"data_root {cfg.data_root!r} is not a directory; give the directory of the prepared data")
+
+
+def _check_val_samples(cfg: Config) -> None:
+    """``val_samples`` must leave training samples: below the training set's size for the image sets and
+    synthetic data (held out of it); MNIST-1D generates its validation samples apart, so any count fits."""
+    if cfg.dataset not in IMAGE_SETS:
+        return
+    n = cfg.train_samples if cfg.synthetic_data else IMAGE_SETS[cfg.dataset].train_size
+    if cfg.val_samples >= n:
+        where = "synthetic training samples (train_samples)" if cfg.synthetic_data else "training images"
+        raise ConfigError(
+            f"val_samples={cfg.val_samples} leaves no training data: {cfg.dataset} has {n} {where}; use 0 to {n - 1}"
+        )
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -130,6 +144,26 @@ def check_batches(cfg: Config, data: Data) -> None:
             )
 
 
+def epoch_steps(cfg: Config, n_train: int) -> list[int]:
+    """Global steps of each planned epoch over ``n_train`` training samples (the regime's batch of the
+    epoch; the last partial batch dropped, as ``hpcnoise.data.epoch_batches`` does)."""
+    regime = REGIMES[cfg.regime]
+    return [n_train // regime.batch(cfg, epoch) for epoch in range(cfg.epochs)]
+
+
+def noise_end(cfg: Config, n_train: int) -> int:
+    """The noise is on for the global steps [0, noise_end) (a noise regime's; 0-based step numbers).
+
+    ``noise_fraction`` > 0: round(noise_fraction * the run's planned steps), summed exactly over epochs
+    of different batch sizes (BatchChange); otherwise the steps of epochs [0, noise_epochs) (the paper's
+    cut-off). A function of the config and the training set's size: the same for every world size and resume.
+    """
+    steps = epoch_steps(cfg, n_train)
+    if cfg.noise_fraction > 0:
+        return round(cfg.noise_fraction * sum(steps))
+    return sum(steps[: cfg.noise_epochs])
+
+
 def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
     """The run's data (in its dtype, on its device) and its freshly initialised model.
 
@@ -139,7 +173,7 @@ def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
     comm.broadcast_object("data ready")
     data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
     dtype = getattr(torch, cfg.dtype)
-    data.x_train, data.x_test = data.x_train.to(dtype), data.x_test.to(dtype)
+    data.x_train, data.x_test, data.x_val = data.x_train.to(dtype), data.x_test.to(dtype), data.x_val.to(dtype)
     model = build_model(
         cfg.model,
         data.in_shape,
