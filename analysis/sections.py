@@ -82,7 +82,8 @@ def _header(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
 
 
 def _verdict_section(loaded: Loaded, files: dict[str, bytes]) -> list[str]:
-    """The answer, in words computed from the runs: does any setting close the gap, and which best."""
+    """The answer, in words computed from the runs: does any setting close the gap (none is selected as best:
+    the settings were evaluated on test, so this is a sensitivity study)."""
     table, _ = closure.closure_table(loaded.runs, loaded.diverged)
     return [
         "## Verdict",
