@@ -12,12 +12,14 @@ import torch
 
 from hpcnoise.checkpoint import encode, same_config
 from hpcnoise.comm import init
-from hpcnoise.config import Config, ConfigError
+from hpcnoise.config import Config
 from hpcnoise.data import hold_out, load_images, mnist1d
+from hpcnoise.errors import ConfigError
 from hpcnoise.rundir import load_config
 from hpcnoise.train import StepInfo, evaluate, train
 from hpcnoise.workload import check_workload, epoch_steps, load_run, noise_end
-from tests.helpers.configs import small_config
+from tests.helpers.configs import overrides, small_config
+from tests.helpers.launch import run_launched
 
 NEW_FIELDS = ("val_samples", "noise_fraction", "stop_blown_up")  # added to Config with the tuned comparison
 CPU = torch.device("cpu")
@@ -178,3 +180,19 @@ def test_older_run_directory_resumes_and_loads(tmp_path: Path) -> None:
     assert load_config(run) == cfg  # older config.json: the new fields take their defaults
     loaded, _, _ = load_run(run, init("cpu"))  # what `hpcnoise sharpness` and analysis rebuild
     assert loaded == cfg
+
+
+@pytest.mark.slow  # two ranks under mpirun
+def test_split_and_noise_window_do_not_depend_on_the_world_size(tmp_path: Path) -> None:
+    """The validation rows and the noise window of a 2-rank run are the 1-rank run's."""
+    cfg = small_config(out_dir=str(tmp_path), regime="diagf", val_samples=300, noise_fraction=0.3, epochs=3)
+    for launcher, np, name in (("none", 1, "one"), ("mpirun", 2, "two")):
+        args = ["-m", "hpcnoise.cli", "train", *overrides(replace(cfg, run_name=name))]
+        proc = run_launched(launcher, np, args)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["world_size"] for r in two] == [2, 2, 2]
+    assert [r["noise"] for r in two] == [r["noise"] for r in one] == [True, False, False]
+    for a, b in zip(one, two):
+        for key in ("train_loss", "val_loss", "val_error", "test_error"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
