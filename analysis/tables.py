@@ -137,7 +137,7 @@ def results_markdown(df: pd.DataFrame) -> str:
 
 
 # --- throughput and sharpness -----------------------------------------------------------------------------------
-_THROUGHPUT_KEYS = ["dataset", "model", "label", "device_used", "batch"]
+_THROUGHPUT_KEYS = ["dataset", "model", "label", "device_used", "precision", "batch"]
 
 
 def run_throughput(epochs: pd.DataFrame) -> pd.Series:
@@ -162,7 +162,7 @@ def throughput_table(
     diverged: pd.DataFrame | None = None,
     predictions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Samples/s in total and per worker by (dataset, model, regime, device, batch, world size).
+    """Samples/s in total and per worker by (dataset, model, regime, device, precision, batch, world size).
 
     Scaling efficiency = per-worker throughput at W workers / per-worker throughput at 1 worker of the same
     (dataset, model, regime, device, batch); NaN when no 1-worker runs exist. The batch is the global one, so
@@ -224,6 +224,7 @@ def throughput_markdown(df: pd.DataFrame) -> str:
             "Model": r["model"],
             "Regime": r["label"],
             "Device": r["device_used"],
+            "Precision": r["precision"],
             "Batch": int(r["batch"]),
             "Workers": int(r["world_size"]),
             "Samples/s": fmt_estimate(

@@ -50,6 +50,8 @@ def describe(
     for key in ("launcher", "git", "started", "num_params", "noise_scale"):
         row[key] = record.get(key)
     row["device_used"] = str(record.get("device") or cfg.get("device") or "unknown")
+    # number format and memory layout (runs from before bf16 and channels_last: float32 or their dtype)
+    row["precision"] = str(cfg.get("dtype", "float32")) + (" channels-last" if cfg.get("channels_last") else "")
     for key, value in summary.items():
         if key not in row and not isinstance(value, (dict, list)):
             row[key] = value

@@ -96,7 +96,11 @@ class Buckets:
                 flat = self.params[members[0]].new_zeros((1 + extra) * sum(sizes))
                 for q, segment in enumerate(flat.chunk(1 + extra)):
                     for i, v in zip(members, torch.split(segment, sizes)):
-                        views[q][i] = v.view_as(self.params[i])
+                        # gradients in the parameter's own memory layout (channels-last convolutions too),
+                        # so that backward accumulates into them without a layout change; the curvature
+                        # sums contiguous, as the hooks write them
+                        like = self.params[i]
+                        views[q][i] = v.as_strided(like.shape, like.stride()) if q == 0 else v.view_as(like)
                 flats.append(flat)
             self._layouts[extra] = (flats, views)
         return self._layouts[extra]

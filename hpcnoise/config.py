@@ -26,7 +26,7 @@ NoiseCalibration = Literal["paper", "temperature"]
 LrScaling = Literal["linear", "sqrt", "none"]
 ConvModeName = Literal["exact", "spatial"]
 Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["float32", "float64"]
+DType = Literal["float32", "float64", "bf16"]
 Allreduce = Literal["buckets", "fused"]
 
 # How a learning-rate rule scales a rate when the batch grows by ``ratio`` (M_L / M_S): the one table of
@@ -97,7 +97,9 @@ class Config:
     sharpness_samples: int = 4096  # training samples the Hessian is taken over
     run_name: str = ""  # default: <preset or regime>-<model>-<dataset>-s<seed>-<time>
     device: Device = "auto"  # auto | cpu | cuda
-    dtype: DType = "float32"  # float32 | float64 (float64 for numerical studies: no float32 cancellation)
+    dtype: DType = "float32"  # float32 | float64 (numerical studies: no float32 cancellation) | bf16: float32
+    # weights, forward and backward under bf16 autocast; curvature, statistics, noise and update float32
+    channels_last: bool = False  # 2-D convolutional networks: activations in channels-last memory format
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     allreduce: Allreduce = "buckets"  # buckets: gradients summed bucket by bucket during backward (overlap);
     # fused: everything in one collective after backward (hpcnoise.buckets, hpcnoise.step)

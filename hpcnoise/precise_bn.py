@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hpcnoise import precision
 from hpcnoise.comm import Comm
 from hpcnoise.data import Data, local_share
 from hpcnoise.models import SumOverWorkers, ghost_norms, synchronized
@@ -37,9 +38,10 @@ def precise_batches(n: int, global_batch: int, batches: int, seed: int, epoch: i
 
 
 @torch.no_grad()
-def local_sums(model: nn.Module, x: Tensor, chunks: int) -> Tensor:
+def local_sums(model: nn.Module, x: Tensor, chunks: int, mixed: bool = False) -> Tensor:
     """This rank's flat float64 sums (per layer: sum x, sum x^2 per channel, then the element count)
-    of every batch-norm input, forwarding ``x`` in ``chunks`` pieces (the local shares of global batches)."""
+    of every batch-norm input, forwarding ``x`` in ``chunks`` pieces (the local shares of global batches);
+    ``mixed``: under bf16 autocast, as the run trains."""
     norms = ghost_norms(model)
     acc = {bn: torch.zeros(2 * bn.num_features + 1, dtype=torch.float64, device=x.device) for bn in norms}
 
@@ -55,7 +57,8 @@ def local_sums(model: nn.Module, x: Tensor, chunks: int) -> Tensor:
     model.train()  # batch statistics in every layer, as the step forwards
     try:
         for piece in x.tensor_split(chunks):
-            model(piece)
+            with precision.autocast(mixed, x.device):
+                model(piece)
     finally:
         model.train(was_training)
         for h in handles:
@@ -86,16 +89,18 @@ def precise_bn(
     seed: int,
     epoch: int,
     bn_sum: SumOverWorkers | None = None,
+    mixed: bool = False,
 ) -> int:
     """Re-estimate every batch norm's running statistics over ``batches`` global training batches (on
     every rank); returns the number of batches used (fewer when the training set is smaller).
-    ``bn_sum``: the step's global-batch-norm collective (``hpcnoise.step.bn_sum``), if any."""
+    ``bn_sum``: the step's global-batch-norm collective (``hpcnoise.step.bn_sum``), if any; ``mixed``:
+    the forwards under bf16 autocast (dtype=bf16)."""
     if not ghost_norms(model) or batches <= 0:
         return 0
     order = precise_batches(data.x_train.shape[0], global_batch, batches, seed, epoch)
     idx = torch.cat([local_share(b, comm.rank, comm.size) for b in order]).to(data.x_train.device)
     with synchronized(model, bn_sum):
-        flat = local_sums(model, data.x_train[idx], len(order))
+        flat = local_sums(model, data.x_train[idx], len(order), mixed)
     comm.allreduce_sum_(flat)
     set_running_stats(model, flat)
     return len(order)

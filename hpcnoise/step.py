@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from hpcnoise import faults
+from hpcnoise import faults, precision
 from hpcnoise.buckets import Buckets
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
@@ -55,6 +55,7 @@ class Net:
     norms: list[GhostBatchNorm]
     hooks: CurvatureHooks | None  # None when the regime needs no statistics
     buckets: Buckets | None = None  # None: one fused collective after backward
+    mixed: bool = False  # forward (and so backward) under bf16 autocast (dtype=bf16, hpcnoise.precision)
 
     @staticmethod
     def attach(
@@ -64,6 +65,7 @@ class Net:
         record_eval: bool = False,
         bucket_mb: float | None = None,
         min_buckets: int = 1,
+        mixed: bool = False,
     ) -> Net:
         """Hooks for the hook quantities of ``statistics`` (none when empty); gradient buckets of at most
         ``bucket_mb`` MiB and 1/``min_buckets`` of the gradients when given (the training step's, see
@@ -74,7 +76,7 @@ class Net:
         )
         params = list(model.parameters())
         buckets = Buckets(params, int(bucket_mb * 2**20), min_buckets) if bucket_mb is not None else None
-        return Net(model, params, ghost_norms(model), hooks, buckets)
+        return Net(model, params, ghost_norms(model), hooks, buckets, mixed)
 
     def detach(self) -> None:
         if self.hooks is not None:
@@ -141,8 +143,9 @@ def local_contribution(
     active = quantities(statistics)
     hooks = net.hooks
     with hooks.recording(len(y), signs, active, into) if hooks is not None and active else nullcontext():
-        out = net.model(x)
-        loss = F.cross_entropy(out, y)
+        with precision.autocast(net.mixed, x.device):
+            out = net.model(x)
+            loss = F.cross_entropy(out, y)  # float32 under autocast
         with torch.no_grad():
             flag = torch.full((), float(stop), dtype=loss.dtype, device=loss.device)  # a fill: no host copy
             errors = (out.argmax(1) != y).sum().to(loss.dtype)
@@ -346,7 +349,14 @@ def make_step_parts(cfg: Config, comm: Comm, model: nn.Module, buckets: bool | N
     regime = REGIMES[cfg.regime]
     bucketed = cfg.allreduce == "buckets" and (comm.size > 1 if buckets is None else buckets)
     bucket_mb = cfg.bucket_mb if bucketed else None
-    net = Net.attach(model, regime.statistics, cfg.conv_mode, bucket_mb=bucket_mb, min_buckets=cfg.min_buckets)
+    net = Net.attach(
+        model,
+        regime.statistics,
+        cfg.conv_mode,
+        bucket_mb=bucket_mb,
+        min_buckets=cfg.min_buckets,
+        mixed=cfg.dtype == "bf16",
+    )
     return StepParts(cfg, comm, regime, net, make_optimizer(cfg, model))
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from hpcnoise import faults
+from hpcnoise import faults, precision
 from hpcnoise.blowup import blowup_keys, history_blown_up
 from hpcnoise.comm import Comm, init
 from hpcnoise.config import Config
@@ -60,8 +60,11 @@ def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Comm, chunk: int = 4096) -> tuple[float, float]:
-    """(mean loss, error rate) on a split; each rank takes a contiguous shard, sums are allreduced."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Comm, chunk: int = 4096, mixed: bool = False
+) -> tuple[float, float]:
+    """(mean loss, error rate) on a split; each rank takes a contiguous shard, sums are allreduced.
+    ``mixed``: the forward under bf16 autocast, as the run trains (dtype=bf16)."""
     faults.reached("evaluate")
     model.eval()
     n = x.shape[0]
@@ -69,8 +72,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, comm: Comm, chu
     sums = torch.zeros(2, dtype=torch.float64, device=x.device)
     for start in range(lo, hi, chunk):
         xb, yb = x[start : min(start + chunk, hi)], y[start : min(start + chunk, hi)]
-        out = model(xb)
-        sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
+        with precision.autocast(mixed, x.device):  # the loss too: autocast forms it in float32
+            out = model(xb)
+            sums[0] += F.cross_entropy(out, yb, reduction="sum").double()
         sums[1] += (out.argmax(1) != yb).sum()
     comm.allreduce_sum_(sums)
     model.train()
@@ -339,11 +343,14 @@ def _epoch_row(t: StepParts, data: Data, pos: Position, ep: _Epoch, session: _Se
             t.cfg.seed,
             ep.index,
             bn_sum(t.cfg, t.comm),
+            t.net.mixed,
         )
-    test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm)
+    test_loss, test_err = evaluate(t.net.model, data.x_test, data.y_test, t.comm, mixed=t.net.mixed)
     val = {}
     if data.x_val.shape[0]:  # the validation split, evaluated like test (same precise-BN state)
-        val = dict(zip(("val_loss", "val_error"), evaluate(t.net.model, data.x_val, data.y_val, t.comm)))
+        val = dict(
+            zip(("val_loss", "val_error"), evaluate(t.net.model, data.x_val, data.y_val, t.comm, mixed=t.net.mixed))
+        )
     row = {
         "epoch": ep.index + 1,
         "step": pos.step,

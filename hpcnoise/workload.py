@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from hpcnoise import precision
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config, check_values
 from hpcnoise.data import DATASETS, IMAGE_SETS, Data
@@ -48,18 +49,26 @@ class _ShapesOnly(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def model_problem(model: str, dataset: str) -> str | None:
-    """Why ``model`` cannot be built for ``dataset``'s inputs (the builder's own words), or None if it can.
-
-    The network is built on the meta device: shapes only, no memory and no initialisation cost.
-    """
+def _meta_model(model: str, dataset: str) -> nn.Module:
+    """``model`` built for ``dataset``'s inputs on the meta device: shapes only, no memory and no
+    initialisation cost. Raises the builder's ValueError or TypeError when it does not fit."""
     in_shape, classes = dataset_shape(dataset)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"), _ShapesOnly():  # leaves torch's RNG as it was
+        return MODELS[model].build(in_shape, classes, lambda c: GhostBatchNorm(c))
+
+
+def model_problem(model: str, dataset: str) -> str | None:
+    """Why ``model`` cannot be built for ``dataset``'s inputs (the builder's own words), or None if it can."""
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"), _ShapesOnly():  # leaves torch's RNG as it was
-            MODELS[model].build(in_shape, classes, lambda c: GhostBatchNorm(c))
+        _meta_model(model, dataset)
     except (ValueError, TypeError) as e:
         return str(e) or type(e).__name__
     return None
+
+
+def is_conv2d(model: str, dataset: str) -> bool:
+    """Whether ``model`` (which fits ``dataset``) has 2-D convolutions: what ``channels_last`` applies to."""
+    return any(isinstance(m, nn.Conv2d) for m in _meta_model(model, dataset).modules())
 
 
 @functools.cache
@@ -93,10 +102,17 @@ def check_workload(cfg: Config) -> None:
             f"models for {cfg.dataset}: {', '.join(fits)}"
         )
     _check_val_samples(cfg)
+    if cfg.channels_last and not is_conv2d(cfg.model, cfg.dataset):
+        conv2d = [m for m in sorted(MODELS) if model_problem(m, cfg.dataset) is None and is_conv2d(m, cfg.dataset)]
+        raise ConfigError(
+            f"channels_last applies to 2-D convolutional networks; {cfg.model!r} on {cfg.dataset!r} has none "
+            f"(valid here: {', '.join(conv2d) or 'none: use an image dataset'})"
+        )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' is not available on this machine (no CUDA GPU); valid here: auto, cpu")
     if cfg.data_root and Path(cfg.data_root).exists() and not Path(cfg.data_root).is_dir():
         raise ConfigError(f"data_root {cfg.data_root!r} is not a directory; give the directory of the prepared data")
+    precision.check_device(cfg.dtype, cfg.device)
 
 
 def _check_val_samples(cfg: Config) -> None:
@@ -172,8 +188,10 @@ def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
     data = DATASETS[cfg.dataset].load(cfg, comm.device) if comm.is_main else None
     comm.broadcast_object("data ready")
     data = data or DATASETS[cfg.dataset].load(cfg, comm.device)
-    dtype = getattr(torch, cfg.dtype)
-    data.x_train, data.x_test, data.x_val = data.x_train.to(dtype), data.x_test.to(dtype), data.x_val.to(dtype)
+    dtype = precision.weight_dtype(cfg.dtype)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for split in ("x_train", "x_test", "x_val"):  # channels_last: the image sets' (N, C, H, W) tensors
+        setattr(data, split, getattr(data, split).to(dtype, memory_format=layout))
     model = build_model(
         cfg.model,
         data.in_shape,
@@ -181,7 +199,7 @@ def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
         ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
         bn_momentum=cfg.bn_momentum,
         seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device, dtype)
+    ).to(comm.device, dtype, memory_format=layout)
     return data, model
 
 

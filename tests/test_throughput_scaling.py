@@ -22,7 +22,7 @@ from hpcnoise.benchmarks.network import Network
 from hpcnoise.cli.report import main as report_main
 from tests.helpers.launch import run_launched
 
-KEY = dict(dataset="mnist1d", label="LB+GBN", device_used="cpu")
+KEY = dict(dataset="mnist1d", label="LB+GBN", device_used="cpu", precision="float32")
 
 # (run_id, model, batch, world_size, samples/s of epochs 1..3, predicted efficiency or None)
 RUNS = [

@@ -1,9 +1,11 @@
 """hpcnoise's step side by side with the plain Horovod recipe, on the same model, batch and launcher.
 
-    hpcnoise bench step [--models mlp,cnn1d,lenet5,resnet44] [--batch 512] [--steps 5] [--rounds 5] [--profile N]
+    hpcnoise bench step [--models mlp,cnn1d,lenet5,resnet44] [--dtypes float32,bf16] [--channels-last]
+                        [--batch 512] [--steps 5] [--rounds 5] [--profile N]
     horovodrun -np 2 -H localhost:2 hpcnoise bench step --threads 1
 
-Per model (hpcnoise's own builder, ghost batch norm at a quarter of the global batch, capped at 128 as
+Per model and number format (``--dtypes``; bf16: float32 weights under bf16 autocast, every variant
+alike, hpcnoise.precision) (hpcnoise's own builder, ghost batch norm at a quarter of the global batch, capped at 128 as
 in the paper; synthetic data of its dataset's shape), every rank times, in interleaved rounds (one
 block of ``--steps`` steps of each variant per round, so drifting load hits all alike):
 
@@ -18,18 +20,19 @@ block of ``--steps`` steps of each variant per round, so drifting load hits all 
   the configured ``min_buckets``);
 - ``diagf exact`` and, for convolutional networks, ``diagf spatial``: the step with diagonal-Fisher
   noise, diag F refreshed every step;
-- ``backpack`` and its baseline ``plain nn.BN``: the Horovod loop with BackPACK's SumGradSquared (its
-  sums allreduced too), on a copy of the network whose batch norms are nn.BatchNorm in eval mode
+- ``backpack`` and its baseline ``plain nn.BN`` (float32 only): the Horovod loop with BackPACK's
+  SumGradSquared (its sums allreduced too), on a copy of the network whose batch norms are nn.BatchNorm in eval mode
   (BackPACK refuses per-sample quantities under train-mode batch norm; hpcnoise.benchmarks.fisher_conv).
 
 It prints samples/s (global), the ratio to ``horovod``, each curvature step in units of its own
 baseline step (diagf over lb, BackPACK over plain nn.BN), and the step breakdown in ms: forward (a
 forward with autograd graph, timed alone), backward (lb's forward+backward minus forward), curvature
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
-collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer). Times are medians over
-rounds; each ratio is the median over rounds of the ratio of the two blocks timed in the same round,
-with its interquartile range (IQR). Then the suite's targets, each marked met or not by the median
-("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
+collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer), and on CUDA the peak
+memory of a block of steps (``torch.cuda.max_memory_allocated``). Times are medians over rounds;
+each ratio is the median over rounds of the ratio of the two blocks timed in the same round, with its
+interquartile range (IQR). Then the suite's targets for the device's type (``TARGETS``), each marked
+met or not by the median ("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
 torch.profiler over one block of lb and diagf and prints where the step's time goes: the step's
 labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
 and the N slowest operators.
@@ -40,12 +43,14 @@ Figures only: nothing here asserts a speed. On one worker there is nothing to ov
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -55,19 +60,31 @@ from torch import Tensor, nn
 from hpcnoise.benchmarks.common import MODEL_DATA
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
+from hpcnoise.precision import autocast
 
 WARMUP = 2  # untimed steps of each variant before the rounds
 # The suite's targets: (model or None for every model, variant, its baseline, bound). The first is a
 # throughput ratio (variant's samples/s over the baseline's, at least the bound); the others step-time
 # ratios (variant's step over the baseline's, at most the bound).
-THROUGHPUT_TARGET = (None, "lb", "horovod", 1.0)
-STEP_TARGETS = [
-    ("mlp", "diagf exact", "lb", 1.35),
-    ("cnn1d", "diagf exact", "lb", 1.5),
-    ("lenet5", "diagf spatial", "lb", 1.25),
-    ("resnet44", "diagf spatial", "lb", 1.25),
-]
-CONV = {"cnn1d", "lenet5", "resnet44", "vgg16"}
+# (model or None for every model, dtype or None for every dtype, variant, its baseline, bound) per
+# device type. The first of each list is a throughput ratio (the variant's samples/s over the baseline's,
+# at least the bound); the others step-time ratios (the variant's step over the baseline's, at most it).
+TARGETS = {
+    "cpu": [
+        (None, None, "lb", "horovod", 1.0),
+        ("mlp", "float32", "diagf exact", "lb", 1.5),
+        ("cnn1d", "float32", "diagf exact", "lb", 1.7),
+        ("lenet5", "float32", "diagf spatial", "lb", 1.3),
+        ("resnet44", "float32", "diagf spatial", "lb", 1.3),
+        ("resnet44", "float32", "diagf exact", "lb", 2.5),
+    ],
+    "cuda": [
+        (None, None, "lb", "horovod", 0.95),
+        ("resnet44", "bf16", "diagf spatial", "lb", 1.3),
+        (None, None, "diagf exact", "lb", 2.0),
+    ],
+}
+CONV = {"cnn1d", "lenet5", "resnet44", "vgg16_bn", "alexnet"}
 
 
 def step_config(model: str, regime: str, batch: int, threads: int, **changes: Any) -> Config:
@@ -137,12 +154,16 @@ def horovod_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor
         net = backpack_extend(net)
         context = lambda: backpack(SumGradSquared())  # noqa: E731
 
+    mixed = cfg.dtype == "bf16"
+
     def step() -> None:
         opt.zero_grad()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # BackPACK's notes on containers and input hooks
             with context():
-                F.cross_entropy(net(x), y).backward()
+                with autocast(mixed, x.device):
+                    loss = F.cross_entropy(net(x), y)
+                loss.backward()
         if extend and hvd is not None:
             sums = [p.sum_grad_squared for p in net.parameters()]  # type: ignore[attr-defined]
             hvd.grouped_allreduce_(sums, op=hvd.Sum, name="bench.sum_grad_squared")
@@ -151,12 +172,13 @@ def horovod_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor
     return step
 
 
-def forward_step(model: nn.Module, x: Tensor) -> Step:
+def forward_step(model: nn.Module, x: Tensor, mixed: bool) -> Step:
     """A train-mode forward that builds the autograd graph (then dropped): the forward's share of a step."""
     net = copy.deepcopy(model)
 
     def step() -> None:
-        out = net(x)
+        with autocast(mixed, x.device):
+            out = net(x)
         out.sum().item()  # wait for the device
 
     return step
@@ -168,7 +190,7 @@ def variants(
     """The steps to time, by name; ``other_mb``: more bucket sizes for ``lb``."""
     out: dict[str, Step] = {
         "horovod": horovod_step(cfg, comm, model, x, y),
-        "forward": forward_step(model, x),
+        "forward": forward_step(model, x, cfg.dtype == "bf16"),
         "lb": hpcnoise_step(cfg, comm, model, x, y),
         "lb fused": hpcnoise_step(replace(cfg, allreduce="fused"), comm, model, x, y),
     }
@@ -177,9 +199,11 @@ def variants(
     out |= {
         "diagf exact": hpcnoise_step(replace(cfg, regime="diagf", conv_mode="exact"), comm, model, x, y),
     }
-    if model_name in CONV:
+    if model_name in CONV:  # spatial differs from exact on convolutions only
         out["diagf spatial"] = hpcnoise_step(replace(cfg, regime="diagf", conv_mode="spatial"), comm, model, x, y)
-    try:
+    try:  # BackPACK times float32 only (it has no autocast support)
+        if cfg.dtype != "float32":
+            raise ImportError("BackPACK: float32 only")
         from hpcnoise.benchmarks.fisher_conv import to_torch_batchnorm
 
         eval_copy = to_torch_batchnorm(copy.deepcopy(model), x[:2])
@@ -198,18 +222,40 @@ def _sync(device: torch.device) -> None:
 Times = dict[str, list[float]]  # seconds per step of each variant, one per round
 
 
-def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -> tuple[Times, dict]:
-    """Seconds per step of each variant in every round (each a block of ``block`` steps), and the
-    median phase seconds per step of the hpcnoise variants."""
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mib(device: torch.device) -> float:
+    """Peak device memory since the last reset, in MiB (CUDA's allocator; NaN on the CPU, which has no
+    per-block peak to read)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+
+
+@dataclass
+class Timing:
+    """What ``time_variants`` measured: seconds per step of each variant (one per round), the median phase
+    seconds per step of the hpcnoise variants, and each variant's peak memory in a block (MiB, CUDA)."""
+
+    times: dict[str, list[float]]
+    phases: dict[str, dict[str, float]]
+    peak_mib: dict[str, float]
+
+
+def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -> Timing:
+    """Time every variant in ``rounds`` interleaved rounds of ``block`` steps each."""
     for step in steps.values():
         for _ in range(WARMUP):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
     phases: dict[str, dict[str, list[float]]] = {name: {} for name in steps}
+    peaks: dict[str, float] = {}
     for _ in range(rounds):
         for name, step in steps.items():
             comm.broadcast_object(None)  # every rank starts the block together
             _sync(comm.device)
+            _peak_reset(comm.device)
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             for _ in range(block):
@@ -217,9 +263,11 @@ def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -
                     sums[phase] = sums.get(phase, 0.0) + s
             _sync(comm.device)
             times[name].append((time.perf_counter() - t0) / block)
+            peaks[name] = _peak_mib(comm.device)
             for phase, s in sums.items():
                 phases[name].setdefault(phase, []).append(s / block)
-    return times, {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
+    medians = {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
+    return Timing(times, medians, peaks)
 
 
 PROFILED = ("lb", "diagf exact", "diagf spatial")  # the variants ``--profile`` looks inside
@@ -263,11 +311,13 @@ def paired(times: Times, top: str, bottom: str) -> tuple[float, float, float]:
 BASE = {"diagf exact": "lb", "diagf spatial": "lb", "backpack": "plain nn.BN"}  # else: horovod
 
 
-def model_rows(model: str, batch: int, times: Times, phases: dict) -> list[dict[str, Any]]:
-    """The table's rows of one model: samples/s, ratios (medians of per-round ratios, with their
-    interquartile range) and the breakdown (ms per step)."""
+def model_rows(model: str, batch: int, dtype: str, timing: Timing) -> list[dict[str, Any]]:
+    """The table's rows of one model and number format: samples/s, ratios (medians of per-round ratios,
+    with their interquartile range), the breakdown (ms per step) and the peak memory of a block."""
+    times, phases = timing.times, timing.phases
     median = {name: statistics.median(ts) for name, ts in times.items()}
     fwd = median["forward"]
+    lb_fb = phases["lb"]["forward_backward"]
     rows = []
     for name, seconds in median.items():
         if name == "forward":
@@ -276,26 +326,27 @@ def model_rows(model: str, batch: int, times: Times, phases: dict) -> list[dict[
         fb = ph.get("forward_backward")
         faster = paired(times, "horovod", name)
         slower = paired(times, name, BASE.get(name, "horovod"))
-        row: dict[str, Any] = {
-            "model": model,
-            "variant": name,
-            "batch": batch,
-            "samples/s": batch / seconds,
-            "step ms": 1e3 * seconds,
-            "vs horovod": faster[0],
-            "vs horovod IQR": f"{faster[1]:.2f}-{faster[2]:.2f}",
-            "vs own base": slower[0],
-            "own base IQR": f"{slower[1]:.2f}-{slower[2]:.2f}",
-            "forward ms": 1e3 * fwd if fb is not None else None,
-            "backward ms": 1e3 * (phases["lb"]["forward_backward"] - fwd) if fb is not None else None,
-            "curvature ms": 1e3 * (fb - phases["lb"]["forward_backward"])
-            if fb is not None and "diagf" in name
-            else None,
-            "comm wait ms": 1e3 * ph["allreduce"] if "allreduce" in ph else None,
-            "noise ms": 1e3 * ph["noise"] if "noise" in ph else None,
-            "optimizer ms": 1e3 * ph["optimizer"] if "optimizer" in ph else None,
-        }
-        rows.append(row)
+        rows.append(
+            {
+                "model": model,
+                "dtype": dtype,
+                "variant": name,
+                "batch": batch,
+                "samples/s": batch / seconds,
+                "step ms": 1e3 * seconds,
+                "vs horovod": faster[0],
+                "vs horovod IQR": f"{faster[1]:.2f}-{faster[2]:.2f}",
+                "vs own base": slower[0],
+                "own base IQR": f"{slower[1]:.2f}-{slower[2]:.2f}",
+                "forward ms": 1e3 * fwd if fb is not None else None,
+                "backward ms": 1e3 * (lb_fb - fwd) if fb is not None else None,
+                "curvature ms": 1e3 * (fb - lb_fb) if fb is not None and "diagf" in name else None,
+                "comm wait ms": 1e3 * ph["allreduce"] if "allreduce" in ph else None,
+                "noise ms": 1e3 * ph["noise"] if "noise" in ph else None,
+                "optimizer ms": 1e3 * ph["optimizer"] if "optimizer" in ph else None,
+                "peak MiB": timing.peak_mib.get(name),
+            }
+        )
     return rows
 
 
@@ -305,32 +356,33 @@ def _verdict(met: bool, iqr: str, bound: float) -> str:
     return ("met" if met else "NOT met") + (" (within the rounds' spread)" if low <= bound <= high else "")
 
 
-def targets(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per target the measured models allow: the median paired ratio with its interquartile
-    range, and met / NOT met."""
-    by = {(r["model"], r["variant"]): r for r in rows}
-    models = sorted({r["model"] for r in rows})
+def targets(rows: list[dict[str, Any]], device: str = "cpu") -> list[str]:
+    """One line per target of ``device``'s type that the measured rows allow: the median paired ratio
+    with its interquartile range, and met / NOT met; then diag-F against BackPACK where both ran."""
     lines = []
-    _, variant, base, bound = THROUGHPUT_TARGET
-    for model in models:
-        if (row := by.get((model, variant))) is not None:
-            value, iqr = row["vs horovod"], row["vs horovod IQR"]
-            verdict = _verdict(value >= bound, iqr, bound)
-            lines.append(f"[{model}] {variant} throughput >= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
-    for model, variant, base, bound in STEP_TARGETS:
-        if (row := by.get((model, variant))) is not None:
-            value, iqr = row["vs own base"], row["own base IQR"]
-            verdict = _verdict(value <= bound, iqr, bound)
-            lines.append(f"[{model}] {variant} step <= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
-    for model in models:
-        bp = by.get((model, "backpack"))
+    for model, dtype, variant, base, bound in TARGETS[device]:
+        for row in rows:
+            if row["variant"] != variant or model not in (None, row["model"]) or dtype not in (None, row["dtype"]):
+                continue
+            where = f"[{row['model']} {row['dtype']}]"
+            if base == "horovod":
+                value, iqr = row["vs horovod"], row["vs horovod IQR"]
+                verdict = _verdict(value >= bound, iqr, bound)
+                lines.append(f"{where} {variant} throughput >= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
+            else:
+                value, iqr = row["vs own base"], row["own base IQR"]
+                verdict = _verdict(value <= bound, iqr, bound)
+                lines.append(f"{where} {variant} step <= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
+    by = {(r["model"], r["dtype"], r["variant"]): r for r in rows}
+    for (model, dtype, variant), bp in by.items():
+        if variant != "backpack":
+            continue
         for mode in ("diagf exact", "diagf spatial"):
-            ours = by.get((model, mode))
-            if bp is not None and ours is not None:
+            if (ours := by.get((model, dtype, mode))) is not None:
                 a, b = ours["vs own base"], bp["vs own base"]
                 verdict = "met" if a <= b else "NOT met"
                 lines.append(
-                    f"[{model}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}"
+                    f"[{model} {dtype}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}"
                 )
     return lines
 
@@ -346,23 +398,31 @@ def compare(
     block: int,
     rounds: int,
     profile: int,
+    dtypes: tuple[str, ...] = ("float32",),
+    channels_last: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """The table's rows of every model (``block`` steps per variant in each of ``rounds`` rounds; buckets of
-    ``bucket_mb[0]`` MiB, the other sizes as more lb variants), and with ``profile`` > 0 each model's profile
+    """The table's rows of every model in every number format of ``dtypes`` (``block`` steps per variant in
+    each of ``rounds`` rounds; buckets of ``bucket_mb[0]`` MiB, the other sizes as more lb variants;
+    ``channels_last`` for the 2-D convolutional networks), and with ``profile`` > 0 each model's profile
     (the N = ``profile`` slowest operators)."""
-    from hpcnoise.workload import data_and_model
+    from hpcnoise.workload import data_and_model, is_conv2d
 
     rows: list[dict[str, Any]] = []
     profiles: list[str] = []
-    for model_name in models:
-        cfg = step_config(model_name, "lb", batch, threads, device=device, bucket_mb=bucket_mb[0])
+    for model_name, dtype in itertools.product(models, dtypes):
+        layout = channels_last and is_conv2d(model_name, MODEL_DATA.get(model_name, "cifar10"))
+        cfg = step_config(
+            model_name, "lb", batch, threads, device=device, bucket_mb=bucket_mb[0], dtype=dtype, channels_last=layout
+        )
         data, model = data_and_model(cfg, comm)
         local = batch // comm.size
         x = data.x_train[comm.rank * local : (comm.rank + 1) * local]
         y = data.y_train[comm.rank * local : (comm.rank + 1) * local]
         steps = variants(model_name, cfg, comm, model, x, y, bucket_mb[1:])
-        times, phases = time_variants(steps, block, rounds, comm)
-        rows += model_rows(model_name, batch, times, phases)
+        rows += model_rows(model_name, batch, dtype, time_variants(steps, block, rounds, comm))
         if profile:
-            profiles.append(f"[{model_name}] " + profile_variants(steps, block, profile, comm.device))
+            profiles.append(f"[{model_name} {dtype}] " + profile_variants(steps, block, profile, comm.device))
+        del steps, data, model
+        if comm.device.type == "cuda":
+            torch.cuda.empty_cache()  # the next model's peak memory starts from its own tensors
     return rows, profiles

@@ -37,7 +37,8 @@ class CurvatureHooks:
     Hooks cost nothing outside ``recording()``, and inside it they skip modules in eval mode (as K-FAC
     hooks do), leaving zeros, unless ``record_eval`` is set (frozen-network measurements, tests). Each
     module may run once per recorded forward, and one backward follows it. Float32 parameters give
-    float32 arithmetic throughout; the 1/m of the mean is undone once, when the recording ends.
+    float32 arithmetic throughout, also under bf16 autocast (saved inputs and output gradients are cast
+    to the parameters' dtype first); the 1/m of the mean is undone once, when the recording ends.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class CurvatureHooks:
             raise ValueError(
                 f"curvature hooks need parameters of one dtype on one device, got {sorted(map(str, kinds)) or 'none'}"
             )
+        self.dtype = self.params[0].dtype if self.params else torch.float32  # every product is formed in it
         self._handlers: dict[nn.Module, LayerHandler] = {}
         owners: set[int] = set()
         for module in model.modules():
@@ -113,7 +115,10 @@ class CurvatureHooks:
                 raise RuntimeError("backward ran outside the recording() whose forward it belongs to")
             if not holder:
                 raise RuntimeError("a second backward through one recorded forward")
-            saved = holder.pop()  # dropped once used
+            # Under bf16 autocast the saved input and the output gradient are bfloat16: every per-sample
+            # product is formed in the parameters' dtype (float32), never in bf16 (hpcnoise.precision).
+            saved = holder.pop().to(self.dtype)  # dropped once used
+            delta = delta.to(self.dtype)
             with torch.no_grad(), record_function(label):
                 for quantity, into in work:
                     quantity.accumulate(handler, module, saved, delta, into, self.opts, signs)

@@ -69,6 +69,9 @@ class GhostBatchNorm(nn.Module):
         return [1, -1] + [1] * (x.dim() - 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under bf16 autocast (hpcnoise.precision) x arrives in bfloat16: normalise in the weights' float32,
+        # so the statistics, their sums over workers and the saved normalised input stay float32.
+        x = x.to(self.weight.dtype)
         if not self.training:
             xhat = (x - self.running_mean.view(self._shape(x))) * torch.rsqrt(
                 self.running_var.view(self._shape(x)) + self.eps

@@ -14,7 +14,7 @@ from hpcnoise.benchmarks.step_compare import compare, step_config, targets
 from hpcnoise.cli.bench import names
 from hpcnoise.cli.common import check_output_file, check_positive, check_threads, check_workloads
 from hpcnoise.comm import detect_launcher, init, launcher_rank
-from hpcnoise.config import Config
+from hpcnoise.config import CHOICES, Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import write_text_atomic
 from hpcnoise.models import MODELS
@@ -35,6 +35,12 @@ def _parser() -> Parser:
         help="gradient bucket size of lb and diagf in MiB; more sizes, comma-separated, add lb variants",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--dtypes", default="float32", help="number formats, comma-separated: float32, bf16, float64 (default float32)"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="2-D convolutional networks in channels-last memory format"
+    )
     p.add_argument("--csv", type=Path, help="also write the table as CSV")
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="then profile lb and diagf: the N slowest operators"
@@ -57,7 +63,12 @@ def _check(args: Any) -> list[str]:
     if not args.bucket_mb or not all(mb > 0 for mb in args.bucket_mb) or len(set(args.bucket_mb)) < len(args.bucket_mb):
         raise ConfigError(f"--bucket-mb must be distinct sizes > 0 in MiB, comma-separated, got {text!r}")
     check_output_file(args.csv, "--csv")
-    configs = [(m, step_config(m, "diagf", args.batch, args.threads, device=args.device)) for m in models]
+    args.dtypes = tuple(names(args.dtypes, dict.fromkeys(CHOICES["dtype"]), "number format", "--dtypes"))
+    configs = [
+        (m, step_config(m, "diagf", args.batch, args.threads, device=args.device, dtype=d))
+        for m in models
+        for d in args.dtypes
+    ]
     check_workloads(configs, detect_launcher()[1], args.batch)
     return models
 
@@ -85,16 +96,19 @@ def main(argv: list[str] | None = None) -> int:
         block=args.steps,
         rounds=args.rounds,
         profile=args.profile,
+        dtypes=args.dtypes,
+        channels_last=args.channels_last,
     )
     if comm.is_main:
         table = pd.DataFrame(rows)
         print(
             f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
             f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
+            + (", 2-D convolutions channels-last" if args.channels_last else "")
         )
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         print("targets:")
-        for line in targets(rows):
+        for line in targets(rows, comm.device.type):
             print(f"  {line}")
         if args.csv:
             write_text_atomic(args.csv, table.to_csv(index=False))
