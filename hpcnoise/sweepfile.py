@@ -23,8 +23,11 @@ class SweepError(ConfigError):
 
 
 def config_digest(cfg: Config) -> str:
-    """8 hex digits of what a config computes (its fields but the PLACEMENT_FIELDS)."""
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS}
+    """8 hex digits of what a config computes: its fields but the PLACEMENT_FIELDS, and but those at their
+    default, so that a field added later (at its default: what every earlier run computed) leaves the
+    digest, and so the run names of existing study directories, as they were."""
+    default = Config().to_dict()
+    identity = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS and v != default[k]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -257,3 +257,19 @@ def test_sweep_run_exit_status_of_each_stop(
     assert sweep.main(["run", str(path), "--index", "6"]) == status  # a cell not started
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"hpcnoise: stopped by {error}")
+
+
+def test_config_digest_ignores_fields_at_their_default() -> None:
+    """A field added later, at its default, computes what earlier runs computed: their run names (and so
+    finished study directories) stay valid. The all-default config's identity is the empty one."""
+    import hashlib
+    from dataclasses import replace
+
+    from hpcnoise.config import Config
+    from hpcnoise.sweepfile import config_digest
+
+    assert config_digest(Config()) == hashlib.sha256(b"{}").hexdigest()[:8]
+    cfg = Config(regime="lb", epochs=3, seed=2)
+    assert config_digest(replace(cfg, channels_last=False, val_samples=0)) == config_digest(cfg)
+    assert config_digest(replace(cfg, channels_last=True)) != config_digest(cfg)
+    assert config_digest(replace(cfg, out_dir="elsewhere", progress=False)) == config_digest(cfg)  # placement
