@@ -76,6 +76,12 @@ TRAIN_CASES = [
         "prepared data file prepared/cifar10-train.pt is unreadable",
     ),
     ("data-root-file", [*TRAIN, "--data_root=afile"], "data_root 'afile' is not a directory"),
+    ("dtype", [*TRAIN, "--dtype=half"], "dtype must be one of float32, float64, bf16, got 'half'"),
+    (
+        "channels-last-mlp",
+        [*TRAIN, "--channels_last=true"],
+        "channels_last applies to 2-D convolutional networks; 'mlp' on 'mnist1d' has none (valid here: none",
+    ),
 ]
 
 SWEEP_CASES = [
@@ -112,6 +118,8 @@ SWEEP_STATUS_CASES: list[tuple[str, list[str], str]] = [
 ]
 
 OTHER_CASES = [
+    # bench step
+    ("bench-dtypes", ["bench", "step", "--dtypes", "float32,fp8"], "--dtypes: unknown number format 'fp8'; valid"),
     # study
     ("study-np", ["study", "--np", "0"], "--np must be >= 1, and 1 with --launcher=none (got --np 0)"),
     ("study-np-none", ["study", "--launcher", "none", "--np", "2"], "and 1 with --launcher=none (got --np 2)"),
