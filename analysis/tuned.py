@@ -187,6 +187,8 @@ def hyperparameters(study: TunedStudy) -> pd.DataFrame:
     for (workload, regime), t in study.selected.items():
         cfg, noisy = t["config"], "noise_multiplier" in t["values"]
         trial = study.trials[(study.trials["run_name"] == t["run_name"])].iloc[0]
+        # an imported selection (its trials ran elsewhere) carries the accuracy it was selected with
+        imported = t.get("val_accuracy") if "imported" in study.manifest else None
         rows.append(
             {
                 "workload": workload,
@@ -194,7 +196,7 @@ def hyperparameters(study: TunedStudy) -> pd.DataFrame:
                 "label": regime_name(study.manifest, regime),
                 "trial": t["trial"],
                 "run_name": t["run_name"],
-                "val_accuracy": trial["val_accuracy"],
+                "val_accuracy": float(imported) if imported is not None else trial["val_accuracy"],
                 "lr": float(cfg["lr"]),
                 "warmup_epochs": float(cfg["warmup_epochs"]),
                 "warmup_fraction": float(t["values"].get("warmup_fraction", math.nan)),

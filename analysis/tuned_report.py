@@ -47,7 +47,15 @@ def protocol(study: tuned.TunedStudy) -> str:
     """What was tuned how, where the test set was read, and the long budget's reuse of the settings."""
     m = study.manifest
     n, seeds = m["trials_per_regime"], len(m["rerun_seeds"])
-    text = (
+    text = ""
+    if "imported" in m:
+        src = m["imported"]
+        text = (
+            f"**The settings were tuned elsewhere, not in this study**: by `{src['command']}` (selected on "
+            f"{src['selected_on']}, commit `{src['commit'][:12]}`; hpcnoise/tuned_settings.json, docs/results.md). "
+            "This study ran no trial; it reruns the selected settings with fresh seeds. There: "
+        )
+    text += (
         f"Every regime was tuned alike: {n} trials per (workload, regime), scrambled Halton points of search "
         "spaces of the same width, the study's seed for every trial. The settings were selected on the held-out "
         "validation split, by the rule recorded in manifest.json before any trial ran (highest final validation "
@@ -241,8 +249,9 @@ def header(study: tuned.TunedStudy) -> list[str]:
         "",
         (
             f"Study root: `{study.root}` ({tuning.MANIFEST}: seed {m['seed']}, workloads "
-            f"{', '.join(m['workloads'])}, regimes {', '.join(m['regimes'])}, {m['trials_per_regime']} trials "
-            f"each). Reruns: {len(runs)} finished, {len(study.gone)} diverged, of {len(study.planned)} planned. "
+            f"{', '.join(m['workloads'])}, regimes {', '.join(m['regimes'])}, "
+            + ("settings tuned elsewhere" if "imported" in m else f"{m['trials_per_regime']} trials each")
+            + f"). Reruns: {len(runs)} finished, {len(study.gone)} diverged, of {len(study.planned)} planned. "
             f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
         ),
         "",
@@ -270,10 +279,14 @@ def sections(study: tuned.TunedStudy, files: dict[str, bytes]) -> list[str]:
     md += ["## Rerun test accuracy", "", "Mean ± 95% Student-t half-width over the rerun seeds.", ""]
     md += [_accuracy_md(tables["tuned_accuracy"]), ""]
     md += ["## Gap closure (tuned)", "", _CLOSURE_NOTE, "", _closure_md(tables["tuned_closure"]), ""]
-    md += _best_of_k_lines(study, tables["best_of_k"], files)
+    imported = "imported" in study.manifest
+    elsewhere = (
+        "The trials ran in the study that tuned the settings (see the verdict's paragraph); its report has this."
+    )
+    md += _best_of_k_lines(study, tables["best_of_k"], files) if not imported else ["## Best-of-k", "", elsewhere, ""]
     md += ["## Steps", "", _STEPS_NOTE, "", _steps_md(tables["tuned_steps"]), ""]
     md += ["## Declared comparisons", "", _comparisons_md(tables["tuned_comparisons"], study), ""]
-    md += ["## Blown-up and diverged trials", "", _trial_counts(study), ""]
+    md += ["## Blown-up and diverged trials", "", _trial_counts(study) if not imported else elsewhere, ""]
     problems = tables["tuned_trials"]
     md += [f"- {r['kind']} `{r['run_name']}`: {r['state']}" + (f" at epoch {r['epoch']:.0f}" if
            math.isfinite(r["epoch"]) else "") for _, r in problems.iterrows()]  # fmt: skip

@@ -8,12 +8,14 @@ without downloads.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from hpcnoise.config import Config, LrScaling, NoiseCalibration, scaled_rate
+from hpcnoise.config import Config, LrScaling, NoiseCalibration, config_from_dict, scaled_rate
 from hpcnoise.errors import ConfigError
 
 PresetFn = Callable[[bool], Config]  # smoke -> config
@@ -210,6 +212,51 @@ TUNING_PRESETS = {
     for model in TUNE_WORKLOADS
     for regime in TUNE_REGIMES
 }
+
+
+# --- the tuned settings: the tuned study's selection, committed (docs/results.md) ------------------------------
+# hpcnoise/tuned_settings.json is OUT/tuned_settings.json of a finished `hpcnoise study --tune`
+# (hpcnoise.tuning.settings_record): the selected trial of each (workload, regime) and where it came from
+# (command, date of the selection, commit, selection rule). The presets tuned-MODEL-REGIME[-gbn] are those
+# settings; the quick default `hpcnoise study` reruns them (hpcnoise.cli.study).
+TUNED_SETTINGS = Path(__file__).with_name("tuned_settings.json")
+
+
+def tuned_settings(path: Path | None = None) -> dict[str, Any]:
+    """The tuned settings at ``path`` (default: the committed ones), a ``settings_record``; ConfigError
+    when missing or unreadable."""
+    path = path or TUNED_SETTINGS
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the tuned settings {path}: {e}") from e
+    return record
+
+
+def tuned_preset(model: str, regime: str, smoke: bool) -> Config:
+    """The tuning preset with the tuned study's selected learning rate, warmup (as the same fraction of
+    training) and noise settings; full length, no blow-up stop."""
+    trial = next(t for t in tuned_settings()["manifest"]["trials"] if (t["workload"], t["regime"]) == (model, regime))
+    chosen = config_from_dict(trial["config"])
+    base = tuning_preset(model, regime, smoke)
+    return replace(
+        base,
+        lr=chosen.lr,
+        warmup_epochs=chosen.warmup_epochs * base.epochs / chosen.epochs,
+        noise_multiplier=chosen.noise_multiplier,
+        noise_fraction=chosen.noise_fraction,
+        stop_blown_up=False,
+    )
+
+
+def tuned_preset_name(model: str, regime: str) -> str:
+    return "tuned" + tuning_preset_name(model, regime).removeprefix("tune")
+
+
+TUNED_PRESETS: dict[tuple[str, str], str] = {}
+for _trial in tuned_settings()["manifest"]["trials"] if TUNED_SETTINGS.exists() else []:
+    _key = (_trial["workload"], _trial["regime"])
+    TUNED_PRESETS[_key] = _register(tuned_preset_name(*_key), partial(tuned_preset, *_key))
 
 
 # --- the paper's Tables 1-3 --------------------------------------------------------------------------

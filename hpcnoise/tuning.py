@@ -46,6 +46,8 @@ FORMAT = "hpcnoise-tuning/1"
 MANIFEST = "manifest.json"
 TRIALS_FILE = "trials.sweep.jsonl"
 SELECTED = "selected.json"
+SETTINGS = "tuned_settings.json"  # the selection with its provenance: what the quick study reruns
+SETTINGS_FORMAT = "hpcnoise-tuned-settings/1"
 LONG_REGIMES = ("lb", "diagf")  # the large-batch regimes the long budget trains k times as long
 MIN_RERUN_SEEDS = 5
 SELECTION_RULE = {
@@ -342,6 +344,87 @@ def select_once(root: Path, manifest: dict[str, Any]) -> dict[tuple[str, str], d
     record = json.loads(path.read_text())
     by_key = {(t["workload"], t["regime"], t["trial"]): t for t in manifest["trials"]}
     return {(w, r): by_key[(w, r, entry["trial"])] for w, regimes in record.items() for r, entry in regimes.items()}
+
+
+def settings_record(root: Path, manifest: dict[str, Any], selected: dict[tuple[str, str], dict[str, Any]]) -> dict:
+    """ROOT/tuned_settings.json: the selected trials with where they came from (the command, the date of
+    the selection, the commit the trials ran at, the selection rule), and the manifest cut to what a rerun
+    needs (its trials: the selected ones). Copied to hpcnoise/tuned_settings.json, it becomes the tuned
+    presets and the quick default study (hpcnoise.presets, hpcnoise.cli.study)."""
+    import datetime
+
+    errors = {(r["workload"], r["regime"], r["trial"]): r["final_val_error"] for r in trial_rows(root)}
+    chosen = []
+    for (w, r), t in selected.items():  # each with its validation accuracy at the selection (None: none)
+        err = errors.get((w, r, t["trial"]))
+        chosen.append({**t, "val_accuracy": None if err is None else 100.0 * (1.0 - err)})
+    record_path = root / "trials" / chosen[0]["run_name"] / "config.json"
+    commit = json.loads(record_path.read_text()).get("git", "unknown") if record_path.exists() else "unknown"
+    made = datetime.datetime.fromtimestamp((root / SELECTED).stat().st_mtime, datetime.timezone.utc)
+    k = manifest.get("long_factor", 1.0)
+    trimmed = {key: value for key, value in manifest.items() if key not in ("trials", "trials_sha256", "trials_file")}
+    return {
+        "format": SETTINGS_FORMAT,
+        "provenance": {
+            "command": f"hpcnoise study --tune --seed {manifest['seed']} --trials {manifest['trials_per_regime']} "
+            f"--long-factor {k:g} --workloads {','.join(manifest['workloads'])}"
+            + (" --smoke" if manifest.get("smoke") else ""),
+            "selected_on": made.strftime("%Y-%m-%d"),
+            "commit": commit,
+            "selection": manifest["selection"],
+            "trials_per_regime": manifest["trials_per_regime"],
+        },
+        "manifest": {**trimmed, "trials": chosen},
+        "selected": selection_record(selected),
+    }
+
+
+def imported_study(
+    settings: dict[str, Any], workloads: list[str], seeds: list[int], long_regimes: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest and selection record of a study that reruns another study's selection (a
+    ``settings_record``): its ``workloads``, the rerun ``seeds``, the long budget for ``long_regimes`` only,
+    and ``imported``: where the settings came from. Its trials are the selected ones alone, so ``select``
+    finds the imported selection again. ConfigError when the record is not one or lacks a workload."""
+    if not isinstance(settings, dict) or settings.get("format") != SETTINGS_FORMAT:
+        raise ConfigError(f"not a tuned-settings record (format {SETTINGS_FORMAT!r})")
+    source = settings["manifest"]
+    missing = [w for w in workloads if w not in source["workloads"]]
+    if missing or not seeds:
+        raise ConfigError(f"the tuned settings hold workloads {source['workloads']}, not {missing} (or no seeds)")
+    budgets = {}
+    for budget, spec in source["budgets"].items():
+        regimes = [r for r in spec["regimes"] if budget == "equal" or r in long_regimes]
+        if regimes:
+            epochs = {w: {r: spec["epochs"][w][r] for r in regimes} for w in workloads}
+            budgets[budget] = {**spec, "regimes": regimes, "epochs": epochs}
+    manifest = {
+        **source,
+        "workloads": list(workloads),
+        "presets": {w: source["presets"][w] for w in workloads},
+        "budgets": budgets,
+        "rerun_seeds": list(seeds),
+        "trials": [t for t in source["trials"] if t["workload"] in workloads],
+        "imported": settings["provenance"],
+    }
+    return manifest, {w: settings["selected"][w] for w in workloads}
+
+
+def write_imported(root: Path, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+    """ROOT/manifest.json and ROOT/selected.json of an imported study, written once; the same again
+    changes nothing, other settings are one ConfigError line (as ``write_manifest``)."""
+    path = root / MANIFEST
+    if path.exists():
+        old = read_manifest(root)
+        if old != json.loads(manifest_text(manifest)):
+            raise ConfigError(
+                f"{path} exists with other settings ({_differs(old, manifest)} differs); start over with another "
+                f"--out (or remove {root})"
+            )
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(root / SELECTED, record)
+    write_text_atomic(path, manifest_text(manifest))
 
 
 def default_rerun_seeds(seed: int) -> list[int]:

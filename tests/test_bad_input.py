@@ -127,7 +127,11 @@ OTHER_CASES = [
     ("study-threads", ["study", "--threads", "-1"], "--threads must be >= 0"),
     ("study-out", ["study", "--out", "afile/study"], "cannot write to --out"),
     # report
-    ("study-np-batch", ["study", "--np", "3"], "--np 3: small_batch=128 is not divisible by the world size 3"),
+    (
+        "study-np-batch",
+        ["study", "--paper", "--np", "3"],
+        "--np 3: small_batch=128 is not divisible by the world size 3",
+    ),
     ("report-empty", ["report", "adir"], "no run directories (directories with config.json) under adir"),
     # sharpness
     ("sharpness-missing", ["sharpness", "missing"], "run directory 'missing' does not exist"),

@@ -283,3 +283,48 @@ def test_a_smoke_study_runs_end_to_end_and_resumes_after_a_stop(tmp_path: Path) 
     reruns = [p.parent for p in out.glob("reruns/*/config.json")]
     assert len(reruns) == 3 * 5 + 2 * 5
     assert (out / "report" / "report.md").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_settings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke tuned study (MLP, 2 trials) whose tuned_settings.json the quick study reruns."""
+    out = tmp_path_factory.mktemp("tuned") / "tune"
+    argv = [sys.executable, "-m", "hpcnoise.cli", "study", "--tune", "--smoke", "--trials", "2", "--workloads", "mlp"]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_quick_study_reruns_the_tuned_settings_and_says_so(tmp_path: Path, smoke_settings: Path) -> None:
+    settings = json.loads((smoke_settings / "tuned_settings.json").read_text())
+    assert settings["provenance"]["command"].endswith("--workloads mlp --smoke")
+    assert settings["provenance"]["selection"] == json.loads((smoke_settings / MANIFEST).read_text())["selection"]
+    picked = {(t["regime"], t["trial"]) for t in settings["manifest"]["trials"]}
+    record = json.loads((smoke_settings / "selected.json").read_text())["mlp"]
+    assert picked == {(r, e["trial"]) for r, e in record.items()}
+    assert all(0 <= t["val_accuracy"] <= 100 for t in settings["manifest"]["trials"])
+    out = tmp_path / "quick"
+    argv = [sys.executable, "-m", "hpcnoise.cli", "study", "--settings", str(smoke_settings / "tuned_settings.json")]
+    done = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the tuned settings (hpcnoise study --tune" in done.stdout
+    names = sorted(p.parent.name for p in out.glob("reruns/*/summary.json"))
+    assert len(names) == 3 * 5 + 1 * 5  # every regime at equal epochs, LB+GBN also at the long budget
+    for name in names:  # the tuned study's own reruns of these seeds: the same runs, the same numbers
+        ours = json.loads((out / "reruns" / name / "summary.json").read_text())
+        theirs = json.loads((smoke_settings / "reruns" / name / "summary.json").read_text())
+        assert ours["final_test_error"] == theirs["final_test_error"], name
+    report = (out / "report" / "report.md").read_text()
+    assert "The settings were tuned elsewhere, not in this study" in report
+    assert "settings tuned elsewhere" in report.splitlines()[2]
+    again = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "already finished" in again.stdout  # rerunning continues: nothing left
+
+
+def test_quick_study_without_its_settings_is_one_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "hpcnoise.cli", "study", "--settings", str(tmp_path / "none.json")]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == EXIT_USAGE
+    assert proc.stderr.strip().startswith("hpcnoise study: error: cannot read the tuned settings")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "q").exists()

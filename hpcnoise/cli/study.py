@@ -6,12 +6,14 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from hpcnoise import study, tuning
 from hpcnoise.cli.common import check_threads, error
+from hpcnoise.config import config_from_dict
 from hpcnoise.errors import EXIT_PREEMPTED, ConfigError, Parser
-from hpcnoise.files import unwritable
-from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS
+from hpcnoise.files import unwritable, write_json_atomic
+from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS, tuned_settings
 from hpcnoise.study import FULL_EPOCHS, QUICK_EPOCHS
 from hpcnoise.sweepfile import cell_lines, write_file
 
@@ -19,12 +21,20 @@ PROG = "hpcnoise study"
 STOPPED = f"{PROG}: stopped after a checkpoint; rerun the same command to continue"
 TUNE_TRIALS = 8  # trials per (workload, regime): 2 x 3 x 8 = 48 (README, "Tuned comparison")
 TUNE_LONG_FACTOR = 2.0  # the long budget: LB regimes trained twice the epochs
+# The quick default: the committed tuned settings (hpcnoise/tuned_settings.json) rerun on the MLP with the
+# tuned study's 5 rerun seeds, at equal epochs and, for LB+GBN, the long budget (README: the measured time)
+QUICK_WORKLOADS = ["mlp"]
+QUICK_SEEDS = [1, 2, 3, 4, 5]
+QUICK_LONG_REGIMES = ("lb",)
 
 
 def _parser() -> Parser:
     p = Parser(prog=PROG, description=(study.__doc__ or "").split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help=f"{FULL_EPOCHS} epochs instead of {QUICK_EPOCHS}")
+    mode.add_argument(
+        "--paper", action="store_true", help=f"the paper's settings untuned ({QUICK_EPOCHS} epochs, with sharpness)"
+    )
+    mode.add_argument("--full", action="store_true", help=f"the paper's settings, {FULL_EPOCHS} epochs")
     mode.add_argument("--grid", action="store_true", help=f"the calibration grid (mnist1d-grid, {GRID_EPOCHS} epochs)")
     mode.add_argument("--tune", action="store_true", help="the tuned comparison (docs/tuning.md)")
     p.add_argument("--np", type=int, default=2, help="processes (default 2)")
@@ -32,9 +42,12 @@ def _parser() -> Parser:
         "--launcher",
         choices=("horovodrun", "mpirun", "local", "none"),
         default=None,
-        help="horovodrun (default), or local with --tune: NP plain processes, each its share of the runs",
+        help="local (the default and --tune's: NP plain processes, each its share of the runs), or horovodrun "
+        "(--paper, --full and --grid's default)",
     )
-    p.add_argument("--out", type=Path, default=None, help="root of the run directories (runs/study[-full|-tune])")
+    p.add_argument(
+        "--out", type=Path, default=None, help="root of the run directories (runs/study[-paper|-full|-grid|-tune])"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1; 0: torch's default)")
     tune = p.add_argument_group("the tuned comparison (--tune)")
     tune.add_argument("--trials", type=int, default=TUNE_TRIALS, help=f"trials per regime (default {TUNE_TRIALS})")
@@ -42,6 +55,13 @@ def _parser() -> Parser:
     tune.add_argument("--long-factor", type=float, default=TUNE_LONG_FACTOR, help="k: the long budget's epochs x k")
     tune.add_argument("--workloads", default=",".join(TUNE_WORKLOADS), help="comma-separated (default: all)")
     tune.add_argument("--smoke", action="store_true", help="the presets' seconds-long smoke sizes")
+    p.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="the quick study: the tuned settings to rerun (default hpcnoise/tuned_settings.json; a finished "
+        "--tune study writes OUT/tuned_settings.json)",
+    )
     p.add_argument("--run-cells", type=Path, help=argparse.SUPPRESS)  # worker side, under the launcher
     p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # the local launcher's process r of n
     return p
@@ -52,7 +72,7 @@ def _plan(args: argparse.Namespace) -> tuple[Path, str, int, list]:
     if args.np < 1 or (args.launcher == "none" and args.np != 1):
         raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
     check_threads(args.threads)
-    name = "study-grid" if args.grid else "study-full" if args.full else "study"
+    name = "study-grid" if args.grid else "study-full" if args.full else "study-paper"
     out = (args.out or Path("runs") / name).absolute()
     problem = unwritable(out)
     if problem is not None:
@@ -83,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return study.run_cells(args.run_cells, (int(r), int(n)))
     if args.tune:
         return tune_main(args)
+    if not (args.paper or args.full or args.grid):
+        return quick_main(args)
     args.launcher = args.launcher or "horovodrun"
     try:
         if args.launcher == "local" or args.trials != TUNE_TRIALS or args.smoke:
-            raise ConfigError("--launcher local, --trials and --smoke are options of --tune")
+            raise ConfigError("--launcher local, --trials and --smoke are options of --tune and the quick study")
         out, table, epochs, cells = _plan(args)
     except ConfigError as e:
         return error(str(e), prog=PROG)
@@ -163,6 +185,14 @@ def tune_main(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     selected = tuning.select_once(out, manifest)
+    write_json_atomic(out / tuning.SETTINGS, tuning.settings_record(out, manifest, selected))
+    return reruns_and_report(args, out, manifest, selected)
+
+
+def reruns_and_report(
+    args: argparse.Namespace, out: Path, manifest: dict[str, Any], selected: dict[tuple[str, str], Any]
+) -> int:
+    """Train the reruns of every budget of the selection (their sweep files written once), then the report."""
     for budget in manifest["budgets"]:
         sweep = out / f"reruns-{budget}.sweep.jsonl"
         if not sweep.exists():  # written once, after the selection
@@ -173,3 +203,51 @@ def tune_main(args: argparse.Namespace) -> int:
     from hpcnoise.cli.report import main as report  # lazy: pandas and seaborn load only for the report
 
     return report([str(out), "--out", str(out / "report")])
+
+
+# --- the quick default: the tuned settings, rerun --------------------------------------------------------
+def _quick_plan(args: argparse.Namespace) -> Path:
+    """Check the quick study's arguments and write (or find) its manifest and selection: the committed
+    tuned settings (hpcnoise.presets.tuned_settings) on QUICK_WORKLOADS with QUICK_SEEDS."""
+    args.launcher = args.launcher or "local"
+    if args.np < 1 or (args.launcher == "none" and args.np != 1):
+        raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
+    if args.trials != TUNE_TRIALS or args.smoke:
+        raise ConfigError("--trials and --smoke are options of --tune")
+    check_threads(args.threads)
+    out = (args.out or Path("runs") / "study").absolute()
+    problem = unwritable(out)
+    if problem is not None:
+        raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
+    launcher = study.launch_command(args.launcher, args.np)[:1]
+    if launcher and shutil.which(launcher[0]) is None:
+        raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
+    manifest, record = tuning.imported_study(
+        tuned_settings(args.settings), QUICK_WORKLOADS, QUICK_SEEDS, QUICK_LONG_REGIMES
+    )
+    from hpcnoise.workload import validate  # lazy: torch
+
+    for t in manifest["trials"]:  # e.g. a --np that does not divide the batch: fail here, not in every worker
+        try:
+            validate(config_from_dict(t["config"]), args.np)
+        except ConfigError as e:
+            raise ConfigError(f"--np {args.np}: {e}") from e
+    tuning.write_imported(out, manifest, record)
+    return out
+
+
+def quick_main(args: argparse.Namespace) -> int:
+    """``hpcnoise study``: the tuned settings rerun with fresh seeds at equal epochs and LB+GBN's long
+    budget, then the tuned report, which says where the settings came from. Rerunning continues."""
+    try:
+        out = _quick_plan(args)
+    except ConfigError as e:
+        return error(str(e), prog=PROG)
+    manifest = tuning.read_manifest(out)
+    source = manifest["imported"]
+    print(
+        f"{PROG}: the tuned settings ({source['command']}, selected {source['selected_on']} at "
+        f"{source['commit'][:12]}) rerun in {out}",
+        flush=True,
+    )
+    return reruns_and_report(args, out, manifest, tuning.select_once(out, manifest))
