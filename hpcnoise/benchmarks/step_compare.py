@@ -19,7 +19,8 @@ block of ``--steps`` steps of each variant per round, so drifting load hits all 
   (``min_buckets`` 1), to choose a layout side by side (``lb`` and ``diagf`` use the first size and
   the configured ``min_buckets``);
 - ``diagf exact`` and, for convolutional networks, ``diagf spatial``: the step with diagonal-Fisher
-  noise, diag F refreshed every step;
+  noise, diag F refreshed every step; and each one's ``floor``: lb's step plus the same curvature
+  kernels and noise run on their own (hpcnoise.benchmarks.floor), what the step cannot go below;
 - ``backpack`` and its baseline ``plain nn.BN`` (float32 only): the Horovod loop with BackPACK's
   SumGradSquared (its sums allreduced too), on a copy of the network whose batch norms are nn.BatchNorm in eval mode
   (BackPACK refuses per-sample quantities under train-mode batch norm; hpcnoise.benchmarks.fisher_conv).
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise.benchmarks.common import MODEL_DATA
+from hpcnoise.benchmarks.floor import floor_step
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config
 from hpcnoise.precision import autocast
@@ -196,11 +198,11 @@ def variants(
     }
     for mb in other_mb:  # the size alone decides the buckets (no min_buckets share)
         out[f"lb {mb:g} MiB"] = hpcnoise_step(replace(cfg, bucket_mb=mb, min_buckets=1), comm, model, x, y)
-    out |= {
-        "diagf exact": hpcnoise_step(replace(cfg, regime="diagf", conv_mode="exact"), comm, model, x, y),
-    }
-    if model_name in CONV:  # spatial differs from exact on convolutions only
-        out["diagf spatial"] = hpcnoise_step(replace(cfg, regime="diagf", conv_mode="spatial"), comm, model, x, y)
+    modes = ["exact", "spatial"] if model_name in CONV else ["exact"]  # spatial differs on convolutions only
+    for mode in modes:
+        diagf = replace(cfg, regime="diagf", conv_mode=mode)
+        out[f"diagf {mode}"] = hpcnoise_step(diagf, comm, model, x, y)
+        out[f"diagf {mode} floor"] = floor_step(diagf, model, x, y, out["lb"])  # hpcnoise.benchmarks.floor
     try:  # BackPACK times float32 only (it has no autocast support)
         if cfg.dtype != "float32":
             raise ImportError("BackPACK: float32 only")
@@ -308,7 +310,13 @@ def paired(times: Times, top: str, bottom: str) -> tuple[float, float, float]:
     return q2, q1, q3
 
 
-BASE = {"diagf exact": "lb", "diagf spatial": "lb", "backpack": "plain nn.BN"}  # else: horovod
+BASE = {
+    "diagf exact": "lb",
+    "diagf spatial": "lb",
+    "diagf exact floor": "lb",
+    "diagf spatial floor": "lb",
+    "backpack": "plain nn.BN",
+}  # else: horovod
 
 
 def model_rows(model: str, batch: int, dtype: str, timing: Timing) -> list[dict[str, Any]]:
@@ -356,6 +364,10 @@ def _verdict(met: bool, iqr: str, bound: float) -> str:
     return ("met" if met else "NOT met") + (" (within the rounds' spread)" if low <= bound <= high else "")
 
 
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bool(a["model"] == b["model"] and a["dtype"] == b["dtype"])
+
+
 def targets(rows: list[dict[str, Any]], device: str = "cpu") -> list[str]:
     """One line per target of ``device``'s type that the measured rows allow: the median paired ratio
     with its interquartile range, and met / NOT met; then diag-F against BackPACK where both ran."""
@@ -372,6 +384,9 @@ def targets(rows: list[dict[str, Any]], device: str = "cpu") -> list[str]:
             else:
                 value, iqr = row["vs own base"], row["own base IQR"]
                 verdict = _verdict(value <= bound, iqr, bound)
+                floor = next((f for f in rows if f["variant"] == f"{variant} floor" and _same(f, row)), None)
+                if floor is not None:  # what the step cannot go below (hpcnoise.benchmarks.floor)
+                    verdict += f"; its floor {floor['vs own base']:.2f}x (IQR {floor['own base IQR']})"
                 lines.append(f"{where} {variant} step <= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
     by = {(r["model"], r["dtype"], r["variant"]): r for r in rows}
     for (model, dtype, variant), bp in by.items():
