@@ -109,3 +109,12 @@ def test_tau_without_noise_after_noise_epochs() -> None:
     got = measured_temperature(model, data, cfg, epoch=1, draws=2)
     assert got["injected_variance"] == 0.0
     assert got["tau"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_tau_follows_the_noise_fraction_window() -> None:
+    """With noise_fraction the noise is on for round(f x planned steps) steps, as training has it: here one
+    step an epoch, 30 epochs, f = 0.1, so on at epochs 0-2 and off from epoch 3."""
+    model, data = tiny()
+    cfg = Config(regime="diagf", batch_size=M, small_batch=M_S, epochs=30, noise_fraction=0.1, dtype="float64")
+    assert measured_temperature(model, data, cfg, epoch=2, draws=2)["injected_variance"] > 0
+    assert measured_temperature(model, data, cfg, epoch=3, draws=2)["injected_variance"] == 0.0

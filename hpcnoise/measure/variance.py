@@ -23,6 +23,7 @@ from hpcnoise.seeding import generator
 from hpcnoise.statistics import STATISTICS
 from hpcnoise.step import Net, local_contribution, rademacher
 from hpcnoise.temperature import applied_multiplier, temperature_ratio
+from hpcnoise.workload import epoch_steps, noise_end
 
 
 def _draw_gradient(
@@ -153,7 +154,10 @@ def measured_temperature(
     regime = REGIMES[cfg.regime]
     m = regime.batch(cfg, epoch)
     rank, size = (comm.rank, comm.size) if comm is not None else (0, 1)
-    noise_on = regime.noise is not None and epoch < cfg.noise_epochs
+    # the noise's window as training has it (noise_epochs, or noise_fraction of the planned steps), at the
+    # epoch's first step
+    n_train = data.x_train.shape[0]
+    noise_on = regime.noise is not None and sum(epoch_steps(cfg, n_train)[:epoch]) < noise_end(cfg, n_train)
     statistics = frozenset({"diag_fisher"}) | (regime.statistics_for_variance() if noise_on else frozenset())
     net = Net.attach(model, statistics, cfg.conv_mode)
     pieces = 1 if cfg.ghost_bn or cfg.sync_bn else size  # local batch norm: one forward per worker share
