@@ -124,7 +124,8 @@ def _with_cells(df: pd.DataFrame, planned: pd.DataFrame) -> pd.DataFrame:
     cols = ["run_name", "workload", "budget"]  # the run's own regime column (from config.json) stays
     if df.empty:
         return pd.DataFrame(columns=[*df.columns, *cols, "regime"])
-    return df.merge(planned[cols], left_on="run_id", right_on="run_name", how="inner")
+    own = df.drop(columns=[c for c in cols if c in df.columns])  # e.g. a diverged run's own run_name column
+    return own.merge(planned[cols], left_on="run_id", right_on="run_name", how="inner")
 
 
 def _selection_notes(root: Path, selected: dict[tuple[str, str], dict[str, Any]]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import report, tuned
+from analysis import report, tuned, tuned_report
 from analysis.load import load
 from analysis.tuned_stats import best_of_k, expected_best, holm, welch_test
 from hpcnoise import tuning
@@ -286,3 +287,28 @@ def test_old_runs_without_validation_load(tmp_path: Path) -> None:
         assert loaded.runs[col].isna().all()
     assert loaded.epochs["val_error"].isna().all() and loaded.epochs["val_loss"].isna().all()
     assert loaded.runs["test_accuracy"].iloc[0] == pytest.approx(80.0)
+
+
+def test_blown_up_and_diverged_reruns_are_listed(study_root: Path, tmp_path: Path) -> None:
+    """A rerun trains full length (no blow-up stop) but may still blow up or diverge: the report lists it,
+    with its epoch, beside the trials that did."""
+    root = tmp_path / "study"
+    shutil.copytree(study_root, root)
+    reruns = sorted((root / "reruns").iterdir())
+    blown, gone = reruns[0], reruns[1]
+    summary = json.loads((blown / "summary.json").read_text())
+    summary["blown_up"] = {"epoch": 3, "train_loss": 5.0, "best_train_loss": 1.0}
+    (blown / "summary.json").write_text(json.dumps(summary))
+    first = json.loads((gone / "metrics.jsonl").read_text().splitlines()[0])
+    (gone / "summary.json").unlink()
+    (gone / "diverged.json").write_text(json.dumps({"epoch": 2, "step": 9, "message": "nan", "last_good": first}))
+    study = tuned.read_study(root)
+    problems = tuned.problem_runs(study)
+    reruns_listed = problems[problems["kind"] == "rerun"].set_index("run_name")
+    assert reruns_listed.loc[blown.name, "state"] == "blown up" and reruns_listed.loc[blown.name, "epoch"] == 3
+    assert reruns_listed.loc[gone.name, "state"] == "diverged"
+    assert len(study.runs) == len(study.planned) - 1  # the diverged rerun is not among the finished
+    files: dict[str, bytes] = {}
+    text = "\n".join(tuned_report.sections(study, files))
+    assert f"- rerun `{blown.name}`: blown up at epoch 3" in text
+    assert f"- rerun `{gone.name}`: diverged" in text
