@@ -1,6 +1,7 @@
-"""The main job: the MNIST-1D study, end to end on one machine, then the report.
+"""The paper's MNIST-1D study, end to end on one machine, then the report (``hpcnoise study --paper``,
+``--full``, ``--grid``; the quick default reruns the tuned settings instead: hpcnoise.cli.study).
 
-    hpcnoise study [--full | --grid] [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study]
+    hpcnoise study --paper [--np 2] [--launcher horovodrun|mpirun|none] [--out runs/study-paper]
     (the command line: hpcnoise.cli.study)
 
 SB; LB+GBN and the paper's diagF+GBN (noise multiplier lambda = 1) under linear scaling; LB+GBN and
@@ -8,7 +9,7 @@ the temperature-calibrated diagF+GBN (lambda = 0.39) under sqrt scaling; on MNIS
 offline), 3 seeds each, trained under ``horovodrun --gloo -np 2`` on localhost (all cells in one launcher world,
 so Horovod starts once), with the sharpness of every final model and Fisher and temperature
 diagnostics during training; then the report (tables, figures, report.md) from the run directories.
-The quick default (15 runs) takes 12 to 14 minutes on 2 CPU cores (measured 12 min 7 s and 14 min 1 s,
+``--paper`` (15 runs) takes 12 to 14 minutes on 2 CPU cores (measured 12 min 7 s and 14 min 1 s,
 the three small-batch runs, with sync batch norm under Gloo, about half of it); ``--full`` trains 64
 epochs; ``--grid`` runs the calibration grid (table ``mnist1d-grid``: 13 settings x 3 seeds at
 GRID_EPOCHS; 59 minutes measured with a step that sent one more collective per step).
@@ -37,7 +38,7 @@ from hpcnoise.presets import with_epochs
 from hpcnoise.runstate import run_state
 from hpcnoise.sweepfile import read_cell, read_cells, run_name, table_cells
 
-QUICK_EPOCHS = 13  # the quick study: 15 runs in 12 to 14 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
+PAPER_EPOCHS = 13  # --paper: 15 runs in 12 to 14 minutes on 2 cores (warmup 2, noise 6, decays at 6 and 9)
 FULL_EPOCHS = 64  # --full: twice the presets' epochs
 PRECISE_BN_BATCHES = 8  # global training batches that re-estimate BN statistics before each evaluation
 

@@ -26,7 +26,12 @@ class Command:
 
 
 COMMANDS = (
-    Command("study", "[--full | --grid]", "the main job: MNIST-1D study on 2 processes + report", "hpcnoise.cli.study"),
+    Command(
+        "study",
+        "[--paper | --full | --grid | --tune]",
+        "the main job: the tuned settings rerun on MNIST-1D + report",
+        "hpcnoise.cli.study",
+    ),
     Command(
         "train",
         "[PRESET] [--smoke] [--key=value ...]",

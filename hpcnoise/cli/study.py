@@ -1,4 +1,8 @@
-"""``hpcnoise study``: the main job's command line (the study itself: hpcnoise.study)."""
+"""``hpcnoise study``: the main job's command line.
+
+The quick default reruns the committed tuned settings (``quick_main``), ``--tune`` is the tuned
+comparison itself (``tune_main``, hpcnoise.tuning), and ``--paper``, ``--full`` and ``--grid`` run the
+paper's untuned settings (hpcnoise.study)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from hpcnoise.config import config_from_dict
 from hpcnoise.errors import EXIT_PREEMPTED, ConfigError, Parser
 from hpcnoise.files import unwritable, write_json_atomic
 from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS, tuned_settings
-from hpcnoise.study import FULL_EPOCHS, QUICK_EPOCHS
+from hpcnoise.study import FULL_EPOCHS, PAPER_EPOCHS
 from hpcnoise.sweepfile import cell_lines, write_file
 
 PROG = "hpcnoise study"
@@ -29,10 +33,15 @@ QUICK_LONG_REGIMES = ("lb",)
 
 
 def _parser() -> Parser:
-    p = Parser(prog=PROG, description=(study.__doc__ or "").split("\n\n")[0])
+    p = Parser(
+        prog=PROG,
+        description="The main job on MNIST-1D, then its report: by default the tuned settings "
+        "(hpcnoise/tuned_settings.json) rerun with fresh seeds; --tune tunes them; --paper, --full and --grid "
+        "run the paper's settings.",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
-        "--paper", action="store_true", help=f"the paper's settings untuned ({QUICK_EPOCHS} epochs, with sharpness)"
+        "--paper", action="store_true", help=f"the paper's settings untuned ({PAPER_EPOCHS} epochs, with sharpness)"
     )
     mode.add_argument("--full", action="store_true", help=f"the paper's settings, {FULL_EPOCHS} epochs")
     mode.add_argument("--grid", action="store_true", help=f"the calibration grid (mnist1d-grid, {GRID_EPOCHS} epochs)")
@@ -80,7 +89,7 @@ def _plan(args: argparse.Namespace) -> tuple[Path, str, int, list]:
     launcher = study.launch_command(args.launcher, args.np)[:1]
     if launcher and shutil.which(launcher[0]) is None:
         raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
-    epochs = GRID_EPOCHS if args.grid else FULL_EPOCHS if args.full else QUICK_EPOCHS
+    epochs = GRID_EPOCHS if args.grid else FULL_EPOCHS if args.full else PAPER_EPOCHS
     table = "mnist1d-grid" if args.grid else "mnist1d"
     cells = study.study_cells(epochs, out, args.threads, table)
     from hpcnoise.workload import validate  # lazy: torch
