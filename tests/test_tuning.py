@@ -328,3 +328,21 @@ def test_quick_study_without_its_settings_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr.strip().startswith("hpcnoise study: error: cannot read the tuned settings")
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "q").exists()
+
+
+@pytest.mark.slow
+def test_tuned_presets_are_the_selected_settings(smoke_settings: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcnoise import presets
+
+    monkeypatch.setattr(presets, "TUNED_SETTINGS", smoke_settings / "tuned_settings.json")
+    for t in json.loads((smoke_settings / "tuned_settings.json").read_text())["manifest"]["trials"]:
+        cfg = presets.tuned_preset(t["workload"], t["regime"], smoke=True)
+        chosen = t["config"]
+        assert (cfg.lr, cfg.noise_multiplier, cfg.noise_fraction) == (
+            chosen["lr"],
+            chosen["noise_multiplier"],
+            chosen["noise_fraction"],
+        )
+        assert cfg.warmup_epochs == pytest.approx(chosen["warmup_epochs"])  # smoke: the same epochs
+        assert not cfg.stop_blown_up and cfg.val_samples > 0
+    assert presets.tuned_preset_name("mlp", "diagf") == "tuned-mlp-diagf-gbn"
