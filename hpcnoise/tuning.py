@@ -346,7 +346,9 @@ def select_once(root: Path, manifest: dict[str, Any]) -> dict[tuple[str, str], d
     return {(w, r): by_key[(w, r, entry["trial"])] for w, regimes in record.items() for r, entry in regimes.items()}
 
 
-def settings_record(root: Path, manifest: dict[str, Any], selected: dict[tuple[str, str], dict[str, Any]]) -> dict:
+def settings_record(
+    root: Path, manifest: dict[str, Any], selected: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, Any]:
     """ROOT/tuned_settings.json: the selected trials with where they came from (the command, the date of
     the selection, the commit the trials ran at, the selection rule), and the manifest cut to what a rerun
     needs (its trials: the selected ones). Copied to hpcnoise/tuned_settings.json, it becomes the tuned

@@ -199,7 +199,8 @@ def data_and_model(cfg: Config, comm: Comm) -> tuple[Data, nn.Module]:
         ghost_size=cfg.ghost_size if cfg.ghost_bn else 0,
         bn_momentum=cfg.bn_momentum,
         seed=stream_seed(cfg.seed, "init"),
-    ).to(comm.device, dtype, memory_format=layout)
+    ).to(comm.device, dtype)
+    model = model.to(memory_format=layout)  # 4-D weights only (the 2-D convolutions')
     return data, model
 
 

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from hpcnoise.benchmarks.common import MODEL_DATA
 from hpcnoise.benchmarks.floor import floor_step
 from hpcnoise.comm import Comm
-from hpcnoise.config import Config
+from hpcnoise.config import Config, ConvModeName
 from hpcnoise.precision import autocast
 
 WARMUP = 2  # untimed steps of each variant before the rounds
@@ -198,7 +198,7 @@ def variants(
     }
     for mb in other_mb:  # the size alone decides the buckets (no min_buckets share)
         out[f"lb {mb:g} MiB"] = hpcnoise_step(replace(cfg, bucket_mb=mb, min_buckets=1), comm, model, x, y)
-    modes = ["exact", "spatial"] if model_name in CONV else ["exact"]  # spatial differs on convolutions only
+    modes: list[ConvModeName] = ["exact", "spatial"] if model_name in CONV else ["exact"]  # spatial: convolutions
     for mode in modes:
         diagf = replace(cfg, regime="diagf", conv_mode=mode)
         out[f"diagf {mode}"] = hpcnoise_step(diagf, comm, model, x, y)
