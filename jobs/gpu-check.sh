@@ -45,11 +45,11 @@ status=0
 if [ "$device" = cuda ]; then  # the sizes of the check; --device cpu: seconds-long sizes of the same parts
   models=mlp,cnn1d,lenet5,resnet44,vgg16_bn; batch=256; steps=3; rounds=5
   scaling_models=resnet44,vgg16_bn; scaling_batch=128
-  tests="tests/test_gpu.py tests/test_step.py tests/test_buckets.py tests/test_precision.py"
+  tests=(tests/test_gpu.py tests/test_step.py tests/test_buckets.py tests/test_precision.py)
 else
   models=mlp,cnn1d,lenet5; batch=16; steps=1; rounds=2
   scaling_models=mlp,lenet5; scaling_batch=8
-  tests="tests/test_precision.py -k channels_last_conv"
+  tests=(tests/test_precision.py -k channels_last_conv)
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its output in $OUT/NAME.txt, show it
@@ -100,7 +100,7 @@ for name, skipped in skips.items():
         extra = f" (nccl built: {hvd.nccl_built()})"
     print(name, getattr(module, "__version__", "?") + extra)
 EOF
-part tests 150 "$py" -m pytest -q -p no:cacheprovider -m "not slow" $tests
+part tests 150 "$py" -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}"
 formats=float32,bf16
 part bench_step 150 "$py" -m hpcnoise.cli bench step --device "$device" --models "$models" --dtypes "$formats" \
   --channels-last --batch "$batch" --steps "$steps" --rounds "$rounds" --csv "$out/bench_step.csv"
