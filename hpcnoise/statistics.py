@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from hpcnoise.config import Config
@@ -69,6 +70,12 @@ def _per_parameter(quantity: str) -> Callable[[CurvatureHooks], list[Tensor]]:
     return lambda hooks: hooks.result(quantity)
 
 
+def _divided(summed: list[Tensor], batch: int) -> list[Tensor]:
+    """The sums divided by the global batch in place, by one multi-tensor kernel (not one per parameter)."""
+    torch._foreach_div_(summed, float(batch))
+    return summed
+
+
 def _pack_kfac(hooks: CurvatureHooks) -> list[Tensor]:
     factors = hooks.result("kfac")
     return [f.A for f in factors] + [f.G for f in factors]
@@ -96,7 +103,7 @@ STATISTICS: dict[str, Statistic] = {
         "sum_grad_squared",
         due=lambda cfg, step: step % cfg.fisher_every == 0,
         pack=_per_parameter("sum_grad_squared"),
-        unpack=lambda summed, batch, hooks: [s.div_(batch) for s in summed],
+        unpack=lambda summed, batch, hooks: _divided(summed, batch),
     ),
     "signed_sum": Statistic(
         "signed_sum",

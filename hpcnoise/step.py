@@ -211,7 +211,8 @@ class Reduction:
             return out
         grads = self.buckets.wait()
         # the mean loss's 1/m undone after the sum, into new tensors: the buckets' are zeroed next step
-        riding = {name: [v * scale for v in views] for name, (views, scale) in self.riding.items()}
+        # (one multi-tensor kernel per statistic, not one per parameter)
+        riding = {name: list(torch._foreach_mul(views, scale)) for name, (views, scale) in self.riding.items()}
         return {"grad": grads, **riding, **out}
 
 
