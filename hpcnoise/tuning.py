@@ -201,6 +201,13 @@ def manifest_text(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
+def _comparable(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as the current code writes it: every trial's config with the fields added since it was
+    written at their defaults, and without the trials file's digest (checked against the file itself)."""
+    trials = [{**t, "config": config_from_dict(t["config"]).to_dict()} for t in manifest.get("trials", [])]
+    return {**{k: v for k, v in manifest.items() if k != "trials_sha256"}, "trials": trials}
+
+
 def _differs(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return keys[0] if keys else "the trials file"
@@ -227,10 +234,11 @@ def write_manifest(
         same_file = trials_path.exists() and hashlib.sha256(trials_path.read_bytes()).hexdigest() == old.get(
             "trials_sha256"
         )
-        if old == manifest and same_file:
+        if _comparable(old) == _comparable(manifest) and same_file:
             return old
         raise ConfigError(
-            f"{path} exists with other settings ({_differs(old, manifest)} differs); rerun with the settings it "
+            f"{path} exists with other settings ({_differs(_comparable(old), _comparable(manifest))} differs); rerun "
+            "with the settings it "
             f"records, or start over with another --out (or remove {root})"
         )
     root.mkdir(parents=True, exist_ok=True)

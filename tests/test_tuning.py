@@ -346,3 +346,17 @@ def test_tuned_presets_are_the_selected_settings(smoke_settings: Path, monkeypat
         assert cfg.warmup_epochs == pytest.approx(chosen["warmup_epochs"])  # smoke: the same epochs
         assert not cfg.stop_blown_up and cfg.val_samples > 0
     assert presets.tuned_preset_name("mlp", "diagf") == "tuned-mlp-diagf-gbn"
+
+
+def test_a_manifest_written_before_a_config_field_existed_is_still_found(tmp_path: Path) -> None:
+    """A study started by an earlier version (its trial configs lack a field added since, e.g.
+    channels_last) continues: the same settings, with the new field at its default, are the same study."""
+    manifest_at(tmp_path, trials=2)
+    path = tmp_path / MANIFEST
+    old = json.loads(path.read_text())
+    for t in old["trials"]:
+        del t["config"]["channels_last"]
+    path.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    assert manifest_at(tmp_path, trials=2) == old  # found, kept as written
+    with pytest.raises(ConfigError, match="exists with other settings"):
+        manifest_at(tmp_path, trials=3)
