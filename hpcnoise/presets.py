@@ -253,10 +253,16 @@ def tuned_preset_name(model: str, regime: str) -> str:
     return "tuned" + tuning_preset_name(model, regime).removeprefix("tune")
 
 
-TUNED_PRESETS: dict[tuple[str, str], str] = {}
-for _trial in tuned_settings()["manifest"]["trials"] if TUNED_SETTINGS.exists() else []:
-    _key = (_trial["workload"], _trial["regime"])
-    TUNED_PRESETS[_key] = _register(tuned_preset_name(*_key), partial(tuned_preset, *_key))
+def _tuned_keys() -> list[tuple[str, str]]:
+    """(workload, regime) of every committed tuned setting; none when the file is missing or unreadable
+    (the quick study then says why in one line)."""
+    try:
+        return [(t["workload"], t["regime"]) for t in tuned_settings()["manifest"]["trials"]]
+    except (ConfigError, KeyError, TypeError):
+        return []
+
+
+TUNED_PRESETS = {key: _register(tuned_preset_name(*key), partial(tuned_preset, *key)) for key in _tuned_keys()}
 
 
 # --- the paper's Tables 1-3 --------------------------------------------------------------------------

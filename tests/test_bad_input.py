@@ -124,7 +124,9 @@ OTHER_CASES = [
     ("study-np", ["study", "--np", "0"], "--np must be >= 1, and 1 with --launcher=none (got --np 0)"),
     ("study-np-none", ["study", "--launcher", "none", "--np", "2"], "and 1 with --launcher=none (got --np 2)"),
     ("study-launcher", ["study", "--launcher", "slurm"], "argument --launcher: invalid choice: 'slurm'"),
-    ("study-threads", ["study", "--threads", "-1"], "--threads must be >= 0"),
+    ("study-threads", ["study", "--paper", "--threads", "-1"], "--threads must be >= 0"),
+    ("study-quick-threads", ["study", "--threads", "2"], "the tuned settings' runs use 1 thread each (got --threads 2)"),
+    ("study-settings-paper", ["study", "--paper", "--settings", "x.json"], "--settings of the quick default"),
     ("study-out", ["study", "--out", "afile/study"], "cannot write to --out"),
     # report
     (

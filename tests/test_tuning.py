@@ -326,7 +326,7 @@ def test_quick_study_without_its_settings_is_one_line(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "hpcnoise.cli", "study", "--settings", str(tmp_path / "none.json")]
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == EXIT_USAGE
-    assert proc.stderr.strip().startswith("hpcnoise study: error: cannot read the tuned settings")
+    assert proc.stderr.strip().startswith("hpcnoise study: error: no tuned settings at ")
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "q").exists()
 
 
@@ -360,3 +360,21 @@ def test_a_manifest_written_before_a_config_field_existed_is_still_found(tmp_pat
     assert manifest_at(tmp_path, trials=2) == old  # found, kept as written
     with pytest.raises(ConfigError, match="exists with other settings"):
         manifest_at(tmp_path, trials=3)
+
+
+def test_quick_study_refuses_a_broken_settings_file_and_a_paper_study_root(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"format": "hpcnoise-tuned-settings/1", "manifest": {}}))
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "study.sweep.jsonl").write_text("")
+    cases = [
+        (["--settings", str(broken), "--out", str(tmp_path / "q")], "is not a tuned-settings file"),
+        (["--out", str(paper)], "holds the paper's study (hpcnoise study --paper); give another --out"),
+    ]
+    for argv, words in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hpcnoise.cli", "study", *argv], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+        assert proc.returncode == EXIT_USAGE and words in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "q").exists() and sorted(p.name for p in paper.iterdir()) == ["study.sweep.jsonl"]

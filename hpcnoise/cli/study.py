@@ -17,7 +17,7 @@ from hpcnoise.cli.common import check_threads, error
 from hpcnoise.config import config_from_dict
 from hpcnoise.errors import EXIT_PREEMPTED, ConfigError, Parser
 from hpcnoise.files import unwritable, write_json_atomic
-from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS, tuned_settings
+from hpcnoise.presets import GRID_EPOCHS, TUNE_REGIMES, TUNE_WORKLOADS, TUNED_SETTINGS, tuned_settings
 from hpcnoise.study import FULL_EPOCHS, PAPER_EPOCHS
 from hpcnoise.sweepfile import cell_lines, write_file
 
@@ -26,9 +26,9 @@ STOPPED = f"{PROG}: stopped after a checkpoint; rerun the same command to contin
 TUNE_TRIALS = 8  # trials per (workload, regime): 2 x 3 x 8 = 48 (README, "Tuned comparison")
 TUNE_LONG_FACTOR = 2.0  # the long budget: LB regimes trained twice the epochs
 # The quick default: the committed tuned settings (hpcnoise/tuned_settings.json) rerun on the MLP with the
-# tuned study's 5 rerun seeds, at equal epochs and, for LB+GBN, the long budget (README: the measured time)
+# tuned study's own rerun seeds (5), at equal epochs and, for LB+GBN, the long budget (README: the measured
+# time)
 QUICK_WORKLOADS = ["mlp"]
-QUICK_SEEDS = [1, 2, 3, 4, 5]
 QUICK_LONG_REGIMES = ("lb",)
 
 
@@ -116,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return quick_main(args)
     args.launcher = args.launcher or "horovodrun"
     try:
-        if args.launcher == "local" or args.trials != TUNE_TRIALS or args.smoke:
-            raise ConfigError("--launcher local, --trials and --smoke are options of --tune and the quick study")
+        if args.launcher == "local" or args.trials != TUNE_TRIALS or args.smoke or args.settings:
+            raise ConfigError(
+                "--launcher local is an option of --tune and the quick default; --trials and --smoke of --tune; "
+                "--settings of the quick default"
+            )
         out, table, epochs, cells = _plan(args)
     except ConfigError as e:
         return error(str(e), prog=PROG)
@@ -151,6 +154,8 @@ def _tune_plan(args: argparse.Namespace) -> Path:
     args.launcher = args.launcher or "local"
     if args.np < 1 or (args.launcher == "none" and args.np != 1):
         raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
+    if args.settings:
+        raise ConfigError("--settings is an option of the quick default (it reruns tuned settings), not of --tune")
     if args.threads != 1:  # the runs' configs, and so the manifest, hold threads=1 (hpcnoise.presets)
         raise ConfigError(f"--threads: the tuned study's runs use 1 thread each (got --threads {args.threads})")
     out = (args.out or Path("runs") / ("study-tune" + ("-smoke" if args.smoke else ""))).absolute()
@@ -216,24 +221,36 @@ def reruns_and_report(
 
 # --- the quick default: the tuned settings, rerun --------------------------------------------------------
 def _quick_plan(args: argparse.Namespace) -> Path:
-    """Check the quick study's arguments and write (or find) its manifest and selection: the committed
-    tuned settings (hpcnoise.presets.tuned_settings) on QUICK_WORKLOADS with QUICK_SEEDS."""
+    """Check the quick study's arguments and write (or find) its manifest and selection: the tuned
+    settings (``--settings``, default the committed ones) on QUICK_WORKLOADS with their study's rerun seeds."""
     args.launcher = args.launcher or "local"
     if args.np < 1 or (args.launcher == "none" and args.np != 1):
         raise ConfigError(f"--np must be >= 1, and 1 with --launcher=none (got --np {args.np})")
     if args.trials != TUNE_TRIALS or args.smoke:
         raise ConfigError("--trials and --smoke are options of --tune")
-    check_threads(args.threads)
+    if args.threads != 1:  # the tuned settings' configs hold threads=1 (hpcnoise.presets.tuning_preset)
+        raise ConfigError(f"--threads: the tuned settings' runs use 1 thread each (got --threads {args.threads})")
     out = (args.out or Path("runs") / "study").absolute()
     problem = unwritable(out)
     if problem is not None:
         raise ConfigError(f"cannot write to --out {out}: {problem[1]}")
+    if (out / "study.sweep.jsonl").exists() and not (out / tuning.MANIFEST).exists():
+        raise ConfigError(f"--out {out} holds the paper's study (hpcnoise study --paper); give another --out")
     launcher = study.launch_command(args.launcher, args.np)[:1]
     if launcher and shutil.which(launcher[0]) is None:
         raise ConfigError(f"--launcher {args.launcher}: {launcher[0]} not found; install it or choose another")
-    manifest, record = tuning.imported_study(
-        tuned_settings(args.settings), QUICK_WORKLOADS, QUICK_SEEDS, QUICK_LONG_REGIMES
-    )
+    path = args.settings or TUNED_SETTINGS
+    if not path.exists():
+        raise ConfigError(
+            f"no tuned settings at {path}: run `hpcnoise study --tune` and pass its OUT/tuned_settings.json with "
+            "--settings, or run the paper's settings with --paper"
+        )
+    settings = tuned_settings(path)
+    try:
+        seeds = settings["manifest"]["rerun_seeds"]
+        manifest, record = tuning.imported_study(settings, QUICK_WORKLOADS, seeds, QUICK_LONG_REGIMES)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a tuned-settings file as `hpcnoise study --tune` writes it ({e!r})") from e
     from hpcnoise.workload import validate  # lazy: torch
 
     for t in manifest["trials"]:  # e.g. a --np that does not divide the batch: fail here, not in every worker
