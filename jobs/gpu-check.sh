@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: what a GPU user runs first, as one command from the repository's root.
 #
-#   OUT=/some/dir bash jobs/gpu-check.sh                 # on a CUDA GPU node: about 3-5 minutes
+#   OUT=/some/dir bash jobs/gpu-check.sh                 # on a CUDA GPU node: at most 5 minutes
 #   OUT=/some/dir bash jobs/gpu-check.sh --device cpu    # its CPU part at tiny sizes (the suite runs this)
 #
 # Needs a python3 with torch, numpy, scipy, pandas, seaborn and pytest (an existing environment, e.g. a
@@ -18,14 +18,16 @@
 #                   spatial against lb, BackPACK where it applies, the breakdown, the peak memory per
 #                   block of steps and the GPU targets; and bench_step.csv
 #   scaling.txt     hpcnoise bench scaling fed with this GPU's measured compute times (times.json)
-# Each part has a time limit, so the whole stays within about 5 minutes. Exit status 1 when any part
+# Each part has a time limit (30 + 90 + 150 + 30 s), so the whole stays within 5 minutes. Exit status 1 when any part
 # failed or ran out of time; every part runs regardless.
 set -uo pipefail
 
 device=cuda
 while [ $# -gt 0 ]; do
   case $1 in
-    --device) device=${2:-}; shift 2 ;;
+    --device)
+      [ $# -ge 2 ] || { echo "gpu-check: --device needs a value: cuda or cpu" >&2; exit 2; }
+      device=$2; shift 2 ;;
     --device=*) device=${1#--device=}; shift ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown argument '$1'; valid: --device cuda|cpu" >&2; exit 2 ;;
@@ -68,7 +70,7 @@ part() {  # part NAME SECONDS COMMAND...: run it with a time limit, keep its out
   fi
 }
 
-part env 60 "$py" - "$device" <<'EOF'
+part env 30 "$py" - "$device" <<'EOF'
 import importlib
 import platform
 import sys
@@ -100,10 +102,10 @@ for name, skipped in skips.items():
         extra = f" (nccl built: {hvd.nccl_built()})"
     print(name, getattr(module, "__version__", "?") + extra)
 EOF
-part tests 150 "$py" -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}"
+part tests 90 "$py" -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}"
 formats=float32,bf16
 part bench_step 150 "$py" -m hpcnoise.cli bench step --device "$device" --models "$models" --dtypes "$formats" \
   --channels-last --batch "$batch" --steps "$steps" --rounds "$rounds" --csv "$out/bench_step.csv"
-part scaling 60 "$py" -m hpcnoise.cli bench scaling --device "$device" --models "$scaling_models" \
+part scaling 30 "$py" -m hpcnoise.cli bench scaling --device "$device" --models "$scaling_models" \
   --batch "$scaling_batch" --repeats "$rounds" --write-times "$out/times.json"
 exit "$status"

@@ -125,7 +125,11 @@ OTHER_CASES = [
     ("study-np-none", ["study", "--launcher", "none", "--np", "2"], "and 1 with --launcher=none (got --np 2)"),
     ("study-launcher", ["study", "--launcher", "slurm"], "argument --launcher: invalid choice: 'slurm'"),
     ("study-threads", ["study", "--paper", "--threads", "-1"], "--threads must be >= 0"),
-    ("study-quick-threads", ["study", "--threads", "2"], "the tuned settings' runs use 1 thread each (got --threads 2)"),
+    (
+        "study-quick-threads",
+        ["study", "--threads", "2"],
+        "the tuned settings' runs use 1 thread each (got --threads 2)",
+    ),
     ("study-settings-paper", ["study", "--paper", "--settings", "x.json"], "--settings of the quick default"),
     ("study-out", ["study", "--out", "afile/study"], "cannot write to --out"),
     # report

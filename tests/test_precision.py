@@ -151,11 +151,16 @@ def test_step_tensors_stay_float32_under_bf16() -> None:
     model = build_model(cfg.model, (40,), 10, ghost_size=cfg.ghost_size)
     t = make_step_parts(cfg, init("cpu"), model)
     assert t.net.mixed
+    seen: list[torch.dtype] = []  # the outputs of the matrix products: bf16 under the step's autocast
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     x, y = batch((40,), n=64)
     cache: dict[str, object] = {}
     state: dict[str, object] = {}
     inp = StepInput(0, 0.1, x, y, 64, 4, True, False)
     out = train_step(t, inp, cache, state, PhaseTimer(torch.device("cpu")), keep_g_lb=True)
+    assert seen and set(seen) == {torch.bfloat16}
     assert out.noise is not None and all(z.dtype == torch.float32 for z in out.noise)
     assert all(g.dtype == torch.float32 for g in out.g_lb)
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -269,8 +274,19 @@ def test_channels_last_run_trains_in_that_layout(tmp_path: Path) -> None:
         out_dir=str(tmp_path),
         run_name="cl",
     )
-    summary = train(cfg, init("cpu"))
-    assert summary["final_test_error"] <= 1.0
+    layouts: list[bool] = []  # each convolution's input during training: channels-last?
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: (
+            layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+            if isinstance(mod, nn.Conv2d) and mod.training
+            else None
+        )
+    )
+    try:
+        summary = train(cfg, init("cpu"))
+    finally:
+        handle.remove()
+    assert layouts and all(layouts)  # the images and every feature map between convolutions
     default = train(replace(cfg, channels_last=False, run_name="default"), init("cpu"))
     assert summary["final_train_loss"] == pytest.approx(default["final_train_loss"], rel=1e-4)
 

@@ -30,7 +30,8 @@ baseline step (diagf over lb, BackPACK over plain nn.BN), and the step breakdown
 forward with autograd graph, timed alone), backward (lb's forward+backward minus forward), curvature
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
 collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer), and on CUDA the peak
-memory of a block of steps (``torch.cuda.max_memory_allocated``). Times are medians over rounds;
+memory of a block of steps above what was resident at its start (``torch.cuda.max_memory_allocated``:
+the activations, gradients and temporaries a step of the variant needs on top of every variant's models). Times are medians over rounds;
 each ratio is the median over rounds of the ratio of the two blocks timed in the same round, with its
 interquartile range (IQR). Then the suite's targets for the device's type (``TARGETS``), each marked
 met or not by the median ("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
@@ -224,21 +225,26 @@ def _sync(device: torch.device) -> None:
 Times = dict[str, list[float]]  # seconds per step of each variant, one per round
 
 
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _peak_reset(device: torch.device) -> float:
+    """Start a block's peak-memory count; the memory resident at its start (bytes, 0 on the CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.reset_peak_memory_stats(device)
+    return float(torch.cuda.memory_allocated(device))
 
 
-def _peak_mib(device: torch.device) -> float:
-    """Peak device memory since the last reset, in MiB (CUDA's allocator; NaN on the CPU, which has no
-    per-block peak to read)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else math.nan
+def _peak_mib(device: torch.device, resident: float) -> float:
+    """The block's peak device memory above what was resident at its start (every variant's model,
+    optimiser state and buffers), in MiB: what a step of this variant needs on top (CUDA's allocator; NaN
+    on the CPU, which has no such count)."""
+    return (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else math.nan
 
 
 @dataclass
 class Timing:
     """What ``time_variants`` measured: seconds per step of each variant (one per round), the median phase
-    seconds per step of the hpcnoise variants, and each variant's peak memory in a block (MiB, CUDA)."""
+    seconds per step of the hpcnoise variants, and each variant's peak memory in a block above what was
+    resident at its start (MiB, CUDA)."""
 
     times: dict[str, list[float]]
     phases: dict[str, dict[str, float]]
@@ -257,7 +263,7 @@ def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -
         for name, step in steps.items():
             comm.broadcast_object(None)  # every rank starts the block together
             _sync(comm.device)
-            _peak_reset(comm.device)
+            resident = _peak_reset(comm.device)
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             for _ in range(block):
@@ -265,7 +271,7 @@ def time_variants(steps: dict[str, Step], block: int, rounds: int, comm: Comm) -
                     sums[phase] = sums.get(phase, 0.0) + s
             _sync(comm.device)
             times[name].append((time.perf_counter() - t0) / block)
-            peaks[name] = _peak_mib(comm.device)
+            peaks[name] = _peak_mib(comm.device, resident)
             for phase, s in sums.items():
                 phases[name].setdefault(phase, []).append(s / block)
     medians = {n: {p: statistics.median(v) for p, v in ph.items()} for n, ph in phases.items()}
@@ -352,7 +358,7 @@ def model_rows(model: str, batch: int, dtype: str, timing: Timing) -> list[dict[
                 "comm wait ms": 1e3 * ph["allreduce"] if "allreduce" in ph else None,
                 "noise ms": 1e3 * ph["noise"] if "noise" in ph else None,
                 "optimizer ms": 1e3 * ph["optimizer"] if "optimizer" in ph else None,
-                "peak MiB": timing.peak_mib.get(name),
+                "step peak MiB": timing.peak_mib.get(name),
             }
         )
     return rows

@@ -108,7 +108,10 @@ class GhostBatchNorm(nn.Module):
                 per_ghost = [k, 1, c] + [1] * len(rest)
                 xv = x.detach().reshape(k, g, c, *rest)
                 self.saved_xhat = (xv - mean.view(per_ghost)).mul_(invstd.view(per_ghost)).view(x.shape)
-        return back(yt)
+        out = back(yt)
+        if x.dim() == 4 and k > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)  # keep channels-last for the next conv
+        return out
 
     def _single_value(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Training forward when each ghost batch holds one value per channel: the output is the bias."""
