@@ -31,7 +31,8 @@ forward with autograd graph, timed alone), backward (lb's forward+backward minus
 (diagf's forward+backward minus lb's), communication wait (the reduction phase: what is left of the
 collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer), and on CUDA the peak
 memory of a block of steps above what was resident at its start (``torch.cuda.max_memory_allocated``:
-the activations, gradients and temporaries a step of the variant needs on top of every variant's models). Times are medians over rounds;
+the activations, gradients and temporaries a step of the variant needs on top of every variant's models).
+Times are medians over rounds;
 each ratio is the median over rounds of the ratio of the two blocks timed in the same round, with its
 interquartile range (IQR). Then the suite's targets for the device's type (``TARGETS``), each marked
 met or not by the median ("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
