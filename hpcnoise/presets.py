@@ -174,7 +174,7 @@ TABLES["mnist1d-grid"] = _mnist1d_grid
 # search spaces, hpcnoise.search_spaces, scale the rate from 1/16 to 4 times it, which holds the sqrt rule's).
 TUNE_WORKLOADS = ("mlp", "cnn1d")  # the MLP, and the conv net with batch norm
 TUNE_REGIMES = {"sb": False, "lb": True, "diagf": True}  # regime -> ghost batch norm
-TUNE_EPOCHS = 24  # 98 runs (118 run-lengths with the long budget): about 110 min on 2 cores (README)
+TUNE_EPOCHS = 24  # 98 runs (118 run-lengths with the long budget): 84 min measured on 2 cores (docs/results.md)
 TUNE_TRAIN_SAMPLES = 60_000  # the presets' size: LB takes 14 steps an epoch, 336 in all (672 at k = 2)
 TUNE_VAL_SAMPLES = 10_000  # generated from their own seed; the training set is unchanged
 TUNE_PRECISE_BN = 8  # global batches of precise BN before each evaluation, as the quick study (hpcnoise.study)
