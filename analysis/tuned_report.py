@@ -53,10 +53,10 @@ def protocol(study: tuned.TunedStudy) -> str:
         text = (
             f"**The settings were tuned elsewhere, not in this study**: by `{src['command']}` (selected on "
             f"{src['selected_on']}, commit `{src['commit'][:12]}`; hpcnoise/tuned_settings.json, docs/results.md). "
-            "This study ran no trial; it reruns the selected settings with fresh seeds. There: "
+            "This study ran no trial; it reruns the selected settings with fresh seeds. In that study, "
         )
     text += (
-        f"Every regime was tuned alike: {n} trials per (workload, regime), scrambled Halton points of search "
+        f"{'e' if text else 'E'}very regime was tuned alike: {n} trials per (workload, regime), scrambled Halton points of search "
         "spaces of the same width, the study's seed for every trial. The settings were selected on the held-out "
         "validation split, by the rule recorded in manifest.json before any trial ran (highest final validation "
         "accuracy, ties to the lower trial index, diverged trials last; `hpcnoise.tuning.select`), never on test "
