@@ -56,7 +56,8 @@ def protocol(study: tuned.TunedStudy) -> str:
             "This study ran no trial; it reruns the selected settings with fresh seeds. In that study, "
         )
     text += (
-        f"{'e' if text else 'E'}very regime was tuned alike: {n} trials per (workload, regime), scrambled Halton points of search "
+        ("e" if text else "E")
+        + f"very regime was tuned alike: {n} trials per (workload, regime), scrambled Halton points of search "
         "spaces of the same width, the study's seed for every trial. The settings were selected on the held-out "
         "validation split, by the rule recorded in manifest.json before any trial ran (highest final validation "
         "accuracy, ties to the lower trial index, diverged trials last; `hpcnoise.tuning.select`), never on test "
