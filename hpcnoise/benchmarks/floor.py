@@ -62,7 +62,12 @@ def floor_step(cfg: Config, model: nn.Module, x: Tensor, y: Tensor, lb: Callable
     """lb's step ``lb``, then the curvature sums of the captured layers (``cfg.conv_mode``) and the noise."""
     records = capture(model, x, y, cfg.dtype == "bf16")
     opts = HookOptions(ConvMode(cfg.conv_mode), 256)
-    sums = {m: {name: torch.zeros_like(p) for name, p in m.named_parameters(recurse=False)} for _, m, _, _ in records}
+    # contiguous, as the step's own sums are (views of one flat bucket), whatever the weights' memory format
+    dense = torch.contiguous_format
+    sums = {
+        m: {name: torch.zeros_like(p, memory_format=dense) for name, p in m.named_parameters(recurse=False)}
+        for _, m, _, _ in records
+    }
     params = [p for _, m, _, _ in records for p in m.parameters(recurse=False)]
     fisher = [torch.rand_like(p) for p in params]  # the values do not change the cost
     gen = generator(cfg.seed, "noise", 0, device=x.device)
