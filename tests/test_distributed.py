@@ -276,5 +276,7 @@ def test_bench_step_under_horovodrun(tmp_path: Path) -> None:
     assert sorted(table.index) == sorted(variants + floors)
     assert (table["samples/s"] > 0).all()
     assert table.loc["diagf exact", "curvature ms"] == table.loc["diagf exact", "curvature ms"]  # not NaN
-    assert "[cnn1d] lb throughput >= 1.0x horovod:" in proc.stdout
-    assert "[cnn1d] diagf exact over lb <= BackPACK" in proc.stdout
+    assert "[cnn1d float32] lb throughput >= 1.0x horovod:" in proc.stdout
+    assert "[cnn1d float32] diagf exact step <= 1.7x lb:" in proc.stdout
+    assert "its floor" in proc.stdout  # each diag-F target line names its variant's floor
+    assert "[cnn1d float32] diagf exact over lb <= BackPACK" in proc.stdout
