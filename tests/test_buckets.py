@@ -149,3 +149,32 @@ def test_unused_parameter_is_flushed_as_zero() -> None:
 def test_mixed_dtypes_are_refused() -> None:
     with pytest.raises(ValueError, match="one dtype and device"):
         Buckets([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))], 100)
+
+
+def test_floor_carries_diag_fisher_bytes_and_leaves_lb_unchanged() -> None:
+    """``bench step``'s floor runs lb's step with buckets as wide as diag F's (``floor.carry_sums``):
+    the collective moves the gradients and one per-parameter sum each, and lb's result is unchanged."""
+    from hpcnoise.benchmarks.floor import carry_sums
+    from hpcnoise.benchmarks.step_compare import step_config
+    from hpcnoise.models import build_model
+    from hpcnoise.step import PhaseTimer, StepInput, make_step_parts, train_step
+
+    cfg = step_config("mlp", "lb", 16, 1)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    results = []
+    for carry in (False, True):
+        c = comm()
+        torch.manual_seed(1)
+        parts = make_step_parts(cfg, c, build_model("mlp", (40,), 10, ghost_size=4))
+        if carry:
+            carry_sums(parts)
+        inp = StepInput(0, cfg.lr, x, y, 16, 4, False, False)
+        train_step(parts, inp, {}, {}, PhaseTimer(c.device))
+        assert parts.net.buckets is not None
+        sizes = [f.numel() for f in parts.net.buckets.flats]
+        per_bucket = [sum(parts.net.params[i].numel() for i in b) for b in parts.net.buckets.members]
+        assert sizes == [(2 if carry else 1) * n for n in per_bucket]
+        results.append([p.detach().clone() for p in parts.net.params])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hpcnoise.benchmarks.common import MODEL_DATA
-from hpcnoise.benchmarks.floor import floor_step
+from hpcnoise.benchmarks.floor import carry_sums, floor_step
 from hpcnoise.comm import Comm
 from hpcnoise.config import Config, ConvModeName
 from hpcnoise.precision import autocast
@@ -115,11 +115,14 @@ def step_config(model: str, regime: str, batch: int, threads: int, **changes: An
 Step = Callable[[], dict[str, float] | None]  # one step; its phase seconds, where it has them
 
 
-def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor) -> Step:
-    """``train_step`` of ``cfg`` on a copy of ``model``, on this rank's share (x, y) of one global batch."""
+def hpcnoise_step(cfg: Config, comm: Comm, model: nn.Module, x: Tensor, y: Tensor, carry: bool = False) -> Step:
+    """``train_step`` of ``cfg`` on a copy of ``model``, on this rank's share (x, y) of one global batch;
+    ``carry``: its gradient buckets also carry diag F's bytes (``floor.carry_sums``)."""
     from hpcnoise.step import PhaseTimer, StepInput, make_step_parts, train_step
 
     t = make_step_parts(cfg, comm, copy.deepcopy(model))
+    if carry:
+        carry_sums(t)
     regime = t.regime
     cache: dict[str, Any] = {}
     state: dict[str, Any] = {}
@@ -201,10 +204,11 @@ def variants(
     for mb in other_mb:  # the size alone decides the buckets (no min_buckets share)
         out[f"lb {mb:g} MiB"] = hpcnoise_step(replace(cfg, bucket_mb=mb, min_buckets=1), comm, model, x, y)
     modes: list[ConvModeName] = ["exact", "spatial"] if model_name in CONV else ["exact"]  # spatial: convolutions
+    carrying = hpcnoise_step(cfg, comm, model, x, y, carry=True)  # lb moving diag F's bytes too
     for mode in modes:
         diagf = replace(cfg, regime="diagf", conv_mode=mode)
         out[f"diagf {mode}"] = hpcnoise_step(diagf, comm, model, x, y)
-        out[f"diagf {mode} floor"] = floor_step(diagf, model, x, y, out["lb"])  # hpcnoise.benchmarks.floor
+        out[f"diagf {mode} floor"] = floor_step(diagf, model, x, y, carrying)  # hpcnoise.benchmarks.floor
     try:  # BackPACK times float32 only (it has no autocast support)
         if cfg.dtype != "float32":
             raise ImportError("BackPACK: float32 only")
