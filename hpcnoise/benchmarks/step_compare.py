@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import statistics
 import time
 import warnings
@@ -367,6 +368,27 @@ def model_rows(model: str, batch: int, dtype: str, timing: Timing) -> list[dict[
             }
         )
     return rows
+
+
+YIELD = "OMPI_MCA_mpi_yield_when_idle"  # Open MPI: a process waiting in MPI gives its core away
+
+
+def busy_wait_note(comm: Comm, threads: int) -> str:
+    """A line for the table's header when this node's ranks busy-wait for each other on too few cores:
+    each rank computes on ``threads`` threads and runs Horovod's background thread, and while a collective
+    waits for the other ranks, Open MPI polls on a core a rank needs. Then a step that runs its collectives
+    during backward (buckets, curvature sums) is slowed by more than its own work; ``YIELD=1`` (as the
+    README's CPU figures were measured) makes the waiting thread yield. Empty where it does not apply."""
+    if comm.size < 2 or comm.device.type != "cpu" or os.environ.get(YIELD):
+        return ""
+    local = comm.hvd.local_size() if comm.hvd is not None else comm.size
+    cores = os.cpu_count() or 1
+    if local * (threads + 1) <= cores:
+        return ""
+    return (
+        f"note: {local} ranks, each with {threads} compute thread(s) and Horovod's, on {cores} cores: a rank "
+        f"waiting in MPI polls a core the others compute on; export {YIELD}=1 for steadier ratios"
+    )
 
 
 def _verdict(met: bool, iqr: str, bound: float) -> str:

@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
             + (", 2-D convolutions channels-last" if args.channels_last else "")
         )
+        note = step_compare.busy_wait_note(comm, torch.get_num_threads())
+        if note:
+            print(note)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         print("targets:")
         for line in targets(rows, comm.device.type):
