@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from hpcnoise.heap import keep_freed_memory
+
 # Environment variables through which launchers announce the world size. horovodrun starts its
 # ranks through mpirun when Horovod was built with MPI, so such runs are recorded as "mpirun".
 _SIZE_VARS = {
@@ -131,6 +133,7 @@ def init(device: str = "auto", timeline: bool = False) -> Comm:
     """Join the launcher's world (Horovod) when there is one, and pick this worker's device.
     ``timeline``: let the run start Horovod's timeline later (HOROVOD_TIMELINE=DYNAMIC, which Horovod
     reads at initialisation)."""
+    keep_freed_memory()  # before the first large tensor (hpcnoise.heap)
     launcher, size = detect_launcher()
     hvd = None
     rank, local_rank = 0, 0
