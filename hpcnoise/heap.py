@@ -4,15 +4,14 @@ glibc's malloc serves a block above its mmap threshold (128 KiB at first, raised
 freed, up to 32 MiB) with a fresh mapping, and hands freed memory at the heap's top back to the system
 above its trim threshold. A CPU training step allocates and frees the same large tensors every step
 (activations, their gradients, the curvature hooks' per-sample products), so each step can map them
-again and the kernel zero-fills every page on first touch. Measured on 2 cores (`hpcnoise bench step`):
-the curvature sums of cnn1d's exact convolutions took 8.5 ms a step inside backward against 4.3 ms on
-the same tensors in a loop, and LeNet-5's whole lb step went from 49 to 34 ms, with the Horovod loop
-beside it alike, once freed memory was kept. torch's CPU allocator is glibc's malloc, and the usual
-remedy (jemalloc or tcmalloc through LD_PRELOAD) has to be in place before the process starts; these two
-``mallopt`` settings, made at start-up, have the same effect on this workload without a library or a
-launcher change. Written by hand because no library sets them; the environment variables glibc reads
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) win where a user has set them, and
-HPCNOISE_SYSTEM_MALLOC=1 leaves malloc as it was.
+again and the kernel zero-fills every page on first touch. Measured on 2 cores, one process
+(`hpcnoise bench step --models cnn1d,lenet5 --batch 256`): every variant 4 to 17% faster with freed
+memory kept, the Horovod loop's too; in a loop of cnn1d's curvature hooks alone, 8.5 against 4.8 ms a
+step. torch's CPU allocator is glibc's malloc; the usual remedy, jemalloc or tcmalloc through
+LD_PRELOAD, must be in place before the process starts, while these two ``mallopt`` settings, made at
+start-up, address the same cause without a library or a launcher change. Written by hand because no
+library sets them. The environment variables glibc reads (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)
+win where a user has set them, and HPCNOISE_SYSTEM_MALLOC=1 leaves malloc as it was.
 """
 
 from __future__ import annotations
