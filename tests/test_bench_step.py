@@ -1,11 +1,11 @@
-"""``hpcnoise bench step``'s header note on busy-waiting ranks (hpcnoise.benchmarks.step_compare)."""
+"""``hpcnoise bench step``'s header note on busy-waiting ranks (hpcnoise.benchmarks.step_targets)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hpcnoise.benchmarks.step_compare import YIELD, busy_wait_note
+from hpcnoise.benchmarks.step_targets import YIELD, busy_wait_note
 from hpcnoise.comm import Comm
 
 

@@ -19,8 +19,8 @@ block of ``--steps`` steps of each variant per round, so drifting load hits all 
   (``min_buckets`` 1), to choose a layout side by side (``lb`` and ``diagf`` use the first size and
   the configured ``min_buckets``);
 - ``diagf exact`` and, for convolutional networks, ``diagf spatial``: the step with diagonal-Fisher
-  noise, diag F refreshed every step; and each one's ``floor``: lb's step plus the same curvature
-  kernels and noise run on their own (hpcnoise.benchmarks.floor), what the step cannot go below;
+  noise, diag F refreshed every step; and each one's ``floor``: lb's step with diag F's bytes in its
+  buckets, plus the same curvature kernels and noise run on their own (hpcnoise.benchmarks.floor);
 - ``backpack`` and its baseline ``plain nn.BN`` (float32 only): the Horovod loop with BackPACK's
   SumGradSquared (its sums allreduced too), on a copy of the network whose batch norms are nn.BatchNorm in eval mode
   (BackPACK refuses per-sample quantities under train-mode batch norm; hpcnoise.benchmarks.fisher_conv).
@@ -32,13 +32,12 @@ forward with autograd graph, timed alone), backward (lb's forward+backward minus
 collectives after backward), noise and optimiser (hpcnoise.step.PhaseTimer), and on CUDA the peak
 memory of a block of steps above what was resident at its start (``torch.cuda.max_memory_allocated``:
 the activations, gradients and temporaries a step of the variant needs on top of every variant's models).
-Times are medians over rounds;
-each ratio is the median over rounds of the ratio of the two blocks timed in the same round, with its
-interquartile range (IQR). Then the suite's targets for the device's type (``TARGETS``), each marked
-met or not by the median ("within the rounds' spread" where the bound lies inside the IQR). ``--profile N`` then runs
-torch.profiler over one block of lb and diagf and prints where the step's time goes: the step's
-labelled parts (curvature hooks per layer type, the noise's N(0, I) draw, the reduction, the noise)
-and the N slowest operators.
+Times are medians over rounds; each ratio is the median over rounds of the ratio of the two blocks
+timed in the same round, with its interquartile range (IQR). Then the suite's targets for the device's
+type (hpcnoise.benchmarks.step_targets), each marked met or not by the median ("within the rounds'
+spread" where the bound lies inside the IQR). ``--profile N`` then runs torch.profiler over one block
+of lb and diagf and prints where the step's time goes: the step's labelled parts (curvature hooks per
+layer type, the noise's N(0, I) draw, the reduction, the noise) and the N slowest operators.
 Figures only: nothing here asserts a speed. On one worker there is nothing to overlap, so ``lb`` and
 ``lb fused`` run the same step (hpcnoise.train.make_step_parts). The command line: hpcnoise.cli.bench.step.
 """
@@ -48,7 +47,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import statistics
 import time
 import warnings
@@ -68,27 +66,6 @@ from hpcnoise.config import Config, ConvModeName
 from hpcnoise.precision import autocast
 
 WARMUP = 2  # untimed steps of each variant before the rounds
-# The suite's targets: (model or None for every model, variant, its baseline, bound). The first is a
-# throughput ratio (variant's samples/s over the baseline's, at least the bound); the others step-time
-# ratios (variant's step over the baseline's, at most the bound).
-# (model or None for every model, dtype or None for every dtype, variant, its baseline, bound) per
-# device type. The first of each list is a throughput ratio (the variant's samples/s over the baseline's,
-# at least the bound); the others step-time ratios (the variant's step over the baseline's, at most it).
-TARGETS = {
-    "cpu": [
-        (None, None, "lb", "horovod", 1.0),
-        ("mlp", "float32", "diagf exact", "lb", 1.5),
-        ("cnn1d", "float32", "diagf exact", "lb", 1.7),
-        ("lenet5", "float32", "diagf spatial", "lb", 1.3),
-        ("resnet44", "float32", "diagf spatial", "lb", 1.3),
-        ("resnet44", "float32", "diagf exact", "lb", 2.5),
-    ],
-    "cuda": [
-        (None, None, "lb", "horovod", 0.95),
-        ("resnet44", "bf16", "diagf spatial", "lb", 1.3),
-        (None, None, "diagf exact", "lb", 2.0),
-    ],
-}
 CONV = {"cnn1d", "lenet5", "resnet44", "vgg16_bn", "alexnet"}
 
 
@@ -368,71 +345,6 @@ def model_rows(model: str, batch: int, dtype: str, timing: Timing) -> list[dict[
             }
         )
     return rows
-
-
-YIELD = "OMPI_MCA_mpi_yield_when_idle"  # Open MPI: a process waiting in MPI gives its core away
-
-
-def busy_wait_note(comm: Comm, threads: int) -> str:
-    """A line for the table's header when this node's ranks busy-wait for each other on too few cores:
-    each rank computes on ``threads`` threads and runs Horovod's background thread, and while a collective
-    waits for the other ranks, Open MPI polls on a core a rank needs. Then a step that runs its collectives
-    during backward (buckets, curvature sums) is slowed by more than its own work; ``YIELD=1`` (as the
-    README's CPU figures were measured) makes the waiting thread yield. Empty where it does not apply."""
-    if comm.size < 2 or comm.device.type != "cpu" or os.environ.get(YIELD):
-        return ""
-    local = comm.hvd.local_size() if comm.hvd is not None else comm.size
-    cores = os.cpu_count() or 1
-    if local * (threads + 1) <= cores:
-        return ""
-    return (
-        f"note: {local} ranks, each with {threads} compute thread(s) and Horovod's, on {cores} cores: a rank "
-        f"waiting in MPI polls a core the others compute on; export {YIELD}=1 for steadier ratios"
-    )
-
-
-def _verdict(met: bool, iqr: str, bound: float) -> str:
-    """met / NOT met by the median; the bound inside the interquartile range says the rounds disagree."""
-    low, high = (float(v) for v in iqr.split("-"))
-    return ("met" if met else "NOT met") + (" (within the rounds' spread)" if low <= bound <= high else "")
-
-
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return bool(a["model"] == b["model"] and a["dtype"] == b["dtype"])
-
-
-def targets(rows: list[dict[str, Any]], device: str = "cpu") -> list[str]:
-    """One line per target of ``device``'s type that the measured rows allow: the median paired ratio
-    with its interquartile range, and met / NOT met; then diag-F against BackPACK where both ran."""
-    lines = []
-    for model, dtype, variant, base, bound in TARGETS[device]:
-        for row in rows:
-            if row["variant"] != variant or model not in (None, row["model"]) or dtype not in (None, row["dtype"]):
-                continue
-            where = f"[{row['model']} {row['dtype']}]"
-            if base == "horovod":
-                value, iqr = row["vs horovod"], row["vs horovod IQR"]
-                verdict = _verdict(value >= bound, iqr, bound)
-                lines.append(f"{where} {variant} throughput >= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
-            else:
-                value, iqr = row["vs own base"], row["own base IQR"]
-                verdict = _verdict(value <= bound, iqr, bound)
-                floor = next((f for f in rows if f["variant"] == f"{variant} floor" and _same(f, row)), None)
-                if floor is not None:  # what the step cannot go below (hpcnoise.benchmarks.floor)
-                    verdict += f"; its floor {floor['vs own base']:.2f}x (IQR {floor['own base IQR']})"
-                lines.append(f"{where} {variant} step <= {bound}x {base}: {value:.2f}x (IQR {iqr})  {verdict}")
-    by = {(r["model"], r["dtype"], r["variant"]): r for r in rows}
-    for (model, dtype, variant), bp in by.items():
-        if variant != "backpack":
-            continue
-        for mode in ("diagf exact", "diagf spatial"):
-            if (ours := by.get((model, dtype, mode))) is not None:
-                a, b = ours["vs own base"], bp["vs own base"]
-                verdict = "met" if a <= b else "NOT met"
-                lines.append(
-                    f"[{model} {dtype}] {mode} over lb <= BackPACK over its plain step: {a:.2f}x vs {b:.2f}x  {verdict}"
-                )
-    return lines
 
 
 def compare(

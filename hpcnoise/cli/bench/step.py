@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from hpcnoise.benchmarks import step_compare
-from hpcnoise.benchmarks.step_compare import compare, step_config, targets
+from hpcnoise.benchmarks.step_compare import compare, step_config
+from hpcnoise.benchmarks.step_targets import busy_wait_note, targets
 from hpcnoise.cli.bench import names
 from hpcnoise.cli.common import check_output_file, check_positive, check_threads, check_workloads
 from hpcnoise.comm import detect_launcher, init, launcher_rank
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
             + (", 2-D convolutions channels-last" if args.channels_last else "")
         )
-        note = step_compare.busy_wait_note(comm, torch.get_num_threads())
+        note = busy_wait_note(comm, torch.get_num_threads())
         if note:
             print(note)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
