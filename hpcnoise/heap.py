@@ -17,7 +17,7 @@ win where a user has set them, and HPCNOISE_SYSTEM_MALLOC=1 leaves malloc as it 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc malloc.h)
@@ -27,19 +27,16 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt's largest (an int): hand the heap's top ba
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "HPCNOISE_SYSTEM_MALLOC")
 
 
+@functools.cache  # once per process; later calls say what the first did
 def keep_freed_memory() -> bool:
     """Set malloc's mmap and trim thresholds for this process (glibc only); True when they were set.
 
     Left alone (False): another C library, or a user's own setting in the environment."""
     if any(os.environ.get(name) for name in USER_SETTINGS):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: the C library it runs on
+    except (OSError, AttributeError):  # no mallopt (musl, macOS)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

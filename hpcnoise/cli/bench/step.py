@@ -18,6 +18,7 @@ from hpcnoise.comm import detect_launcher, init, launcher_rank
 from hpcnoise.config import CHOICES, Config
 from hpcnoise.errors import EXIT_USAGE, ConfigError, Parser
 from hpcnoise.files import write_text_atomic
+from hpcnoise.heap import keep_freed_memory
 from hpcnoise.models import MODELS
 
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"step side by side: {comm.size} worker(s) ({comm.launcher}), device {comm.device}, global batch "
             f"{args.batch}, buckets of {args.bucket_mb[0]:g} MiB, medians of {args.rounds} rounds of {args.steps} steps"
             + (", 2-D convolutions channels-last" if args.channels_last else "")
+            + (", freed memory kept (hpcnoise.heap)" if keep_freed_memory() else ", malloc as configured")
         )
         note = busy_wait_note(comm, torch.get_num_threads())
         if note:
