@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hpcnoise.curvature import CurvatureHooks, SumGradSquared
+from hpcnoise.curvature import CurvatureHooks, SumGradSquared, handlers
 from hpcnoise.models import GhostBatchNorm, build_model
 
 TOL = 1e-5  # relative error allowed against brute force (float64 reaches ~1e-15)
@@ -114,8 +114,11 @@ CONVS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+@pytest.mark.parametrize("method", ["taps", "patches"])
 @pytest.mark.parametrize("name", list(CONVS))
-def test_conv_exact(name: str) -> None:
+def test_conv_exact(name: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of forming the per-sample products (hpcnoise.curvature.taps) give the brute force."""
+    monkeypatch.setattr(handlers, "by_taps", lambda *shape: method == "taps")
     torch.manual_seed(0)
     build, in_shape = CONVS[name]
     layer = build().double()

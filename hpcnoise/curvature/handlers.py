@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hpcnoise.curvature.taps import by_taps, sum_squares_by_taps
 from hpcnoise.models import GhostBatchNorm
 
 
@@ -197,6 +198,14 @@ class ConvHandler(LayerHandler):
             sums["weight"] += grad_w
             if "bias" in sums:
                 sums["bias"] += d2.sum((0, *range(2, d2.dim())))
+            return
+        if by_taps(saved.dim() - 2, module.in_channels, out_ch):
+            for start in range(0, n, opts.chunk_size):
+                x, d = saved[start : start + opts.chunk_size], delta[start : start + opts.chunk_size]
+                padded = F.pad(x, pad, mode=mode) if any(pad) else x
+                sum_squares_by_taps(padded, d, sums["weight"], module.stride, module.dilation, module.kernel_size)
+                if "bias" in sums:
+                    sums["bias"] += d.sum(tuple(range(2, d.dim()))).square_().sum(0)
             return
         w = sums["weight"].view(out_ch, -1)  # (out, C*k)
         for a, d in self._chunks(module, saved, delta, opts.chunk_size):
