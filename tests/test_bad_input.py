@@ -162,6 +162,12 @@ OTHER_CASES = [
     ),
     # benchmarks
     ("bench-fisher-batch", ["bench", "fisher", "--batch", "0"], "--batch must be a positive integer, got 0"),
+    (
+        "bench-fisher-layers-models",
+        ["bench", "fisher", "--layers", "--models", "mlp"],
+        "--models mlp: with --layers, valid: cnn1d, lenet5, resnet44, vgg16_bn",
+    ),
+    ("bench-fisher-layers-conv", ["bench", "fisher", "--layers", "--conv"], "--conv is exclusive with --models and"),
     ("bench-data-batches", ["bench", "data", "--batches", "a,b"], "argument --batches: expected comma-separated"),
     ("bench-train-models", ["bench", "train", "--models", "foo"], "--models: unknown model 'foo'; valid: all, mlp"),
     ("bench-train-out", ["bench", "train", "--out", "afile/runs"], "cannot keep the runs in --out afile/runs: "),

@@ -509,3 +509,15 @@ def test_kfac_factors_match_explicit_sums() -> None:
     sq = one.result()
     torch.testing.assert_close(diag_kron[:, :-1], sq[4], rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(diag_kron[:, -1], sq[5], rtol=1e-10, atol=1e-14)
+
+
+def test_layer_benchmark_times_both_ways_of_every_distinct_convolution() -> None:
+    """``hpcnoise bench fisher --layers``: one row per distinct convolution, both ways agreeing."""
+    from hpcnoise.benchmarks.conv_layers import layer_table
+
+    table = layer_table(["cnn1d", "lenet5"], batch=3, rounds=1)
+    assert list(table["model"]) == ["cnn1d"] * 3 + ["lenet5"] * 2  # cnn1d's last two differ in input length
+    assert list(table["input"]) == ["40", "40", "20", "28x28", "14x14"]
+    assert list(table["picked"]) == ["taps", "taps", "taps", "taps", "patches"]  # lenet5's 6 -> 16: patches
+    assert (table[["taps ms", "patches ms"]] > 0).all().all()
+    assert (table["rel diff"].astype(float) < 1e-5).all()

@@ -36,6 +36,8 @@ class HookOptions:
 
     conv_mode: ConvMode = ConvMode.EXACT
     chunk_size: int = 256  # samples per per-sample-gradient chunk; bounds the (chunk, out, in*k) buffer
+    # exact convolution sums by "taps" or by "patches" (hpcnoise.curvature.taps); None: ``by_taps`` picks
+    conv_products: str | None = None
 
 
 Sums = dict[str, Tensor]  # parameter name ("weight", "bias") -> accumulator of the parameter's shape
@@ -199,7 +201,7 @@ class ConvHandler(LayerHandler):
             if "bias" in sums:
                 sums["bias"] += d2.sum((0, *range(2, d2.dim())))
             return
-        if by_taps(saved.dim() - 2, module.in_channels, out_ch):
+        if by_taps(module, delta) if opts.conv_products is None else opts.conv_products == "taps":
             for start in range(0, n, opts.chunk_size):
                 x, d = saved[start : start + opts.chunk_size], delta[start : start + opts.chunk_size]
                 padded = F.pad(x, pad, mode=mode) if any(pad) else x

@@ -16,26 +16,41 @@ over a strided view of the input, so the only copies are the input's stride phas
   delta_i (O x T_h W') times a strided window (T_h W' x C): a plain batched matrix product with no copy.
   The zero columns cost W'/T_w - 1 extra multiply-adds (6% for resnet44's 32x32 layers, 25% at 8x8).
 
-``by_taps`` says where this pays, from measurements on a 2-core x86 CPU (``python -m
-hpcnoise.benchmarks.fisher_conv``): in 1-D always; in 2-D unless the input has few channels and the
-output many (VGG's 3 -> 64 first layer: 5.9 ms by patches, 7.2 by taps), where a tap's product is too
-thin for the kernel and the patch copy is cheap next to the product.
+``by_taps`` says where this pays, from measurements on a 2-core x86 CPU (``hpcnoise bench fisher
+--layers`` times both ways on every convolution of the suite's networks): in 1-D always; in 2-D with 8
+input channels or more; with fewer, only for narrow outputs on wide images. A tap's product with few
+input channels is too thin for the matrix kernel, and the patch copy is then cheap next to the product
+(at a batch of 128: VGG's 3 -> 64 layer 47 ms by taps, 25 by patches; LeNet-5's 6 -> 16 on 10 x 10
+outputs, where the zero columns add 40%, 4.6 against 3.8; but resnet44's 3 -> 16, 7.5 against 14.4).
 """
 
 from __future__ import annotations
 
 import itertools
+from types import EllipsisType
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-FEW_INPUT_CHANNELS = 8  # below this, with MANY_OUTPUT_CHANNELS or more, patches win (see by_taps)
-MANY_OUTPUT_CHANNELS = 16
+Index = tuple[EllipsisType | slice, ...]
+FEW_INPUT_CHANNELS = 8  # 2-D layers with fewer input channels go by taps only where both of these hold:
+FEW_OUTPUT_CHANNELS = 32  # fewer output channels than this
+ZERO_COLUMNS = 0.25  # and delta's zero columns add less than this share of multiply-adds
 
 
-def by_taps(dims: int, in_channels: int, out_channels: int) -> bool:
-    """Whether a ``dims``-D convolution's exact sums run tap by tap (else by patches)."""
-    return dims == 1 or in_channels >= FEW_INPUT_CHANNELS or out_channels < MANY_OUTPUT_CHANNELS
+def by_taps(module: nn.Conv1d | nn.Conv2d, delta: Tensor) -> bool:
+    """Whether a convolution's exact sums, for output gradient ``delta``, run tap by tap (else by patches).
+
+    On a GPU the patch method stays until a GPU has timed both: one product per tap is k launches per
+    layer where patches take two, and a GPU's bandwidth makes the patch copy cheap.
+    """
+    if delta.device.type != "cpu":
+        return False
+    if delta.dim() == 3 or module.in_channels >= FEW_INPUT_CHANNELS:
+        return True
+    width = delta.shape[-1]
+    most = module.dilation[-1] * (module.kernel_size[-1] - 1) // module.stride[-1]
+    return module.out_channels < FEW_OUTPUT_CHANNELS and most / width < ZERO_COLUMNS
 
 
 def sum_squares_by_taps(
@@ -68,9 +83,11 @@ def sum_squares_by_taps(
         r, _ = phase_shift(tap)
         if r in phases:
             continue
-        view = padded[(..., *(slice(r[i], r[i] + stride[i] * extent[i], stride[i]) for i in range(dims)))]
+        every: Index = (..., *(slice(r[i], r[i] + stride[i] * extent[i], stride[i]) for i in range(dims)))
+        view = padded[every]
         phase = padded.new_zeros(n, channels, *extent)
-        phase[(..., *(slice(0, view.shape[2 + i]) for i in range(dims)))] = view
+        head: Index = (..., *(slice(0, view.shape[2 + i]) for i in range(dims)))
+        phase[head] = view
         phases[r] = phase.view(n, channels, -1)
     if dims == 2 and extent[1] > positions[1]:
         delta = torch.nn.functional.pad(delta, [0, extent[1] - positions[1]])  # zero columns: row length W'
@@ -84,4 +101,3 @@ def sum_squares_by_taps(
         torch.bmm(d, phases[r][:, :, start : start + length].transpose(1, 2), out=g)
     # (taps, O, C) -> (O, C, *kernel): taps enumerate the kernel in row-major order, as the weight does
     out += grads.square_().sum(1).permute(1, 2, 0).reshape(out.shape)
-

@@ -1,11 +1,13 @@
 """``hpcnoise bench fisher [--models ...|--conv] [--batch B] [--steps N] [--threads T]``: the cost of squared
-per-sample gradients in a training step (hpcnoise.benchmarks.fisher_cost)."""
+per-sample gradients in a training step (hpcnoise.benchmarks.fisher_cost); with ``--layers``, each
+convolution's two ways of forming exact sums (hpcnoise.benchmarks.conv_layers)."""
 
 from __future__ import annotations
 
 import torch
 
-from hpcnoise.benchmarks import fisher_cost
+from hpcnoise.benchmarks import conv_layers, fisher_cost
+from hpcnoise.benchmarks.conv_layers import LAYER_MODELS
 from hpcnoise.benchmarks.fisher_conv import CONV_SHAPES
 from hpcnoise.benchmarks.fisher_cost import MODELS, run
 from hpcnoise.cli.common import check_positive, error
@@ -17,11 +19,17 @@ def _parser() -> Parser:
     parser.add_argument(
         "--models",
         nargs="+",
-        choices=[*MODELS, *CONV_SHAPES],
+        choices=sorted({*MODELS, *CONV_SHAPES, *LAYER_MODELS}),
         default=None,
         help=f"networks to measure (default: {' '.join(MODELS)})",
     )
     parser.add_argument("--conv", action="store_true", help=f"same as --models {' '.join(CONV_SHAPES)}")
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="instead: each convolution's exact sums tap by tap against by patches (default models: "
+        f"{' '.join(LAYER_MODELS)}; default batch 128)",
+    )
     parser.add_argument(
         "--batch",
         type=int,
@@ -36,8 +44,13 @@ def _parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        if args.conv and args.models is not None:
-            raise ConfigError("--conv and --models are exclusive")
+        if args.conv and (args.models is not None or args.layers):
+            raise ConfigError("--conv is exclusive with --models and --layers")
+        valid = LAYER_MODELS if args.layers else (*MODELS, *CONV_SHAPES)
+        bad = [m for m in args.models or [] if m not in valid]
+        if bad:
+            with_layers = "with" if args.layers else "without"
+            raise ConfigError(f"--models {' '.join(bad)}: {with_layers} --layers, valid: {', '.join(valid)}")
         for name in ("batch", "steps", "threads"):
             value = getattr(args, name)
             if value is not None:
@@ -45,5 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return error(str(e))
     torch.set_num_threads(args.threads)
+    if args.layers:
+        conv_layers.run(args.models or list(LAYER_MODELS), args.batch or 128, args.steps)
+        return 0
     run(list(CONV_SHAPES) if args.conv else args.models or list(MODELS), args.batch, args.steps)
     return 0
