@@ -521,3 +521,23 @@ def test_layer_benchmark_times_both_ways_of_every_distinct_convolution() -> None
     assert list(table["picked"]) == ["taps", "taps", "taps", "taps", "patches"]  # lenet5's 6 -> 16: patches
     assert (table[["taps ms", "patches ms"]] > 0).all().all()
     assert (table["rel diff"].astype(float) < 1e-5).all()
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_signed_sum_every_padding_stride_and_dilation(name: str) -> None:
+    """sum_i sigma_i g_i of a convolution (one native convolution backward) against per-sample autograd."""
+    torch.manual_seed(0)
+    build, in_shape = CONVS[name]
+    layer = build().double()
+    x, y = data(in_shape, out_shape(layer, in_shape))
+    signs = torch.tensor([1.0, -1, -1, 1, 1, -1, 1], dtype=torch.float64)
+    hooks = CurvatureHooks(layer, quantities=("signed_sum",))
+    with hooks.recording(len(x), signs=signs):
+        squared_error(layer(x), y).mean().backward()
+    params = list(layer.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        grads = torch.autograd.grad(squared_error(layer(x[i : i + 1]), y[i : i + 1]).sum(), params)
+        for e, g in zip(expected, grads, strict=True):
+            e += signs[i] * g
+    assert_rel_close(hooks.result("signed_sum"), expected)

@@ -189,15 +189,11 @@ class ConvHandler(LayerHandler):
         assert isinstance(module, _ConvNd)
         n, out_ch = delta.shape[:2]
         pad, mode = self._pad_amounts(module)
-        zero_pad = mode == "constant" and pad[::2] == pad[1::2]  # symmetric zeros: the kernel can pad
         if opts.conv_mode is ConvMode.SPATIAL:
-            x = saved.square() if zero_pad else F.pad(saved, pad, mode=mode).square()
             d2 = delta.square()
-            grad_w = torch.ops.aten.convolution_backward(
-                d2, x, sums["weight"], None, module.stride, pad[-2::-2] if zero_pad else [0] * len(pad[::2]),
-                module.dilation, False, [0] * (x.dim() - 2), 1, (False, True, False),
-            )[1]  # fmt: skip
-            sums["weight"] += grad_w
+            sums["weight"] += self._weight_gradient(
+                module, saved.square(), d2, sums["weight"]
+            )  # padding commutes with ^2
             if "bias" in sums:
                 sums["bias"] += d2.sum((0, *range(2, d2.dim())))
             return
@@ -215,6 +211,20 @@ class ConvHandler(LayerHandler):
             if "bias" in sums:
                 sums["bias"] += d.sum(1).square_().sum(0)
 
+    def _weight_gradient(self, module: _ConvNd, x: Tensor, d: Tensor, like: Tensor) -> Tensor:
+        """The weight gradient of ``module`` for input ``x`` and output gradient ``d``, summed over the
+        batch, shaped and laid out as ``like``: one native convolution backward (the input padded first
+        where the kernel cannot pad)."""
+        pad, mode = self._pad_amounts(module)
+        zero_pad = mode == "constant" and pad[::2] == pad[1::2]  # symmetric zeros: the kernel can pad
+        if not zero_pad:
+            x = F.pad(x, pad, mode=mode)
+        grads: tuple[Tensor, Tensor, Tensor] = torch.ops.aten.convolution_backward(
+            d, x, like, None, module.stride, pad[-2::-2] if zero_pad else [0] * len(pad[::2]),
+            module.dilation, False, [0] * (x.dim() - 2), 1, (False, True, False),
+        )  # fmt: skip
+        return grads[1]
+
     def _chunks(self, module: _ConvNd, saved: Tensor, delta: Tensor, chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(patches (c, T, C*k), delta (c, T, out)) chunk by chunk: patches are k times the input's size."""
         n, out_ch = delta.shape[:2]
@@ -227,15 +237,12 @@ class ConvHandler(LayerHandler):
     def signed_sum(
         self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions, signs: Tensor
     ) -> None:
+        """The weight gradient with each sample's output gradient signed: one native convolution backward."""
         assert isinstance(module, _ConvNd)
-        w = sums["weight"].view(delta.shape[1], -1)
-        start = 0
-        for a, d in self._chunks(module, saved, delta, opts.chunk_size):
-            sd = d * signs[start : start + d.shape[0]].view(-1, 1, 1)  # (c, T, out)
-            w.addmm_(sd.reshape(-1, sd.shape[-1]).t(), a.reshape(-1, a.shape[-1]))
-            if "bias" in sums:
-                sums["bias"] += sd.sum((0, 1))
-            start += d.shape[0]
+        sd = delta * signs.view(-1, *[1] * (delta.dim() - 1))
+        sums["weight"] += self._weight_gradient(module, saved, sd, sums["weight"])
+        if "bias" in sums:
+            sums["bias"] += sd.sum((0, *range(2, sd.dim())))
 
     def kfac(self, module: nn.Module, saved: Tensor, delta: Tensor, factors: list[Tensor], opts: HookOptions) -> None:
         """KFC (Grosse & Martens 2016): A over patches averaged over positions, G summed over positions."""
