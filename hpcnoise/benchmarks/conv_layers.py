@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from hpcnoise.benchmarks.common import MODEL_DATA
-from hpcnoise.curvature.handlers import ConvHandler, ConvMode, HookOptions
+from hpcnoise.curvature.handlers import ConvHandler, ConvMode, ConvProducts, HookOptions
 from hpcnoise.curvature.taps import by_taps
 from hpcnoise.data import IMAGE_SETS
 from hpcnoise.models import build_model
 from hpcnoise.workload import MNIST1D_SHAPE
 
 LAYER_MODELS = ("cnn1d", "lenet5", "resnet44", "vgg16_bn")  # the step benchmark's convolutional networks
+WAYS: tuple[ConvProducts, ...] = ("taps", "patches")
 Layer = tuple[nn.Conv1d | nn.Conv2d, tuple[int, ...]]  # a convolution and its input shape, batch included
 
 
@@ -48,7 +49,7 @@ def conv_layers(model: str, batch: int) -> list[Layer]:
     return list(seen.values())
 
 
-def _way(products: str, module: nn.Conv1d | nn.Conv2d, x: Tensor, delta: Tensor) -> Callable[[], Tensor]:
+def _way(products: ConvProducts, module: nn.Conv1d | nn.Conv2d, x: Tensor, delta: Tensor) -> Callable[[], Tensor]:
     opts = HookOptions(ConvMode.EXACT, 256, products)
 
     def run() -> Tensor:
@@ -67,7 +68,7 @@ def layer_table(models: list[str], batch: int, rounds: int) -> pd.DataFrame:
             x = torch.randn(shape, generator=gen)
             with torch.no_grad():
                 delta = torch.randn(module(x).shape, generator=gen)
-            ways = {way: _way(way, module, x, delta) for way in ("taps", "patches")}
+            ways = {way: _way(way, module, x, delta) for way in WAYS}
             times: dict[str, list[float]] = {name: [] for name in ways}
             results = {name: run() for name, run in ways.items()}  # also the warm-up
             for _ in range(rounds):

@@ -14,6 +14,7 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import EllipsisType
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ class ConvMode(str, enum.Enum):
     SPATIAL = "spatial"  # the paper's Appendix C: sum_t delta_{i,t}^2 (a_{i,t}^2)^T (spatial independence)
 
 
+ConvProducts = Literal["taps", "patches"]  # how exact convolution sums form the per-sample products
+
+
 @dataclass(frozen=True)
 class HookOptions:
     """Settings the handlers share."""
@@ -37,7 +41,7 @@ class HookOptions:
     conv_mode: ConvMode = ConvMode.EXACT
     chunk_size: int = 256  # samples per per-sample-gradient chunk; bounds the (chunk, out, in*k) buffer
     # exact convolution sums by "taps" or by "patches" (hpcnoise.curvature.taps); None: ``by_taps`` picks
-    conv_products: str | None = None
+    conv_products: ConvProducts | None = None
 
 
 Sums = dict[str, Tensor]  # parameter name ("weight", "bias") -> accumulator of the parameter's shape
@@ -188,28 +192,26 @@ class ConvHandler(LayerHandler):
     def sum_grad_squared(self, module: nn.Module, saved: Tensor, delta: Tensor, sums: Sums, opts: HookOptions) -> None:
         assert isinstance(module, _ConvNd)
         n, out_ch = delta.shape[:2]
-        pad, mode = self._pad_amounts(module)
+        positions = tuple(range(2, delta.dim()))
         if opts.conv_mode is ConvMode.SPATIAL:
             d2 = delta.square()
-            sums["weight"] += self._weight_gradient(
-                module, saved.square(), d2, sums["weight"]
-            )  # padding commutes with ^2
+            # padding commutes with squaring: pad(a)^2 = pad(a^2) for every padding mode
+            sums["weight"] += self._weight_gradient(module, saved.square(), d2, sums["weight"])
             if "bias" in sums:
-                sums["bias"] += d2.sum((0, *range(2, d2.dim())))
+                sums["bias"] += d2.sum((0, *positions))
             return
+        if "bias" in sums:
+            sums["bias"] += delta.sum(positions).square_().sum(0)  # sum_i (sum_t delta_{i,t})^2
         if by_taps(module, delta) if opts.conv_products is None else opts.conv_products == "taps":
+            pad, mode = self._pad_amounts(module)
             for start in range(0, n, opts.chunk_size):
                 x, d = saved[start : start + opts.chunk_size], delta[start : start + opts.chunk_size]
                 padded = F.pad(x, pad, mode=mode) if any(pad) else x
                 sum_squares_by_taps(padded, d, sums["weight"], module.stride, module.dilation, module.kernel_size)
-                if "bias" in sums:
-                    sums["bias"] += d.sum(tuple(range(2, d.dim()))).square_().sum(0)
             return
         w = sums["weight"].view(out_ch, -1)  # (out, C*k)
         for a, d in self._chunks(module, saved, delta, opts.chunk_size):
             _sum_sq_per_sample(a, d, w, opts.chunk_size)
-            if "bias" in sums:
-                sums["bias"] += d.sum(1).square_().sum(0)
 
     def _weight_gradient(self, module: _ConvNd, x: Tensor, d: Tensor, like: Tensor) -> Tensor:
         """The weight gradient of ``module`` for input ``x`` and output gradient ``d``, summed over the
